@@ -1,0 +1,176 @@
+"""ResNet-18/34/50/101/152 with per-stage dilation (He et al., CVPR 2016).
+
+Output stride 32 is the classification network; 16 and 8 replace the strides
+of the last one or two stages by dilation (Chen et al., DeepLab; Zhao et al.,
+PSPNet). Every block of a dilated stage uses the stage's rate (times the
+multi-grid factor in layer4), as PSPNet and DeepLab v3 do; torchvision keeps
+the previous rate in a stage's first block, which changes no weight shapes. Submodule
+names mirror torchvision (``layer3_1/conv2`` is ``layer3.1.conv2``) so
+ImageNet weights convert by name. ``width`` scales every stage (64 is the
+paper's), which makes tiny CPU variants a config choice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jseg.models.layers import max_pool_3x3_s2, pad_same
+
+Dtype = Any
+
+STAGES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+def _bn(name: str, train: bool, dtype: Dtype, zero_init: bool = False) -> nn.BatchNorm:
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+      name=name,
+  )
+
+
+def _conv(features: int, kernel: int, stride: int, dilation: int, name: str, dtype: Dtype):
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=stride,
+      padding=pad_same(kernel, dilation),
+      kernel_dilation=dilation,
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+      name=name,
+  )
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
+
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Dtype = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = _conv(self.planes, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
+    y = nn.relu(_bn("bn1", train, self.dtype)(y))
+    y = _conv(self.planes, 3, 1, self.dilation, "conv2", self.dtype)(y)
+    y = _bn("bn2", train, self.dtype, zero_init=True)(y)
+    if self.downsample:
+      x = _conv(self.planes, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
+      x = _bn("downsample_bn", train, self.dtype)(x)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """1x1 reduce, 3x3 (strided, dilated), 1x1 expand x4; torchvision v1.5 layout."""
+
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Dtype = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = _conv(self.planes, 1, 1, 1, "conv1", self.dtype)(x)
+    y = nn.relu(_bn("bn1", train, self.dtype)(y))
+    y = _conv(self.planes, 3, self.stride, self.dilation, "conv2", self.dtype)(y)
+    y = nn.relu(_bn("bn2", train, self.dtype)(y))
+    y = _conv(self.planes * 4, 1, 1, 1, "conv3", self.dtype)(y)
+    y = _bn("bn3", train, self.dtype, zero_init=True)(y)
+    if self.downsample:
+      x = _conv(self.planes * 4, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
+      x = _bn("downsample_bn", train, self.dtype)(x)
+    return nn.relu(x + y)
+
+
+def stage_plan(output_stride: int) -> tuple[tuple[int, int], ...]:
+  """(stride, dilation) for layer1..layer4 at the given output stride."""
+  if output_stride == 32:
+    return ((1, 1), (2, 1), (2, 1), (2, 1))
+  if output_stride == 16:
+    return ((1, 1), (2, 1), (2, 1), (1, 2))
+  if output_stride == 8:
+    return ((1, 1), (2, 1), (1, 2), (1, 4))
+  raise ValueError(f"ResNet output_stride must be 8, 16 or 32; got {output_stride}.")
+
+
+class ResNet(nn.Module):
+  """ResNet feature extractor returning ``stem, layer1..layer4`` by name.
+
+  Attributes:
+    depth: 18, 34, 50, 101 or 152.
+    width: channels of the stem and of layer1's 3x3 convs (64 in the paper).
+    output_stride: 8, 16 or 32; strides beyond it become dilation.
+    multi_grid: per-block dilation multipliers of layer4 (DeepLab v3), e.g. (1, 2, 4).
+    deep_stem: three 3x3 convs instead of the 7x7 stem (PSPNet's ResNet-D stem).
+  """
+
+  depth: int = 50
+  width: int = 64
+  output_stride: int = 32
+  multi_grid: Sequence[int] = (1, 1, 1)
+  deep_stem: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    if self.depth not in STAGES:
+      raise ValueError(f"ResNet depth must be one of {sorted(STAGES)}; got {self.depth}.")
+    kind, counts = STAGES[self.depth]
+    block_cls = BasicBlock if kind == "basic" else Bottleneck
+    feats = {}
+    if self.deep_stem:
+      for i, (f, s) in enumerate(((self.width // 2, 2), (self.width // 2, 1), (self.width, 1))):
+        x = _conv(f, 3, s, 1, f"stem_conv{i + 1}", self.dtype)(x)
+        x = nn.relu(_bn(f"stem_bn{i + 1}", train, self.dtype)(x))
+    else:
+      x = _conv(self.width, 7, 2, 1, "conv1", self.dtype)(x)
+      x = nn.relu(_bn("bn1", train, self.dtype)(x))
+    feats["stem"] = x
+    x = max_pool_3x3_s2(x)
+    in_ch = self.width
+    for li, ((stride, dil), count) in enumerate(zip(stage_plan(self.output_stride), counts)):
+      planes = self.width * 2**li
+      grid = self.multi_grid if li == 3 else (1,) * count
+      for bi in range(count):
+        mult = grid[bi % len(grid)]
+        block = block_cls(
+            planes=planes,
+            stride=stride if bi == 0 else 1,
+            dilation=dil * mult,
+            downsample=bi == 0 and (stride != 1 or in_ch != planes * block_cls.expansion),
+            dtype=self.dtype,
+            name=f"layer{li + 1}_{bi}",
+        )
+        x = block(x, train)
+        in_ch = planes * block_cls.expansion
+      feats[f"layer{li + 1}"] = x
+    return feats
+
+
+def channels(depth: int, width: int = 64) -> dict[str, int]:
+  """Channel count of each named feature for a given depth and width."""
+  kind, _ = STAGES[depth]
+  exp = 1 if kind == "basic" else 4
+  out = {"stem": width}
+  out.update({f"layer{i + 1}": width * 2**i * exp for i in range(4)})
+  return out

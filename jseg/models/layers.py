@@ -1,0 +1,195 @@
+"""Building blocks shared by the networks, written in XLA-friendly forms.
+
+Several stock ops have slow gradients on XLA:CPU (see ``PERF_NOTES.md`` in the
+project's shared notes): ``nn.max_pool`` (reduce-window + select-and-scatter),
+``nn.ConvTranspose`` (an rhs-dilated convolution for the kernel gradient) and
+grouped convolutions for depthwise kernels. The functions here compute the
+same functions with reshapes, strided slices and einsums, whose gradients are
+elementwise or plain matmuls. Tests check each against the stock op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Bilinear resize of NHWC ``x`` to ``size`` (half-pixel centres, no antialias).
+
+  Matches ``torch.nn.functional.interpolate(mode="bilinear",
+  align_corners=False)``.
+  """
+  n, _, _, c = x.shape
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return jax.image.resize(x, (n, size[0], size[1], c), "bilinear", antialias=False)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 max pool (floor mode) as reshape + max.
+
+  Same values as ``nn.max_pool(x, (2, 2), (2, 2))``; its backward pass is an
+  elementwise mask instead of a scatter.
+  """
+  n, h, w, c = x.shape
+  x = x[:, : h - h % 2, : w - w % 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """3x3 stride-2 max pool with padding 1 (the ResNet stem's pool).
+
+  Output size is ``ceil(H/2) x ceil(W/2)`` as in ``torch.nn.MaxPool2d(3, 2, 1)``.
+  Written as the maximum of nine strided slices so the gradient is a select.
+  """
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  oh, ow = (h + 1) // 2, (w + 1) // 2
+  out = None
+  for i in range(3):
+    for j in range(3):
+      s = xp[:, i : i + 2 * oh - 1 : 2, j : j + 2 * ow - 1 : 2]
+      out = s if out is None else jnp.maximum(out, s)
+  return out
+
+
+def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
+  """``torch.nn.AdaptiveAvgPool2d(bins)`` for NHWC ``x`` of any size.
+
+  Bin ``i`` covers rows ``[floor(i*H/b), ceil((i+1)*H/b))``; the pooling is two
+  small averaging matrices applied with einsum.
+  """
+  _, h, w, _ = x.shape
+  ph = jnp.asarray(_pool_matrix(h, bins), x.dtype)
+  pw = jnp.asarray(_pool_matrix(w, bins), x.dtype)
+  return jnp.einsum("ih,nhwc,jw->nijc", ph, x, pw)
+
+
+def _pool_matrix(size: int, bins: int) -> np.ndarray:
+  m = np.zeros((bins, size), np.float32)
+  for i in range(bins):
+    lo = (i * size) // bins
+    hi = -((-(i + 1) * size) // bins)
+    m[i, lo:hi] = 1.0 / (hi - lo)
+  return m
+
+
+def pad_same(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Symmetric padding ``dilation*(kernel-1)//2`` as PyTorch uses it."""
+  p = dilation * (kernel - 1) // 2
+  return ((p, p), (p, p))
+
+
+class ConvBNReLU(nn.Module):
+  """Convolution, BatchNorm and ReLU: the unit most decoders are built from."""
+
+  features: int
+  kernel: int = 3
+  stride: int = 1
+  dilation: int = 1
+  relu: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.Conv(
+        self.features,
+        (self.kernel, self.kernel),
+        strides=self.stride,
+        padding=pad_same(self.kernel, self.dilation),
+        kernel_dilation=self.dilation,
+        use_bias=False,
+        dtype=self.dtype,
+        name="conv",
+    )(x)
+    x = nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
+    )(x)
+    return nn.relu(x) if self.relu else x
+
+
+class PixelTransposeConv(nn.Module):
+  """Transposed convolution with kernel size == stride, as a per-pixel einsum.
+
+  ``y[s*i+a, s*j+b, o] = sum_c x[i, j, c] * kernel[a, b, c, o] + bias[o]``: the
+  same function as ``torch.nn.ConvTranspose2d(C, O, s, stride=s)`` with
+  ``kernel[a, b, c, o] = weight[c, o, a, b]``, written as a matmul followed by
+  depth-to-space. On XLA:CPU this avoids the slow rhs-dilated convolution of
+  ``nn.ConvTranspose``'s kernel gradient.
+  """
+
+  features: int
+  stride: int = 2
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = self.stride
+    n, h, w, c = x.shape
+    kernel = self.param(
+        "kernel", nn.initializers.lecun_normal(), (s, s, c, self.features), jnp.float32
+    )
+    y = jnp.einsum("nhwc,abco->nhawbo", x, kernel.astype(self.dtype))
+    y = y.reshape(n, h * s, w * s, self.features)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise k x k convolution as a sum of k*k shifted elementwise products.
+
+  Same function (and the same ``(k, k, 1, C)`` kernel layout) as
+  ``nn.Conv(C, (k, k), feature_group_count=C)`` with symmetric padding
+  ``dilation*(k-1)//2``; 4-8x faster than the grouped convolution on XLA:CPU.
+  """
+
+  kernel: int = 3
+  stride: int = 1
+  dilation: int = 1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, d, s = self.kernel, self.dilation, self.stride
+    n, h, w, c = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    p = d * (k - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    out = None
+    for i in range(k):
+      for j in range(k):
+        sl = xp[:, i * d : i * d + s * (oh - 1) + 1 : s, j * d : j * d + s * (ow - 1) + 1 : s]
+        term = sl * kernel[i, j, 0]
+        out = term if out is None else out + term
+    if self.use_bias:
+      out = out + self.param("bias", nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
+    return out
+
+
+def check_min_size(x: jax.Array, min_size: int, model: str) -> None:
+  """Raises a clear error when the spatial size is below a network's minimum."""
+  h, w = x.shape[1:3]
+  if h < min_size or w < min_size:
+    raise ValueError(
+        f"{model} needs inputs of at least {min_size}x{min_size} pixels; got {h}x{w}."
+    )
+
+
+def check_nhwc(x: jax.Array, model: str) -> None:
+  """Raises when the input is not a 4-D NHWC batch."""
+  if x.ndim != 4:
+    raise ValueError(f"{model} expects NHWC images (4-D); got shape {tuple(x.shape)}.")
