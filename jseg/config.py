@@ -1,0 +1,94 @@
+"""Config helpers shared by the files in ``configs/``; no experiment values live here
+beyond the defaults every run shares.
+
+``base_config()`` returns every field the tools rely on (see docs/design.md);
+an experiment's ``get_config()`` starts from it and changes a few fields.
+``load_config(path)`` imports a config file by path for tools that are not
+driven by ``ml_collections.config_flags``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import ml_collections
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The fields every training config has, with neutral defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 8
+  c.eval_batch_size = 2
+  c.total_steps = 1000
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.log_every = 50
+  c.keep_checkpoints = 3
+  c.distributed = False
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "pspnet"
+  c.model.num_classes = 11
+  c.model.dtype = "float32"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "camvid"
+  c.data.root = "samples/camvid"
+  c.data.cache_dir = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "val"
+  c.data.crop_size = (256, 256)
+  c.data.ignore_index = 255
+  c.data.scale_range = (0.5, 2.0)
+  c.data.hflip = True
+  c.data.color_jitter = 0.0
+  c.data.blur = False
+  c.data.normalize = "standardize"
+  c.data.worker_count = 0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "cross_entropy"
+  c.loss.aux_weight = 0.4
+  c.loss.class_weights = ml_collections.config_dict.placeholder(tuple)
+  c.loss.label_smoothing = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "poly"
+  c.schedule.power = 0.9
+  c.schedule.warmup_steps = 0
+
+  c.inference = ml_collections.ConfigDict()
+  c.inference.mode = "whole"
+  return c
+
+
+def resolve_path(path: str) -> Path:
+  """A relative path is taken from the working directory, else from the repo root."""
+  p = Path(os.path.expanduser(path))
+  if p.is_absolute() or p.exists():
+    return p
+  return REPO_ROOT / p
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """Imports ``path`` and returns its ``get_config()``."""
+  file = resolve_path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"Config file '{path}' does not exist (looked at {file}).")
+  spec = importlib.util.spec_from_file_location(f"jseg_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise AttributeError(f"Config file '{path}' has no get_config() function.")
+  return module.get_config()
