@@ -1,0 +1,182 @@
+"""The shared tfds builder behind every jseg dataset.
+
+Each dataset module subclasses ``JsegBuilder`` and says three things: its
+``DatasetInfo`` (classes, palette, statistics), how to list the (image, mask)
+file pairs of a split under a root folder, and how raw mask values map to class
+indices. The base class turns that into a tfds ``GeneratorBasedBuilder`` that
+writes array_record files, TensorFlow-free: images and masks are stored as
+``tfds.features.Tensor`` with ZLIB encoding (``tfds.features.Image`` needs
+TensorFlow to encode, see ``/work/shared/DATA_NOTES.md``). Nothing is
+downloaded: files are read from the local root (tfds' "manual" data).
+
+Stored masks hold class indices with ``STORED_VOID`` (255) for unlabelled pixels;
+the loader maps that value to ``data.ignore_index``. Mask values outside the
+class set raise an error listing the values and files, or become void when
+``data.invalid_labels == 'ignore'`` (the pixel count is logged and returned in
+``builder.label_report``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jseg.data.info import STORED_VOID, DatasetInfo
+from jseg.data.io import read_image, read_mask
+
+log = logging.getLogger("jseg.data")
+
+INVALID_LABEL_MODES = ("error", "ignore")
+
+
+class Pair(NamedTuple):
+  """One example's files."""
+
+  name: str
+  image: Path
+  mask: Path
+
+
+def invalid_label_mode(data_cfg: ml_collections.ConfigDict) -> str:
+  mode = data_cfg.get("invalid_labels", "error")
+  if mode not in INVALID_LABEL_MODES:
+    raise ValueError(f"data.invalid_labels='{mode}' is not valid; choose one of {INVALID_LABEL_MODES}.")
+  return mode
+
+
+def _describe_values(values: np.ndarray) -> str:
+  if values.ndim == 2:  # RGB colours
+    return ", ".join(f"({r},{g},{b})" for r, g, b in values[:10]) + (" ..." if len(values) > 10 else "")
+  return ", ".join(str(v) for v in values[:20]) + (" ..." if len(values) > 20 else "")
+
+
+class JsegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """tfds builder over a local folder; subclasses define the dataset specifics."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First jseg build."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Files are read from `data.root`; nothing is downloaded."
+  # Says where to get the data; part of the error when `data.root` does not exist.
+  ROOT_HINT = ""
+
+  def __init__(self, *, data_cfg: ml_collections.ConfigDict, root: Path, **kwargs: Any):
+    self.data_cfg = data_cfg
+    self.root = Path(root)
+    self.jseg_info = self.dataset_info(data_cfg, self.root)
+    self.label_report: dict[str, dict[str, Any]] = {}
+    kwargs.pop("file_format", None)
+    super().__init__(file_format="array_record", **kwargs)
+    # tfds pickles a builder (into grain workers) as its __init__ arguments.
+    self._original_state.update(data_cfg=data_cfg, root=self.root)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> None:
+    # tfds looks for a checksums file beside the builder's code, via a path check that
+    # needs the `importlib_resources` backport; jseg downloads nothing, so there is none.
+    return None
+
+  # ---- what a dataset defines ----
+  @classmethod
+  def dataset_info(cls, data_cfg: ml_collections.ConfigDict, root: Path | None = None) -> DatasetInfo:
+    raise NotImplementedError
+
+  @classmethod
+  def split_names(cls, root: Path, data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Splits this root provides (a split may still turn out empty)."""
+    raise NotImplementedError
+
+  @classmethod
+  def list_pairs(cls, root: Path, split: str, data_cfg: ml_collections.ConfigDict) -> list[Pair]:
+    """The split's (name, image, mask) triples in a fixed order; missing files raise."""
+    raise NotImplementedError
+
+  @classmethod
+  def split_location(cls, root: Path, split: str, data_cfg: ml_collections.ConfigDict) -> str:
+    """Where ``list_pairs`` looks, for error messages."""
+    return str(root / split)
+
+  @classmethod
+  def map_label(cls, mask: np.ndarray, data_cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """Raw mask -> (class indices with STORED_VOID for void, bool map of values outside the class set)."""
+    raise NotImplementedError
+
+  @classmethod
+  def build_fields(cls, data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Config fields that change what the build contains (part of the cache key)."""
+    return {"invalid_labels": invalid_label_mode(data_cfg)}
+
+  # ---- tfds plumbing ----
+  def _info(self) -> tfds.core.DatasetInfo:
+    info = self.jseg_info
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"jseg build of '{info.name}' from {self.root}",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(
+                shape=(None, None, info.channels), dtype=np.dtype(info.image_dtype), encoding=tfds.features.Encoding.ZLIB
+            ),
+            "label": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+            "name": tfds.features.Text(),
+        }),
+        disable_shuffling=True,  # keep the listed order: example i is the i-th file of the split
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+    del dl_manager
+    gens = {}
+    for split in self.split_names(self.root, self.data_cfg):
+      pairs = self.list_pairs(self.root, split, self.data_cfg)
+      if pairs:  # empty splits are reported when someone asks for them
+        gens[split] = self._generate_examples(split, pairs)
+    return gens
+
+  def _generate_examples(self, split: str, pairs: list[Pair]) -> Iterator[tuple[str, dict[str, Any]]]:
+    info = self.jseg_info
+    mode = invalid_label_mode(self.data_cfg)
+    offenders: dict[str, np.ndarray] = {}
+    invalid_pixels = 0
+    for pair in pairs:
+      image = read_image(pair.image)
+      mask = read_mask(pair.mask)
+      if mask.shape[:2] != image.shape[:2]:
+        raise ValueError(
+            f"Mask '{pair.mask}' is {mask.shape[0]}x{mask.shape[1]} but its image '{pair.image}' is "
+            f"{image.shape[0]}x{image.shape[1]} (HxW); they must match."
+        )
+      if image.shape[2] != info.channels or image.dtype != np.dtype(info.image_dtype):
+        raise ValueError(
+            f"Image '{pair.image}' has {image.shape[2]} channel(s) of {image.dtype}; dataset '{info.name}' "
+            f"expects {info.channels} channel(s) of {info.image_dtype}."
+        )
+      label, invalid = self.map_label(mask, self.data_cfg)
+      if invalid.any():
+        values = np.unique(mask[invalid], axis=0)
+        offenders[str(pair.mask)] = values
+        invalid_pixels += int(invalid.sum())
+        label = np.where(invalid, STORED_VOID, label).astype(label.dtype)
+      if mode == "error" and offenders:
+        continue  # the whole split is scanned so the error lists every bad file
+      yield pair.name, {"image": image, "label": label, "name": pair.name}
+    if not offenders:
+      return
+    lines = [f"  {f}: values {_describe_values(v)}" for f, v in list(offenders.items())[:20]]
+    more = f"\n  ... and {len(offenders) - 20} more files" if len(offenders) > 20 else ""
+    summary = (
+        f"{len(offenders)} mask file(s) of split '{split}' of '{info.name}' hold {invalid_pixels} pixel(s) with values "
+        f"outside the class set (classes 0..{info.num_classes - 1}"
+        f"{self.valid_values_hint()}):\n" + "\n".join(lines) + more
+    )
+    if mode == "error":
+      raise ValueError(summary + "\nFix the masks, or set data.invalid_labels='ignore' to map them to the ignore index.")
+    log.warning("%s\nThese pixels were mapped to the ignore index (data.invalid_labels='ignore').", summary)
+    self.label_report[split] = {"invalid_pixels": invalid_pixels, "files": len(offenders)}
+
+  def valid_values_hint(self) -> str:
+    """Extra words on which raw values are valid, for the invalid-label error."""
+    return ""
