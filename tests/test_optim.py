@@ -1,0 +1,179 @@
+"""Optimiser chains and schedules: hand-computed updates, exact restarts, Lookahead, EMA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jseg import optim
+from jseg.config import base_config
+
+
+def cfg(opt=None, sched=None, total=100):
+  c = base_config()
+  c.total_steps = total
+  for k, v in (opt or {}).items():
+    setattr(c.optimizer, k, v)
+  for k, v in (sched or {}).items():
+    setattr(c.schedule, k, v)
+  return c
+
+
+def params():
+  """A Flax-like tree: conv kernel + bias, BatchNorm scale/bias."""
+  return {
+      "conv": {"kernel": jnp.full((3, 3, 2, 2), 1.0), "bias": jnp.full((2,), 1.0)},
+      "bn": {"scale": jnp.full((2,), 1.0), "bias": jnp.full((2,), 1.0)},
+  }
+
+
+def grads_of(p, value=0.5):
+  return jax.tree.map(lambda x: jnp.full_like(x, value), p)
+
+
+def steps(tx, p, n, grad=0.5):
+  state = tx.init(p)
+  update = jax.jit(tx.update)
+  history = []
+  for _ in range(n):
+    u, state = update(grads_of(p, grad), state, p)
+    p = optax.apply_updates(p, u)
+    history.append(p)
+  return p, state, history
+
+
+def test_poly_with_warmup_values():
+  c = cfg(sched={"name": "poly", "power": 0.9, "warmup_steps": 10, "warmup_ratio": 0.1}, total=110)
+  _, sched = optim.build_optimizer(c)
+  lr = 0.01
+  assert float(sched(0)) == pytest.approx(0.1 * lr)
+  assert float(sched(5)) == pytest.approx(0.1 * lr + 0.5 * 0.9 * lr)
+  assert float(sched(10)) == pytest.approx(lr)
+  assert float(sched(60)) == pytest.approx(lr * (1 - 50 / 100) ** 0.9, rel=1e-5)
+  assert float(sched(110)) == pytest.approx(0.0, abs=1e-12)
+  c = cfg(sched={"name": "poly", "min_lr": 1e-4})
+  assert float(optim.build_schedule(c)(100)) == pytest.approx(1e-4)
+
+
+def test_other_schedules():
+  cos = optim.build_schedule(cfg(sched={"name": "cosine", "min_lr": 0.001}))
+  assert float(cos(0)) == pytest.approx(0.01) and float(cos(50)) == pytest.approx(0.0055, rel=1e-5)
+  assert float(cos(100)) == pytest.approx(0.001)
+  step = optim.build_schedule(cfg(sched={"name": "step", "boundaries": (30, 60), "factor": 0.1, "warmup_steps": 5}))
+  assert [float(step(s)) for s in (29, 30, 59, 60)] == pytest.approx([0.01, 0.001, 0.001, 0.0001])
+  const = optim.build_schedule(cfg(sched={"name": "constant"}))
+  assert float(const(77)) == pytest.approx(0.01)
+
+
+def test_sgdr_restarts_at_exact_steps():
+  c = cfg(sched={"name": "sgdr", "cycle_steps": 10, "cycle_mult": 2.0, "min_lr": 0.0, "warmup_steps": 4},
+          total=100)
+  sched = optim.build_schedule(c)
+  lrs = np.array([float(sched(s)) for s in range(101)])
+  # Cycles after the 4 warm-up steps: [4, 14), [14, 34), [34, 74), [74, 154).
+  restarts = [s for s in range(1, 101) if lrs[s] > lrs[s - 1] and s > 4]
+  assert restarts == [14, 34, 74]
+  for start, length in ((4, 10), (14, 20), (34, 40), (74, 80)):
+    assert lrs[start] == pytest.approx(0.01)
+    if start + length // 2 <= 100:
+      assert lrs[start + length // 2] == pytest.approx(0.005, rel=1e-5)
+  assert lrs[13] == pytest.approx(0.01 * 0.5 * (1 + np.cos(np.pi * 9 / 10)), rel=1e-5)
+  # Snapshots are the step counts after the last update of each complete cycle.
+  assert optim.snapshot_steps(c, 100) == [14, 34, 74]
+  assert optim.snapshot_steps(c, 154) == [14, 34, 74, 154]
+  assert optim.snapshot_steps(cfg(), 100) == []
+  # Jitted schedule gives the same values.
+  np.testing.assert_allclose(jax.vmap(jax.jit(sched))(jnp.arange(101)), lrs, rtol=1e-6)
+
+
+def test_sgd_masked_weight_decay_leaves_bn_and_bias_untouched():
+  c = cfg(opt={"name": "sgd", "momentum": 0.9, "weight_decay": 0.1, "learning_rate": 0.1},
+          sched={"name": "constant"})
+  tx, _ = optim.build_optimizer(c)
+  p0 = params()
+  p, _, _ = steps(tx, p0, 2, grad=0.0)
+  # Zero gradients: only weight decay moves parameters; BN params and biases do not move.
+  for path in (("conv", "bias"), ("bn", "scale"), ("bn", "bias")):
+    np.testing.assert_array_equal(p[path[0]][path[1]], p0[path[0]][path[1]])
+  # Kernel: v1 = wd*w0 = 0.1, w1 = 1 - 0.01 = 0.99; v2 = 0.9*0.1 + 0.1*0.99 = 0.189, w2 = 0.99 - 0.0189.
+  np.testing.assert_allclose(p["conv"]["kernel"], 0.99 - 0.0189, rtol=1e-6)
+  assert optim.decay_mask(p0) == {"conv": {"kernel": True, "bias": False},
+                                  "bn": {"scale": False, "bias": False}}
+
+
+def test_sgd_nesterov_and_adamw_match_optax():
+  p0 = params()
+  c = cfg(opt={"name": "sgd", "nesterov": True, "weight_decay": 0.0}, sched={"name": "constant"})
+  tx, _ = optim.build_optimizer(c)
+  ref = optax.sgd(0.01, momentum=0.9, nesterov=True)
+  np.testing.assert_allclose(steps(tx, p0, 3)[0]["conv"]["kernel"], steps(ref, p0, 3)[0]["conv"]["kernel"])
+  c = cfg(opt={"name": "adamw", "weight_decay": 0.05, "learning_rate": 1e-3}, sched={"name": "constant"})
+  tx, _ = optim.build_optimizer(c)
+  ref = optax.adamw(1e-3, weight_decay=0.05, mask=optim.decay_mask)
+  a, b = steps(tx, p0, 3)[0], steps(ref, p0, 3)[0]
+  jax.tree.map(np.testing.assert_allclose, a, b)
+  c = cfg(opt={"name": "adam", "weight_decay": 0.0, "learning_rate": 1e-3}, sched={"name": "constant"})
+  tx, _ = optim.build_optimizer(c)
+  jax.tree.map(np.testing.assert_allclose, steps(tx, p0, 2)[0], steps(optax.adam(1e-3), p0, 2)[0])
+
+
+def test_grad_clipping():
+  c = cfg(opt={"name": "sgd", "momentum": 0.0, "weight_decay": 0.0, "learning_rate": 1.0,
+               "grad_clip_norm": 1.0}, sched={"name": "constant"})
+  tx, _ = optim.build_optimizer(c)
+  p0 = {"w": jnp.zeros((2, 2))}
+  u, _ = tx.update({"w": jnp.full((2, 2), 3.0)}, tx.init(p0), p0)
+  assert float(optax.tree.norm(u)) == pytest.approx(1.0)
+
+
+def test_lookahead_slow_weights_hand_computed():
+  k, alpha, lr, g = 3, 0.5, 0.1, 1.0
+  c = cfg(opt={"name": "sgd", "momentum": 0.0, "weight_decay": 0.0, "learning_rate": lr,
+               "lookahead_k": k, "lookahead_alpha": alpha}, sched={"name": "constant"})
+  tx, _ = optim.build_optimizer(c)
+  p0 = {"w": jnp.array([1.0, -2.0])}
+  p, state, hist = steps(tx, p0, 2 * k, grad=g)
+  # Fast weights move by -lr*g per step; at step k: slow = w0 + alpha*(w0 - k*lr*g - w0).
+  np.testing.assert_allclose(hist[0]["w"], p0["w"] - lr * g, rtol=1e-6)
+  slow1 = p0["w"] + alpha * (-k * lr * g)
+  np.testing.assert_allclose(hist[k - 1]["w"], slow1, rtol=1e-6)  # fast reset onto slow
+  slow2 = slow1 + alpha * (-k * lr * g)
+  np.testing.assert_allclose(optim.eval_params(p, state, c)["w"], slow2, rtol=1e-6)
+  np.testing.assert_allclose(p["w"], slow2, rtol=1e-6)
+  # Between syncs eval_params gives the slow weights, not the fast ones.
+  p, state, _ = steps(tx, p0, k + 1, grad=g)
+  np.testing.assert_allclose(optim.eval_params(p, state, c)["w"], slow1, rtol=1e-6)
+  np.testing.assert_allclose(p["w"], slow1 - lr * g, rtol=1e-6)
+
+
+def test_ema_weights_and_eval_params():
+  d = 0.9
+  c = cfg(opt={"name": "sgd", "momentum": 0.0, "weight_decay": 0.0, "learning_rate": 0.1,
+               "ema_decay": d}, sched={"name": "constant"})
+  tx, _ = optim.build_optimizer(c)
+  p0 = {"w": jnp.array([1.0])}
+  p, state, hist = steps(tx, p0, 3, grad=1.0)
+  ema = 1.0
+  for h in hist:
+    ema = d * ema + (1 - d) * float(h["w"][0])
+  assert float(optim.eval_params(p, state, c)["w"][0]) == pytest.approx(ema, rel=1e-6)
+  assert float(p["w"][0]) == pytest.approx(0.7, rel=1e-6)
+  plain = cfg()
+  tx, _ = optim.build_optimizer(plain)
+  assert optim.eval_params(p, tx.init(p), plain) is p
+  with pytest.raises(ValueError, match="no EMA"):
+    optim.eval_params(p, tx.init(p), c)
+
+
+def test_errors_name_bad_values():
+  with pytest.raises(KeyError, match="adamw, sgd"):
+    optim.build_optimizer(cfg(opt={"name": "rmsprop"}))
+  with pytest.raises(KeyError, match="sgdr"):
+    optim.build_optimizer(cfg(sched={"name": "linear"}))
+  with pytest.raises(ValueError, match="warmup_steps"):
+    optim.build_optimizer(cfg(sched={"warmup_steps": 100}))
+  with pytest.raises(ValueError, match="boundaries"):
+    optim.build_optimizer(cfg(sched={"name": "step", "boundaries": (50, 20)}))
+  with pytest.raises(ValueError, match="lookahead"):
+    optim.build_optimizer(cfg(opt={"lookahead_k": 5, "lookahead_alpha": 1.5}))
