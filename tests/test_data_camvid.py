@@ -1,5 +1,7 @@
 """CamVid builder on the shipped sample, and the train/eval loaders over it."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -75,8 +77,6 @@ def test_same_seed_same_batches_and_restore(config):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
   state = a.get_state()
-  import json
-
   json.dumps(state)  # checkpoints store it as JSON
   third = next(a)
   restored = data.make_train_iterator(config)
@@ -88,3 +88,29 @@ def test_same_seed_same_batches_and_restore(config):
   other = config.copy_and_resolve_references()
   other.seed = 1
   assert not np.array_equal(next(data.make_train_iterator(other))["image"], first[0]["image"])
+
+
+def test_state_checks_shard(config):
+  state = data.make_train_iterator(config, 0, 2).get_state()
+  with pytest.raises(ValueError, match="process 0 of 2; this iterator is process 1 of 2"):
+    data.make_train_iterator(config, 1, 2).set_state(state)
+
+
+@pytest.mark.slow
+def test_worker_processes_restorable(config):
+  c = config.copy_and_resolve_references()
+  c.data.worker_count = 1
+  c.data.color_jitter = 0.4
+  c.data.blur = True
+  a = data.make_train_iterator(c)
+  first = next(a)
+  state = a.get_state()
+  second = next(a)
+  a.close()
+  restored = data.make_train_iterator(c)
+  restored.set_state(state)
+  nxt = next(restored)
+  restored.close()
+  for k in second:
+    np.testing.assert_array_equal(nxt[k], second[k])
+  assert not np.array_equal(nxt["image"], first["image"])
