@@ -37,8 +37,9 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int, ignore
   with one extra trailing axis of size K (argmax is taken). Pixels whose label is
   ``ignore_index`` or outside ``[0, K)``, or whose prediction is outside ``[0, K)``,
   are not counted. ``method``: ``bincount`` (one scatter-add of ``K*y + p``) or
-  ``onehot`` (``onehot(y)^T @ onehot(p)``, a matmul; better on accelerators for
-  small K). Counts are int32: add per-batch matrices into an int64 NumPy array on the
+  ``onehot`` (``onehot(y)^T @ onehot(p)`` as a bf16 matmul with float32 accumulation,
+  exact below 2^24 pixels per call; for accelerators whose scatter-add is slow).
+  Counts are int32: add per-batch matrices into an int64 NumPy array on the
   host when an evaluation covers more than 2^31 pixels.
   """
   k = int(num_classes)
@@ -57,10 +58,15 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int, ignore
     idx = jnp.where(valid, label * k + pred, k * k)
     return jnp.bincount(idx, length=k * k + 1)[: k * k].reshape(k, k).astype(jnp.int32)
   if method == "onehot":
-    # Exact in float32 only below 2^24 per cell, so the product accumulates in int32.
-    y = jax.nn.one_hot(jnp.where(valid, label, -1), k, dtype=jnp.int32)
-    p = jax.nn.one_hot(pred, k, dtype=jnp.int32)
-    return jnp.einsum("pi,pj->ij", y, p, preferred_element_type=jnp.int32)
+    # float32 accumulation counts exactly up to 2^24, so larger inputs are refused.
+    if label.size >= 2**24:
+      raise ValueError(
+          f"confusion_matrix method 'onehot' counts exactly only below 2^24 pixels per call; got "
+          f"{label.size}. Use method='bincount' or split the batch.")
+    y = jax.nn.one_hot(jnp.where(valid, label, -1), k, dtype=jnp.bfloat16)
+    p = jax.nn.one_hot(pred, k, dtype=jnp.bfloat16)
+    cm = jnp.einsum("pi,pj->ij", y, p, preferred_element_type=jnp.float32)
+    return cm.astype(jnp.int32)
   raise ValueError(f"Unknown confusion_matrix method '{method}'. Valid methods: bincount, onehot.")
 
 

@@ -60,9 +60,19 @@ def _constant(sc: Any, lr: float, steps: int, warmup: int) -> Schedule:
 
 @SCHEDULES.register("poly")
 def _poly(sc: Any, lr: float, steps: int, warmup: int) -> Schedule:
-  """``(lr - min_lr) (1 - t/T)^power + min_lr``: MMSegmentation's default (power 0.9)."""
-  return optax.polynomial_schedule(lr, float(_get(sc, "min_lr", 0.0)), float(_get(sc, "power", 0.9)),
-                                   max(steps, 1))
+  """``(lr - min_lr) (1 - t/T)^power + min_lr``: MMSegmentation's default (power 0.9).
+
+  Written out rather than ``optax.polynomial_schedule``, which returns NaN at ``t = T``
+  under jit on XLA:CPU (``0 ** 0.9`` lowered through a log).
+  """
+  min_lr, power, total = float(_get(sc, "min_lr", 0.0)), float(_get(sc, "power", 0.9)), max(steps, 1)
+
+  def schedule(count):
+    frac = 1.0 - jnp.clip(jnp.asarray(count, jnp.float32), 0, total) / total
+    scaled = jnp.where(frac > 0, jnp.power(jnp.where(frac > 0, frac, 1.0), power), 0.0)
+    return (lr - min_lr) * scaled + min_lr
+
+  return schedule
 
 
 @SCHEDULES.register("cosine")

@@ -131,12 +131,13 @@ def test_sigmoid_focal_matches_optax(batch):
   keep = labels != IGNORE
   # Multi-class: one-vs-rest sigmoid focal summed over classes, mean over valid pixels.
   loss, _ = run(cfg(name="sigmoid_focal", focal_gamma=2.0, focal_alpha=0.25), logits, labels)
-  ref = optax.sigmoid_focal_loss(logits[keep], jax.nn.one_hot(labels[keep], K), alpha=0.25, gamma=2.0)
+  focal = jax.jit(optax.sigmoid_focal_loss, static_argnames=("alpha", "gamma"))
+  ref = focal(logits[keep], np.eye(K, dtype=np.float32)[labels[keep]], alpha=0.25, gamma=2.0)
   assert loss == pytest.approx(float(ref.sum(-1).mean()), rel=1e-5)
   # Binary: one logit channel, labels 0/1.
   bl = np.where(keep, labels % 2, IGNORE).astype(np.int32)
   loss, _ = run(cfg(name="sigmoid_focal", focal_gamma=1.5, focal_alpha=0.6), logits[..., :1], bl)
-  ref = optax.sigmoid_focal_loss(logits[..., 0][keep], bl[keep].astype(np.float32), alpha=0.6, gamma=1.5)
+  ref = focal(logits[..., 0][keep], bl[keep].astype(np.float32), alpha=0.6, gamma=1.5)
   assert loss == pytest.approx(float(ref.mean()), rel=1e-5)
 
 

@@ -47,7 +47,7 @@ def test_confusion_matrix_adds_across_batches(random_maps, jitted_cm):
 
 def test_confusion_matrix_psum_over_devices(random_maps):
   pred, label = random_maps
-  f = jax.vmap(lambda p, y: jax.lax.psum(metrics.confusion_matrix(p, y, K, IGNORE), "d"), axis_name="d")
+  f = jax.jit(jax.vmap(lambda p, y: jax.lax.psum(metrics.confusion_matrix(p, y, K, IGNORE), "d"), axis_name="d"))
   out = np.asarray(f(pred, label))
   np.testing.assert_array_equal(out[0], np.asarray(metrics.confusion_matrix(pred, label, K, IGNORE)))
 
@@ -158,3 +158,18 @@ def test_boundary_f1_hand_checked():
   ign[:, 8:] = IGNORE
   c = metrics.boundary_counts(pred, ign, 2, IGNORE, 0)
   assert c[1, 1] < strict[1, 1]
+
+
+def test_onehot_refuses_inexact_sizes():
+  big = jax.ShapeDtypeStruct((2**24,), jnp.int32)
+  with pytest.raises(ValueError, match="2\\^24"):
+    jax.eval_shape(lambda p, y: metrics.confusion_matrix(p, y, 3, IGNORE, method="onehot"), big, big)
+
+
+def test_bench_metrics_runs_tiny(tmp_path):
+  from jseg.bench import metrics as bench
+
+  out = tmp_path / "bench.json"
+  report = bench.main(["--batch=1", "--size=16", "--classes=3", "--repeats=1", "--methods=bincount",
+                       f"--out={out}"])
+  assert out.is_file() and report["shape"] == [1, 16, 16] and len(report["confusion_matrix"]) == 2
