@@ -181,9 +181,12 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (r, r)
     padded = np.pad(x, pad, mode="edge")
-    out = np.zeros_like(x)
-    for i, k in enumerate(kernel):
-      out += k * np.take(padded, np.arange(i, i + n), axis=axis)
+    window = [slice(None)] * x.ndim
+    out = None
+    for i, k in enumerate(kernel):  # sum of shifted copies: slices are views, no gather
+      window[axis] = slice(i, i + n)
+      term = k * padded[tuple(window)]
+      out = term if out is None else out.__iadd__(term)
     x = out
   return x
 
