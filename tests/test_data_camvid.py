@@ -8,6 +8,7 @@ from PIL import Image
 
 import jseg.data as data
 from jseg.config import REPO_ROOT, base_config
+from jseg.registry import DATASETS
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,11 @@ def test_info():
   assert info.num_classes == 11 and info.class_names[0] == "Sky" and info.class_names[10] == "Bicyclist"
   assert info.palette.shape == (11, 3) and info.palette.dtype == np.uint8
   assert info.ignore_index == 255 and info.channels == 3 and info.mean.shape == (3,)
+  assert {"camvid", "isbi2012", "folder"} <= set(DATASETS.names())
+  bad = base_config().data
+  bad.name = "cityscapes"
+  with pytest.raises(KeyError, match="Valid dataset names: camvid, folder, isbi2012"):
+    data.get_info(bad)
 
 
 def test_build_splits(config):
@@ -42,6 +48,8 @@ def test_eval_source_matches_files(config):
   rgb = np.asarray(Image.open(REPO_ROOT / f"samples/camvid/val/{ex['name']}.png"), np.float32)
   info = data.get_info(config.data)
   np.testing.assert_allclose(ex["image"], (rgb - info.mean) / info.std, rtol=1e-5, atol=1e-5)
+  test = data.make_eval_source(config, "test")
+  assert len(test) == 4 and test[3]["name"] == "Seq05VD_f05100"
   labels = np.unique(np.concatenate([source[i]["label"].ravel() for i in range(len(source))]))
   assert set(labels) <= set(range(11)) | {255} and 255 in labels and 3 in labels
 
