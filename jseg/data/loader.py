@@ -4,7 +4,10 @@ Training: ``grain.python.DataLoader`` with an ``IndexSampler`` that shuffles
 each epoch from ``config.seed`` and gives process ``p`` of ``P`` only its shard
 of the records; augmentation is a ``RandomMapTransform``, so each record gets a
 generator seeded from the seed and its position in the stream, and the same
-seed gives the same batches bit for bit, whatever ``data.worker_count``.
+seed and ``data.worker_count`` give the same batches bit for bit. (Grain
+batches inside each worker process, so another worker count groups the records
+into batches differently, and a state restores only with the worker count it
+was taken with.)
 The record stream is endless (epochs follow one another), so a batch may hold
 the last records of one epoch and the first of the next; no record is dropped.
 Records are read by ``data.read_threads`` threads (default 1) per process.
