@@ -63,13 +63,14 @@ def _poly(sc: Any, lr: float, steps: int, warmup: int) -> Schedule:
   """``(lr - min_lr) (1 - t/T)^power + min_lr``: MMSegmentation's default (power 0.9).
 
   Written out rather than ``optax.polynomial_schedule``, which returns NaN at ``t = T``
-  under jit on XLA:CPU (``0 ** 0.9`` lowered through a log).
+  under jit on XLA:CPU: there ``1 - t/T`` rounds to a tiny negative number (the division
+  becomes a multiply by ``1/T``) and its 0.9th power is NaN. ``(T - t)/T`` is exact at 0.
   """
   min_lr, power, total = float(_get(sc, "min_lr", 0.0)), float(_get(sc, "power", 0.9)), max(steps, 1)
 
   def schedule(count):
-    frac = 1.0 - jnp.clip(jnp.asarray(count, jnp.float32), 0, total) / total
-    scaled = jnp.where(frac > 0, jnp.power(jnp.where(frac > 0, frac, 1.0), power), 0.0)
+    frac = (total - jnp.clip(jnp.asarray(count, jnp.float32), 0, total)) / total
+    scaled = jnp.power(jnp.maximum(frac, 0.0), power)
     return (lr - min_lr) * scaled + min_lr
 
   return schedule
@@ -148,7 +149,7 @@ def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
   if warmup == 0:
     return main
   ratio = float(_get(sc, "warmup_ratio", 1e-3))
-  ramp = optax.linear_schedule(ratio * lr, float(main(0)), warmup)
+  ramp = optax.linear_schedule(ratio * lr, lr, warmup)  # every main schedule starts at lr
   return optax.join_schedules([ramp, main], [warmup])
 
 

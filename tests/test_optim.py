@@ -52,6 +52,7 @@ def test_poly_with_warmup_values():
   assert float(sched(10)) == pytest.approx(lr)
   assert float(sched(60)) == pytest.approx(lr * (1 - 50 / 100) ** 0.9, rel=1e-5)
   assert float(sched(110)) == pytest.approx(0.0, abs=1e-12)
+  assert float(jax.jit(sched)(110)) == 0.0  # optax.polynomial_schedule gives NaN here under jit
   c = cfg(sched={"name": "poly", "min_lr": 1e-4})
   assert float(optim.build_schedule(c)(100)) == pytest.approx(1e-4)
 
@@ -199,3 +200,49 @@ def test_plot_schedule_writes_png(tmp_path):
   out = tmp_path / "lr.png"
   plot_schedule.main([f"--config={config_file}", f"--out={out}", "--width=300", "--height=150"])
   assert Image.open(out).size == (300, 150)
+
+
+def test_flax_train_state_contract_with_lookahead_and_ema():
+  """The trainer's use: TrainState.apply_gradients with plain params, BN masked from decay."""
+  import flax.linen as nn
+  from flax.training import train_state
+
+  from jseg import losses
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Conv(4, (3, 3), use_bias=False)(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+      return nn.Conv(3, (1, 1))(x), {"aux": nn.Conv(3, (1, 1), name="aux")(x)}
+
+  c = cfg(opt={"lookahead_k": 2, "ema_decay": 0.5, "grad_clip_norm": 1.0, "weight_decay": 1e-2},
+          sched={"name": "sgdr", "cycle_steps": 2, "warmup_steps": 1}, total=5)
+  model, tx = Tiny(), optim.build_optimizer(c)[0]
+  loss_fn = losses.build_loss(c)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  y = rng.integers(0, 3, size=(2, 8, 8)).astype(np.int32)
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(2), x, train=False)
+  mask = optim.decay_mask(variables["params"])
+  assert mask["BatchNorm_0"] == {"scale": False, "bias": False}
+  assert mask["Conv_0"] == {"kernel": True} and mask["aux"] == {"kernel": True, "bias": False}
+  state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+
+  @jax.jit
+  def step(state, stats):
+    def f(p):
+      (logits, aux), new = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                       mutable=["batch_stats"])
+      return loss_fn(logits, y, aux)[0], new["batch_stats"]
+    (loss, stats), g = jax.value_and_grad(f, has_aux=True)(state.params)
+    return state.apply_gradients(grads=g), stats, loss
+
+  stats = variables["batch_stats"]
+  for _ in range(3):
+    state, stats, loss = step(state, stats)
+    assert np.isfinite(float(loss))
+  ev = optim.eval_params(state.params, state.opt_state, c)
+  assert jax.tree.structure(ev) == jax.tree.structure(state.params)
+  assert not np.allclose(ev["Conv_0"]["kernel"], state.params["Conv_0"]["kernel"])
+  model.apply({"params": ev, "batch_stats": stats}, x, train=False)
