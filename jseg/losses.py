@@ -32,6 +32,15 @@ Class weights: ``config.loss.class_weights`` (a tuple of K floats), or
 ``log_inverse_frequency`` computed from ``config.loss.class_frequencies`` (a tuple of
 K pixel counts or frequencies, e.g. from ``jseg.data.stats``); see
 ``class_weights_from_frequencies``.
+
+Config fields (``config.loss.*``, read with defaults so older configs keep working):
+``name`` ('cross_entropy'), ``aux_weight`` (0.4), ``aux_weights`` ({} : per-head
+override), ``class_weights`` (None), ``class_weight_mode`` ('none'),
+``class_frequencies`` (None), ``label_smoothing`` (0.0; cross_entropy, ohem),
+``avg_non_ignore`` (True), ``focal_gamma`` (2.0), ``focal_alpha`` (1.0 for ``focal``,
+0.25 for ``sigmoid_focal``), ``dice_smooth`` (1.0), ``dice_exclude_absent`` (False),
+``lovasz_classes`` ('present'), ``ohem_thresh`` (0.7), ``ohem_min_kept`` (100000),
+``terms`` (for ``combo``: ``(('cross_entropy', 1.0), ('dice', 1.0))``).
 """
 
 from __future__ import annotations
