@@ -1,0 +1,81 @@
+"""MobileNetV2 backbone: strides per output stride, torchvision's count, fast depthwise."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jseg.models.backbones.mobilenet import MobileNetV2, channels
+
+
+def host_init(model, x, seed=0, **kw):
+  """Random variables made on the host from ``eval_shape``: no init compile (which is
+  most of a tiny model's test time), He-scaled kernels, non-trivial BN statistics."""
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, **kw))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == "kernel":
+      return rng.normal(size=shape).astype(np.float32) * np.sqrt(2.0 / np.prod(shape[:-1]))
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
+    return rng.normal(size=shape).astype(np.float32) * 0.1
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def _shapes(model, shape):
+  def run():
+    x = jnp.zeros(shape)
+    v = model.init(jax.random.PRNGKey(0), x, train=False)
+    return v, model.apply(v, x, train=False)
+
+  return jax.eval_shape(run)
+
+
+@pytest.mark.parametrize("os,strides", [
+    (32, (2, 4, 8, 16, 32)), (16, (2, 4, 8, 16, 16)), (8, (2, 4, 8, 8, 8)),
+])
+def test_feature_strides(os, strides):
+  _, feats = _shapes(MobileNetV2(width_mult=0.25, output_stride=os), (1, 97, 131, 3))
+  ch = channels(0.25)
+  for name, s in zip(("stem", "layer1", "layer2", "layer3", "layer4"), strides):
+    # 3x3 stride-2 convs with padding 1 give ceil(H / 2) at every step.
+    h, w = 97, 131
+    for _ in range(int(np.log2(s))):
+      h, w = -(-h // 2), -(-w // 2)
+    assert feats[name].shape == (1, h, w, ch[name]), name
+
+
+def test_parameter_count_matches_torchvision():
+  variables, feats = _shapes(MobileNetV2(last_features=1280), (1, 224, 224, 3))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+  assert feats["last"].shape == (1, 7, 7, 1280)
+  assert ours + 1280 * 1000 + 1000 == 3_504_872  # torchvision mobilenet_v2
+
+
+def test_gradients_finite_and_no_grouped_convolution():
+  model = MobileNetV2(width_mult=0.25, output_stride=16)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+
+  def loss(params, stats):
+    feats, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                           mutable=["batch_stats"])
+    return jnp.mean(feats["layer4"] ** 2)
+
+  variables = host_init(model, x, train=False)
+  args = (variables["params"], variables["batch_stats"])
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(*args))
+  assert "feature_group_count=1" in jaxpr and "feature_group_count=2" not in jaxpr
+  grads = jax.jit(jax.grad(loss))(*args)
+  leaves = jax.tree.leaves(grads)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+def test_bad_output_stride():
+  with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32; got 4"):
+    _shapes(MobileNetV2(output_stride=4), (1, 32, 32, 3))
