@@ -291,3 +291,103 @@ def combine(rule: str, probs: Any, weights: Sequence[float] | None = None,
       raise ValueError("Ensemble rule 'stacking' needs a fitted Stacker (fit_stacker).")
     return stacker.predict_proba(probs).argmax(-1).astype(np.int32), {}
   raise ValueError(f"Unknown ensemble rule '{rule}'; choose one of {', '.join(RULES)}.")
+
+
+# ----------------------------------------------------------------------------
+# Evaluating an ensemble of networks over a split (the library side of
+# ``python -m jseg.ensemble``).
+
+
+def member_probs(apply_fns: Sequence[Any], image: np.ndarray, infer_cfg: Any) -> np.ndarray:
+  """``(M, H, W, K)`` probabilities of one normalised image ``(H, W, C)`` from
+  each member's ``apply_fn`` through ``jseg.inference.predict_logits``."""
+  from jseg import inference
+
+  return np.stack([np.exp(inference.predict_logits(f, image[None], infer_cfg)[0]) for f in apply_fns])
+
+
+def _cm(pred: np.ndarray, label: np.ndarray, k: int, ignore_index: int) -> np.ndarray:
+  from jseg import metrics
+
+  return np.asarray(metrics.confusion_matrix(np.asarray(pred), np.asarray(label), k, ignore_index), np.int64)
+
+
+def evaluate_ensemble(
+    apply_fns: Sequence[Any],
+    eval_examples: Any,
+    num_classes: int,
+    ignore_index: int = 255,
+    rules: Sequence[str] = ("average", "weighted", "majority", "plurality"),
+    infer_cfg: Any = None,
+    fit_examples: Any = None,
+    weights: Sequence[float] | None = None,
+    stacker: str = "logreg",
+    max_fit_pixels: int = 200_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+  """Confusion matrices of every member and every rule on ``eval_examples``.
+
+  ``fit_examples`` (a held-out split; examples ``{"image", "label"}``) are used
+  to fit the stacking meta-learner and, when ``weights`` is None, to weight
+  members by their mIoU there. Returns ``{"members": [cm, ...], "rules": {rule:
+  cm}, "reject_rate": float, "weights": [...], "fit_member_miou": [...],
+  "stacking": {fit_accuracy, eval_accuracy, gap}}`` (int64 matrices).
+  """
+  from jseg import metrics
+
+  for r in rules:
+    if r not in RULES:
+      raise ValueError(f"Unknown ensemble rule '{r}'; choose from {', '.join(RULES)}.")
+  m, k = len(apply_fns), num_classes
+  out: dict[str, Any] = {}
+  need_fit = "stacking" in rules or ("weighted" in rules and weights is None)
+  st = None
+  if need_fit:
+    if fit_examples is None:
+      raise ValueError("Rules 'stacking' and 'weighted' without weights need a held-out fit split.")
+    rng = np.random.default_rng(seed)
+    fit_cms = [np.zeros((k, k), np.int64) for _ in range(m)]
+    xs, ys = [], []
+    examples = list(fit_examples) if not hasattr(fit_examples, "__len__") else fit_examples
+    per_image = max(1, max_fit_pixels // max(len(examples), 1))
+    for ex in examples:
+      p = member_probs(apply_fns, ex["image"], infer_cfg)
+      y = np.asarray(ex["label"])
+      for i in range(m):
+        fit_cms[i] += _cm(p[i].argmax(-1), y, k, ignore_index)
+      if "stacking" in rules:
+        idx = np.flatnonzero(y.reshape(-1) != ignore_index)
+        idx = rng.choice(idx, min(per_image, len(idx)), replace=False)
+        xs.append(p.reshape(m, -1, k)[:, idx])
+        ys.append(y.reshape(-1)[idx])
+    out["fit_member_miou"] = [float(metrics.summarize(c)["miou"]) for c in fit_cms]
+    if weights is None and "weighted" in rules:
+      weights = list(weights_from_miou(out["fit_member_miou"]))
+    if "stacking" in rules:
+      st = fit_stacker(np.concatenate(xs, axis=1), np.concatenate(ys), stacker,
+                       ignore_index, max_fit_pixels, seed)
+  out["weights"] = None if weights is None else [float(w) for w in weights]
+  member_cms = [np.zeros((k, k), np.int64) for _ in range(m)]
+  rule_cms = {r: np.zeros((k, k), np.int64) for r in rules}
+  rejected = total = 0
+  for ex in eval_examples:
+    p = member_probs(apply_fns, ex["image"], infer_cfg)
+    y = np.asarray(ex["label"])
+    for i in range(m):
+      member_cms[i] += _cm(p[i].argmax(-1), y, k, ignore_index)
+    for r in rules:
+      labels, extra = combine(r, p, weights, st, reject_label=ignore_index)
+      rule_cms[r] += _cm(labels, y, k, ignore_index)
+      if r == "majority":
+        rejected += extra["reject_rate"] * y.size
+        total += y.size
+  out["members"] = member_cms
+  out["rules"] = rule_cms
+  if "majority" in rules:
+    out["reject_rate"] = rejected / max(total, 1)
+  if st is not None:
+    ev_acc = float(metrics.summarize(rule_cms["stacking"])["pixel_accuracy"])
+    out["stacking"] = {"method": st.method, "fit_pixels": st.fit_pixels,
+                       "fit_accuracy": st.fit_accuracy, "eval_accuracy": ev_acc,
+                       "gap": overfit_gap(st, ev_acc)}
+  return out

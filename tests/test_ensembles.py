@@ -123,3 +123,41 @@ def test_combine_and_errors():
     ens.average([np.zeros((2, 3)), np.zeros((2, 4))])
   with pytest.raises(ValueError, match="Unknown stacking"):
     ens.fit_stacker(p, np.zeros(2), method="svm")
+
+
+def test_evaluate_ensemble_with_toy_networks():
+  """Two toy 'networks' over a few tiny images: the rules' confusion matrices
+  equal the ones computed directly from the members' probabilities."""
+  import jax
+  import jax.numpy as jnp
+
+  from jseg import metrics
+
+  rng = np.random.default_rng(0)
+  k = 3
+  ws = [jnp.asarray(rng.normal(size=(2, k)), jnp.float32) for _ in range(3)]
+  fns = [jax.jit(lambda x, w=w: x @ w) for w in ws]
+  def examples(seed, n=3):
+    r = np.random.default_rng(seed)
+    return [{"image": r.normal(size=(8, 10, 2)).astype(np.float32),
+             "label": r.integers(0, k, (8, 10)).astype(np.int32)} for _ in range(n)]
+  ev, fit = examples(1), examples(2, 6)
+  # Random labels: the meta-learner can only overfit, and says so.
+  with pytest.warns(ens.StackingOverfitWarning):
+    res = ens.evaluate_ensemble(fns, ev, k, 255, ("average", "weighted", "majority", "plurality", "stacking"),
+                                {"mode": "whole", "bucket": 8}, fit, max_fit_pixels=300)
+  cm = {r: np.zeros((k, k), np.int64) for r in ("average", "weighted", "majority", "plurality")}
+  rej = 0
+  for e in ev:
+    p = np.stack([np.asarray(jax.nn.softmax(f(jnp.asarray(e["image"])), -1)) for f in fns])
+    for r, lab in (("average", ens.average(p).argmax(-1)),
+                   ("weighted", ens.weighted_average(p, res["weights"]).argmax(-1)),
+                   ("majority", ens.majority_vote(p)[0]), ("plurality", ens.plurality_vote(p))):
+      cm[r] += np.asarray(metrics.confusion_matrix(lab, e["label"], k, 255))
+    rej += (ens.majority_vote(p)[0] == 255).sum()
+  for r in cm:
+    np.testing.assert_array_equal(res["rules"][r], cm[r])
+  assert res["reject_rate"] == pytest.approx(rej / (3 * 80))
+  np.testing.assert_allclose(res["weights"], ens.weights_from_miou(res["fit_member_miou"]))
+  assert res["stacking"]["fit_pixels"] == 6 * 50
+  assert res["rules"]["stacking"].sum() == 3 * 80
