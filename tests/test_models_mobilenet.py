@@ -19,10 +19,10 @@ def host_init(model, x, seed=0, **kw):
   def fill(path, leaf):
     name, shape = path[-1].key, leaf.shape
     if name == "kernel":
-      return rng.normal(size=shape).astype(np.float32) * np.sqrt(2.0 / np.prod(shape[:-1]))
+      return (rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))).astype(np.float32)
     if name in ("scale", "var"):
       return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
-    return rng.normal(size=shape).astype(np.float32) * 0.1
+    return (rng.normal(size=shape) * 0.1).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
