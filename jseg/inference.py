@@ -66,6 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # multiscale: resize factors
   c.ms_window = "whole"  # multiscale: how each scaled pass runs (whole | slide)
   c.flip = False  # add horizontal-flip test-time augmentation
+  from jseg import crf  # dense CRF post-processing, off by default
+
+  c.crf = crf.default_config()
   return c
 
 
@@ -137,6 +140,7 @@ def predict_logits(
     apply_fn: ApplyFn,
     images: np.ndarray | Sequence[np.ndarray],
     infer_cfg: Any = None,
+    raw_images: np.ndarray | Sequence[np.ndarray] | None = None,
 ) -> np.ndarray | list[np.ndarray]:
   """Per-pixel log-probabilities of ``images`` at their original size.
 
@@ -146,12 +150,27 @@ def predict_logits(
     images: normalised float images, one ``(N, H, W, C)`` array or a list of
       ``(H, W, C)`` arrays of any sizes (grouped by size internally).
     infer_cfg: ``config.inference`` (see ``default_config``) or None.
+    raw_images: the same images unnormalised (0..255), needed only when
+      ``infer_cfg.crf.enabled``: the dense CRF (``jseg.crf``) then refines
+      each prediction and its log-marginals are returned.
 
   Returns:
     float32 NumPy log-probabilities, ``(N, H, W, K)`` for an array input or a
     list of ``(H, W, K)`` for a list input.
   """
   s = settings(infer_cfg)
+  crf_cfg = _crf_block(infer_cfg)
+  if crf_cfg is not None:
+    if raw_images is None:
+      raise ValueError(
+          "config.inference.crf.enabled is True: pass raw_images (the unnormalised images) "
+          "to predict_logits so the CRF can use their colours.")
+    from jseg import crf
+
+    out = predict_logits(apply_fn, images, {k: v for k, v in _as_dict(infer_cfg).items() if k != "crf"})
+    cfg = {k: v for k, v in crf_cfg.items() if k != "enabled"}
+    refined = [crf.dense_crf(lp, raw, cfg) for lp, raw in zip(out, raw_images)]
+    return refined if isinstance(out, list) else np.stack(refined)
   if isinstance(images, (list, tuple)):
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
@@ -169,9 +188,24 @@ def predict_logits(
   return _predict_same_size(apply_fn, np.asarray(images), s)
 
 
-def predict_labels(apply_fn: ApplyFn, images: Any, infer_cfg: Any = None) -> Any:
+def _as_dict(cfg: Any) -> dict:
+  if cfg is None:
+    return {}
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _crf_block(infer_cfg: Any) -> dict | None:
+  """``config.inference.crf`` as a dict when present and enabled, else None."""
+  block = _as_dict(infer_cfg).get("crf")
+  if block is None:
+    return None
+  block = _as_dict(block)
+  return block if block.get("enabled", False) else None
+
+
+def predict_labels(apply_fn: ApplyFn, images: Any, infer_cfg: Any = None, raw_images: Any = None) -> Any:
   """``argmax`` of ``predict_logits``: int32 label maps in the same structure."""
-  lp = predict_logits(apply_fn, images, infer_cfg)
+  lp = predict_logits(apply_fn, images, infer_cfg, raw_images)
   if isinstance(lp, list):
     return [np.argmax(x, -1).astype(np.int32) for x in lp]
   return np.argmax(lp, -1).astype(np.int32)
