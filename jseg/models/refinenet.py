@@ -1,0 +1,190 @@
+"""RefineNet: multi-path refinement networks (Lin et al., CVPR 2017).
+
+A 4-cascaded RefineNet on a ResNet (output stride 32, no dilation): the four
+ResNet stages (strides 4, 8, 16, 32) are reduced by a 3x3 conv, and one
+RefineNet block per stage refines them from coarse to fine (paper Fig. 2(c)
+and Fig. 3). Each block has
+
+- residual conv units (RCU, paper Fig. 3(b)): ReLU, 3x3 conv, ReLU, 3x3 conv,
+  plus the input; no BatchNorm;
+- multi-resolution fusion (MRF, Fig. 3(c)): a 3x3 conv on each input path,
+  upsampling of the coarser path to the finer one and a sum;
+- chained residual pooling (CRP, Fig. 3(d)): ReLU, then a chain of
+  (5x5 stride-1 max-pool, 3x3 conv) stages whose outputs are all added
+  to the input;
+- output RCUs.
+
+Layer sizes follow the authors' released RefineNet-101 (DrSleep/refinenet-pytorch
+``models/resnet.py``, converted from the official MatConvNet models): 512
+channels on the stride-32 path and 256 elsewhere, 2 RCUs per adaptive path,
+4 CRP stages, 3 output RCUs, dropout 0.5 on the two coarsest ResNet features
+and before the 3x3 classifier. ``features`` scales the widths for CPU tests.
+
+The 5x5 stride-1 max-pool is computed separably (rows then columns) from
+shifted slices, so its gradient is a select instead of XLA:CPU's slow
+select-and-scatter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from jseg.models.backbones.resnet import ResNet
+from jseg.models.layers import check_min_size, check_nhwc, pad_same, resize_bilinear
+from jseg.registry import MODELS
+
+Dtype = Any
+
+
+def max_pool_same(x: jax.Array, k: int) -> jax.Array:
+  """k x k max-pool, stride 1, padding (k-1)//2 with -inf (odd k): same size output.
+
+  Equal to ``nn.max_pool(x, (k, k), padding=((p, p), (p, p)))``; written as a
+  max over k row shifts followed by a max over k column shifts.
+  """
+  if k % 2 != 1:
+    raise ValueError(f"max_pool_same needs an odd window; got {k}.")
+  p = (k - 1) // 2
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)), constant_values=-jnp.inf)
+  y = xp[:, 0:h]
+  for i in range(1, k):
+    y = jnp.maximum(y, xp[:, i : i + h])
+  yp = jnp.pad(y, ((0, 0), (0, 0), (p, p), (0, 0)), constant_values=-jnp.inf)
+  out = yp[:, :, 0:w]
+  for j in range(1, k):
+    out = jnp.maximum(out, yp[:, :, j : j + w])
+  return out
+
+
+def _conv3(features: int, name: str, dtype: Dtype, bias: bool = False) -> nn.Conv:
+  return nn.Conv(features, (3, 3), padding=pad_same(3), use_bias=bias, dtype=dtype, name=name)
+
+
+class RCU(nn.Module):
+  """Chain of residual conv units (RefineNet Fig. 3(b)): x + conv(relu(conv(relu(x))))."""
+
+  features: int
+  blocks: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.blocks):
+      y = _conv3(self.features, f"rcu{i + 1}_conv1", self.dtype, bias=True)(nn.relu(x))
+      y = _conv3(self.features, f"rcu{i + 1}_conv2", self.dtype)(nn.relu(y))
+      x = x + y
+    return x
+
+
+class CRP(nn.Module):
+  """Chained residual pooling (RefineNet Fig. 3(d)): x + sum of chained pool-conv stages."""
+
+  features: int
+  stages: int = 4
+  pool: int = 5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    top = x
+    for i in range(self.stages):
+      top = _conv3(self.features, f"stage{i + 1}", self.dtype)(max_pool_same(top, self.pool))
+      x = x + top
+    return x
+
+
+class RefineNetBlock(nn.Module):
+  """One RefineNet block: adaptive RCUs, MRF with the coarser path, CRP, output RCUs.
+
+  ``coarser`` is the previous block's output (already reduced to this block's
+  width by its own MRF conv) or None for the top block; returns this block's
+  output and, when ``out_features`` is set, its MRF-projected version for the
+  next (finer) block.
+  """
+
+  features: int
+  out_features: int | None = None
+  rcu_blocks: int = 2
+  crp_stages: int = 4
+  out_rcu_blocks: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, coarser: jax.Array | None) -> jax.Array:
+    f = self.features
+    x = RCU(f, self.rcu_blocks, self.dtype, name="adapt")(x)
+    if coarser is not None:
+      x = _conv3(f, "mrf_conv", self.dtype)(x)
+      x = x + resize_bilinear(coarser, x.shape[1:3])
+    x = CRP(f, self.crp_stages, dtype=self.dtype, name="crp")(nn.relu(x))
+    x = RCU(f, self.out_rcu_blocks, self.dtype, name="out")(x)
+    if self.out_features is not None:
+      x = _conv3(self.out_features, "mrf_out_conv", self.dtype)(x)
+    return x
+
+
+class RefineNet(nn.Module):
+  """4-cascaded RefineNet on a ResNet; returns ``(logits, {})``.
+
+  Attributes:
+    depth, width: ResNet depth and stem width (101 and 64 in the paper).
+    features: width of the three finer paths; the stride-32 path uses twice this.
+    rcu_blocks, crp_stages, out_rcu_blocks: block sizes (2, 4, 3 in the release).
+    dropout: rate on layer3/layer4 features and before the classifier.
+  """
+
+  num_classes: int
+  depth: int = 101
+  width: int = 64
+  features: int = 256
+  rcu_blocks: int = 2
+  crp_stages: int = 4
+  out_rcu_blocks: int = 3
+  dropout: float = 0.5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    check_nhwc(x, "refinenet")
+    check_min_size(x, 32, "refinenet")
+    size = x.shape[1:3]
+    feats = ResNet(depth=self.depth, width=self.width, output_stride=32, dtype=self.dtype,
+                   name="backbone")(x.astype(self.dtype), train)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    f, dt = self.features, self.dtype
+    blk = dict(rcu_blocks=self.rcu_blocks, crp_stages=self.crp_stages,
+               out_rcu_blocks=self.out_rcu_blocks, dtype=dt)
+    # Path widths (coarse to fine) and the width each block hands to the next.
+    widths = (2 * f, f, f, f)
+    levels = ("layer4", "layer3", "layer2", "layer1")
+    y = None
+    for i, (level, w) in enumerate(zip(levels, widths)):
+      h = feats[level]
+      if level in ("layer4", "layer3"):
+        h = drop(h)
+      h = _conv3(w, f"{level}_reduce", dt)(h)
+      y = RefineNetBlock(w, out_features=f if i < 3 else None, name=f"refine{4 - i}", **blk)(h, y)
+    y = drop(y)
+    y = nn.Conv(self.num_classes, (3, 3), padding=pad_same(3), dtype=dt, name="classifier")(y)
+    return resize_bilinear(y, size).astype(jnp.float32), {}
+
+
+@MODELS.register("refinenet")
+def build_refinenet(cfg: ml_collections.ConfigDict) -> RefineNet:
+  return RefineNet(
+      num_classes=cfg.num_classes,
+      depth=cfg.get("depth", 101),
+      width=cfg.get("width", 64),
+      features=cfg.get("features", 256),
+      rcu_blocks=cfg.get("rcu_blocks", 2),
+      crp_stages=cfg.get("crp_stages", 4),
+      out_rcu_blocks=cfg.get("out_rcu_blocks", 3),
+      dropout=cfg.get("dropout", 0.5),
+      dtype=jnp.dtype(cfg.get("dtype", "float32")),
+  )

@@ -1,0 +1,230 @@
+"""Each fast form in jseg/models/layers.py against the stock op or a NumPy reference.
+
+Values and gradients are compared on random inputs (no ties, so max-pool
+gradients are unique), with odd sizes where the op allows them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jseg.models import layers
+
+
+def _rand(shape, seed=0):
+  # NumPy data: no XLA compilation per shape (eager jax.random would compile each).
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _vjp(f, x, seed=1):
+  """Value and input gradient of sum(f(x) * r) for a fixed random cotangent r (jitted)."""
+
+  def run(t):
+    y, pull = jax.vjp(f, t)
+    return y, pull(jnp.asarray(_rand(y.shape, seed)))[0]
+
+  return jax.jit(run)(x)
+
+
+def _value_and_grads(f, args, seed=4):
+  """f(*args) and the gradients of sum(f(*args) * r) w.r.t. all args, in one jitted call."""
+
+  shape = jax.eval_shape(f, *args).shape
+  r = jnp.asarray(_rand(shape, seed))
+
+  def run(*a):
+    y, pull = jax.vjp(f, *a)
+    return y, pull(r)
+
+  return jax.jit(run)(*args)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])
+def test_max_pool_2x2_matches_nn_max_pool(shape):
+  x = _rand(shape)
+  y, g = _vjp(layers.max_pool_2x2, x)
+  y_ref, g_ref = _vjp(lambda t: nn.max_pool(t, (2, 2), (2, 2)), x)
+  assert y.shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(g, g_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])
+def test_max_pool_3x3_s2_matches_nn_max_pool_with_neg_inf_padding(shape):
+  x = _rand(shape)
+  y, g = _vjp(layers.max_pool_3x3_s2, x)
+  # nn.max_pool pads with -inf, like torch.nn.MaxPool2d(3, 2, 1).
+  ref = lambda t: nn.max_pool(t, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # noqa: E731
+  y_ref, g_ref = _vjp(ref, x)
+  assert y.shape == (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), shape[3])
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(g, g_ref, atol=1e-6)
+
+
+def test_max_pool_3x3_s2_all_negative_input_ignores_padding():
+  x = -1.0 - np.abs(_rand((1, 5, 5, 1)))
+  assert float(jax.jit(layers.max_pool_3x3_s2)(x).max()) < 0  # padding never wins
+
+
+def _np_adaptive_avg_pool(x, bins):
+  n, h, w, c = x.shape
+  out = np.zeros((n, bins, bins, c), x.dtype)
+  for i in range(bins):
+    h0, h1 = (i * h) // bins, -((-(i + 1) * h) // bins)
+    for j in range(bins):
+      w0, w1 = (j * w) // bins, -((-(j + 1) * w) // bins)
+      out[:, i, j] = x[:, h0:h1, w0:w1].mean(axis=(1, 2))
+  return out
+
+
+@pytest.mark.parametrize("hw,bins", [((12, 12), 6), ((7, 11), 3), ((5, 9), 2), ((13, 4), 1), ((4, 5), 6)])
+def test_adaptive_avg_pool_matches_numpy(hw, bins):
+  x = _rand((2, *hw, 3))
+  np.testing.assert_allclose(jax.jit(layers.adaptive_avg_pool, static_argnums=1)(x, bins),
+                             _np_adaptive_avg_pool(x, bins), rtol=1e-5, atol=1e-6)
+
+
+def _np_resize_bilinear(x, size):
+  """Half-pixel bilinear (torch align_corners=False): src = (dst + 0.5) * in/out - 0.5."""
+
+  def axis_weights(n_in, n_out):
+    src = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    src = np.clip(src, 0, n_in - 1)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    m = np.zeros((n_out, n_in))
+    m[np.arange(n_out), i0] += 1 - frac
+    m[np.arange(n_out), i1] += frac
+    return m
+
+  mh = axis_weights(x.shape[1], size[0])
+  mw = axis_weights(x.shape[2], size[1])
+  return np.einsum("ih,nhwc,jw->nijc", mh, x.astype(np.float64), mw)
+
+
+@pytest.mark.parametrize("src,dst", [((4, 5), (32, 40)), ((7, 9), (13, 20)), ((16, 12), (5, 7)), ((6, 6), (6, 6))])
+def test_resize_bilinear_matches_half_pixel_numpy(src, dst):
+  x = _rand((2, *src, 3))
+  np.testing.assert_allclose(jax.jit(layers.resize_bilinear, static_argnums=1)(x, dst),
+                             _np_resize_bilinear(x, dst), rtol=1e-5, atol=1e-5)
+
+
+def test_pad_same():
+  assert layers.pad_same(3) == ((1, 1), (1, 1))
+  assert layers.pad_same(3, 12) == ((12, 12), (12, 12))
+  assert layers.pad_same(1) == ((0, 0), (0, 0))
+  assert layers.pad_same(7) == ((3, 3), (3, 3))
+
+
+def _np_transpose_conv(x, kernel, bias):
+  """y[s*i+a, s*j+b, o] = sum_c x[i, j, c] kernel[a, b, c, o] + bias[o], with loops."""
+  n, h, w, _ = x.shape
+  s = kernel.shape[0]
+  y = np.zeros((n, h * s, w * s, kernel.shape[-1]))
+  for i in range(h):
+    for j in range(w):
+      for a in range(s):
+        for b in range(s):
+          y[:, s * i + a, s * j + b] = x[:, i, j] @ kernel[a, b]
+  return y + bias
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_pixel_transpose_conv_matches_numpy_and_nn_conv_transpose(stride):
+  x = _rand((2, 3, 5, 4))
+  m = layers.PixelTransposeConv(6, stride)
+  assert jax.tree.map(jnp.shape, jax.eval_shape(m.init, jax.random.key(0), x)["params"]) == {
+      "kernel": (stride, stride, 4, 6), "bias": (6,)}
+  k, b = _rand((stride, stride, 4, 6), 1), _rand((6,), 2)
+  f = lambda t, kk: m.apply({"params": {"kernel": kk, "bias": b}}, t)  # noqa: E731
+  # nn.ConvTranspose (transpose_kernel=False) applies the spatially flipped kernel.
+  ct = nn.ConvTranspose(6, (stride, stride), strides=(stride, stride), padding="VALID")
+  f_ref = lambda t, kk: ct.apply({"params": {"kernel": kk[::-1, ::-1], "bias": b}}, t)  # noqa: E731
+  y, g = _value_and_grads(f, (x, k))
+  y_ref, g_ref = _value_and_grads(f_ref, (x, k))
+  np.testing.assert_allclose(y, _np_transpose_conv(np.asarray(x), np.asarray(k), np.asarray(b)),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, e in zip(g, g_ref):  # input and kernel gradients
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,hw", [
+    (3, 1, 1, (9, 8)), (3, 2, 1, (9, 8)), (3, 1, 2, (9, 7)), (3, 2, 2, (10, 7)),
+    (3, 1, 4, (11, 11)), (5, 1, 1, (8, 9)), (5, 2, 3, (13, 12)),
+])
+def test_depthwise_conv_matches_grouped_nn_conv(kernel, stride, dilation, hw):
+  c = 5
+  x = _rand((2, *hw, c))
+  m = layers.DepthwiseConv(kernel, stride, dilation, use_bias=True)
+  ref = nn.Conv(c, (kernel, kernel), strides=stride, kernel_dilation=dilation,
+                padding=layers.pad_same(kernel, dilation), feature_group_count=c)
+  shapes = jax.tree.map(jnp.shape, jax.eval_shape(m.init, jax.random.key(0), x))
+  assert shapes == jax.tree.map(jnp.shape, jax.eval_shape(ref.init, jax.random.key(0), x))
+  v = {"params": {"kernel": _rand((kernel, kernel, 1, c), 1), "bias": _rand((c,), 2)}}
+  f = lambda t, p: m.apply({"params": p}, t)  # noqa: E731
+  f_ref = lambda t, p: ref.apply({"params": p}, t)  # noqa: E731
+  y, g = _value_and_grads(f, (x, v["params"]))
+  y_ref, g_ref = _value_and_grads(f_ref, (x, v["params"]))
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for a, e in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_bn_relu_matches_stock_ops():
+  x = _rand((2, 9, 7, 3))
+  m = layers.ConvBNReLU(4, kernel=3, stride=2, dilation=1)
+  p = {"conv": {"kernel": _rand((3, 3, 3, 4), 1)},
+       "bn": {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}}
+  v = {"params": p, "batch_stats": {"bn": {"mean": np.zeros(4, np.float32),
+                                           "var": np.ones(4, np.float32)}}}
+  assert jax.tree.map(jnp.shape, jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False))) == \
+      jax.tree.map(jnp.shape, v)
+  conv = nn.Conv(4, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)
+  z = jax.jit(conv.apply)({"params": p["conv"]}, x)
+  # Training: batch statistics (biased variance), running stats updated with momentum 0.9.
+  y, upd = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+  mean, var = z.mean((0, 1, 2)), z.var((0, 1, 2))
+  np.testing.assert_allclose(y, jax.nn.relu((z - mean) / jnp.sqrt(var + 1e-5)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["bn"]["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+  # Evaluation: running statistics.
+  stats = {"bn": {"mean": mean, "var": var}}
+  y_eval = jax.jit(lambda v, x: m.apply(v, x, train=False))({"params": p, "batch_stats": stats}, x)
+  np.testing.assert_allclose(y_eval, jax.nn.relu((z - mean) / jnp.sqrt(var + 1e-5)),
+                             rtol=1e-4, atol=1e-5)
+  assert y_eval.shape == (2, 5, 4, 4)
+  dilated = layers.ConvBNReLU(4, kernel=3, dilation=3)
+  out = jax.eval_shape(lambda: dilated.init_with_output(jax.random.key(0), x, train=False)[0])
+  assert out.shape == (2, 9, 7, 4)
+
+
+def test_input_checks_name_the_bad_shape():
+  with pytest.raises(ValueError, match=r"at least 32x32 pixels; got 16x40"):
+    layers.check_min_size(jnp.zeros((1, 16, 40, 3)), 32, "mynet")
+  layers.check_min_size(jnp.zeros((1, 32, 32, 3)), 32, "mynet")
+  with pytest.raises(ValueError, match=r"NHWC.*\(16, 16, 3\)"):
+    layers.check_nhwc(jnp.zeros((16, 16, 3)), "mynet")
+
+
+@pytest.mark.parametrize("which", ["conv", "depthwise"])
+def test_rate_2_3x3_receptive_field_is_5x5(which):
+  """Gradient of one output pixel w.r.t. the input: nonzero exactly on the 9 taps of a 5x5 footprint."""
+  size, c = 11, 2
+  x = _rand((1, size, size, c))
+  if which == "conv":
+    m = nn.Conv(c, (3, 3), kernel_dilation=2, padding=layers.pad_same(3, 2))
+  else:
+    m = layers.DepthwiseConv(3, dilation=2)
+  shapes = jax.eval_shape(m.init, jax.random.key(1), x)
+  v = jax.tree.map(lambda p: np.abs(_rand(p.shape, 5)) + 0.1, shapes)  # no zero weights
+  g = jax.jit(jax.grad(lambda t: m.apply(v, t)[0, 5, 5].sum()))(x)
+  support = np.asarray(jnp.abs(g).sum(-1)[0] > 0)
+  rows, cols = np.nonzero(support)
+  assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (5, 5)
+  expected = np.zeros((size, size), bool)
+  expected[3:8:2, 3:8:2] = True
+  np.testing.assert_array_equal(support, expected)
