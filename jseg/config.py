@@ -50,23 +50,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.blur = False
   c.data.normalize = "standardize"
   c.data.worker_count = 0
+  c.data.read_threads = 1
+  c.data.invalid_labels = "error"  # or "ignore": out-of-set mask values become ignore_index
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "cross_entropy"
   c.loss.aux_weight = 0.4
   c.loss.class_weights = ml_collections.config_dict.placeholder(tuple)
   c.loss.label_smoothing = 0.0
+  c.loss.avg_non_ignore = True
+  c.loss.class_weight_mode = "none"
+  c.loss.class_frequencies = ml_collections.config_dict.placeholder(tuple)
+  c.loss.terms = ml_collections.config_dict.placeholder(tuple)
+  c.loss.focal_gamma = 2.0
+  c.loss.dice_smooth = 1.0
+  c.loss.ohem_thresh = 0.7
+  c.loss.ohem_min_kept = 100000
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.01
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 1e-4
+  c.optimizer.nesterov = False
+  c.optimizer.grad_clip_norm = 0.0
+  c.optimizer.lookahead_k = 0
+  c.optimizer.lookahead_alpha = 0.5
+  c.optimizer.ema_decay = 0.0
+  c.optimizer.decay_norm_and_bias = False
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "poly"
   c.schedule.power = 0.9
   c.schedule.warmup_steps = 0
+  c.schedule.warmup_ratio = 1e-3
+  c.schedule.min_lr = 0.0
+  c.schedule.boundaries = ()
+  c.schedule.factor = 0.1
+  c.schedule.cycle_steps = ml_collections.config_dict.placeholder(int)
+  c.schedule.cycle_mult = 1.0
+  c.schedule.cycle_decay = 1.0
 
   c.inference = ml_collections.ConfigDict()
   c.inference.mode = "whole"

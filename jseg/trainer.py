@@ -1,0 +1,369 @@
+"""Training and evaluation logic behind ``jseg.train`` and ``jseg.evaluate``.
+
+The step functions are pure and jitted once over the device mesh; the loop in
+``train_and_evaluate`` does all I/O (data, logging, checkpoints, progress).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from jseg import checkpoint as ckpt_lib
+from jseg import data as data_lib
+from jseg import losses, metrics, optim, parallel
+from jseg.models import build_model
+from jseg.writers import MetricWriter
+
+
+class TrainState(train_state.TrainState):
+  """Flax ``TrainState`` plus BatchNorm statistics (empty dict for BN-free nets)."""
+
+  batch_stats: Any = None
+
+
+def variables(params: Any, batch_stats: Any) -> dict:
+  """The variables dict ``model.apply`` takes."""
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model: Any, tx: optax.GradientTransformation,
+    rng: jax.Array, channels: int,
+) -> TrainState:
+  """Initialises parameters from ``rng`` with a dummy batch at the crop size."""
+  h, w = config.data.crop_size
+  dummy = jnp.zeros((1, h, w, channels), jnp.float32)
+  p_rng, d_rng = jax.random.split(rng)
+  variables = model.init({"params": p_rng, "dropout": d_rng}, dummy, train=False)
+  return TrainState.create(
+      apply_fn=model.apply,
+      params=variables["params"],
+      tx=tx,
+      batch_stats=variables.get("batch_stats", {}),
+  )
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, loss_fn: Callable,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step; dropout noise is ``fold_in(rng, step)`` so resume needs no RNG state."""
+  step_rng = jax.random.fold_in(rng, state.step)
+
+  def compute_loss(params):
+    (logits, aux), new_vars = state.apply_fn(
+        variables(params, state.batch_stats), batch["image"], train=True,
+        rngs={"dropout": step_rng}, mutable=["batch_stats"],
+    )
+    loss, parts = loss_fn(logits, batch["label"], aux)
+    return loss, (parts, new_vars.get("batch_stats", {}))
+
+  (loss, (parts, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  out = {f"loss_{k}": v for k, v in parts.items()}
+  out.update(loss=loss, grad_norm=optax.global_norm(grads))
+  return state, out
+
+
+def eval_step(
+    variables: dict, images: jax.Array, labels: jax.Array, *, apply_fn: Callable,
+    num_classes: int, ignore_index: int,
+) -> jax.Array:
+  """Confusion matrix of one batch (padding examples carry only ignore labels)."""
+  logits, _ = apply_fn(variables, images, train=False)
+  pred = jnp.argmax(logits, axis=-1)
+  return metrics.confusion_matrix(pred, labels, num_classes, ignore_index)
+
+
+class Evaluator:
+  """Accumulates a confusion matrix over a split, batching same-shaped images."""
+
+  def __init__(self, config: ml_collections.ConfigDict, apply_fn: Callable, mesh, info):
+    self.config = config
+    self.mesh = mesh
+    self.info = info
+    self.batch_size = config.get("eval_batch_size", 1)
+    n_dev = mesh.devices.size
+    # Round up so every device gets the same number of examples.
+    self.batch_size = int(math.ceil(self.batch_size / n_dev) * n_dev)
+    self._step = jax.jit(
+        functools.partial(
+            eval_step, apply_fn=apply_fn, num_classes=info.num_classes,
+            ignore_index=info.ignore_index,
+        ),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh),
+                      parallel.batch_sharded(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+  def _batches(self, source) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Groups consecutive same-shaped examples of this process's share."""
+    p, n_proc = jax.process_index(), jax.process_count()
+    local_bs = self.batch_size // n_proc
+    pending: list[dict] = []
+    for i in range(p, len(source), n_proc):
+      ex = source[i]
+      if pending and ex["image"].shape != pending[0]["image"].shape:
+        yield self._stack(pending, local_bs)
+        pending = []
+      pending.append(ex)
+      if len(pending) == local_bs:
+        yield self._stack(pending, local_bs)
+        pending = []
+    if pending:
+      yield self._stack(pending, local_bs)
+
+  def _stack(self, examples: list[dict], size: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([e["image"] for e in examples])
+    labels = np.stack([e["label"] for e in examples]).astype(np.int32)
+    if len(examples) < size:  # pad with ignored examples so shapes divide over devices
+      pad = size - len(examples)
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      labels = np.concatenate(
+          [labels, np.full((pad,) + labels.shape[1:], self.info.ignore_index, np.int32)])
+    return images, labels
+
+  def confusion(self, variables: dict, source) -> np.ndarray:
+    total = None
+    for images, labels in self._batches(source):
+      batch = parallel.shard_batch({"image": images, "label": labels}, self.mesh)
+      cm = self._step(variables, batch["image"], batch["label"])
+      total = cm if total is None else total + cm
+    if total is None:
+      raise ValueError("The evaluation split is empty: no examples to evaluate.")
+    return np.asarray(jax.device_get(total))
+
+
+def _model_meta(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.model.to_json_best_effort())
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in d.items()}
+
+
+def summary_for_log(summary: dict, class_names: list[str]) -> dict[str, float]:
+  """Flattens a metrics summary into JSON-friendly scalars (per-class IoU by name)."""
+  out = {}
+  for k, v in summary.items():
+    arr = np.asarray(v)
+    if arr.ndim == 0:
+      out[k] = None if not np.isfinite(arr) else float(arr)
+  for name, value in zip(class_names, np.asarray(summary["iou"])):
+    out[f"iou/{name}"] = None if not np.isfinite(value) else float(value)
+  return out
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Writes the resolved config; a different earlier one is kept with a timestamp."""
+  path = workdir / "config.json"
+  text = ckpt_lib.config_to_json(config)
+  if path.exists() and path.read_text() != text:
+    keep = workdir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.rename(keep)
+    print(f"The config differs from the previous run's; the old one is kept as {keep}.")
+  path.write_text(text)
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run is built from; shared by training, quick tests and inference."""
+
+  config: ml_collections.ConfigDict
+  mesh: Any
+  info: Any
+  model: Any
+  schedule: Callable
+  state: TrainState
+  step_fn: Callable
+  step_rng: jax.Array
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Builds model, optimiser, loss, the initial state and the jitted step."""
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  info = data_lib.get_info(config.data)
+  if config.model.num_classes != info.num_classes:
+    raise ValueError(
+        f"model.num_classes={config.model.num_classes} but dataset '{config.data.name}' "
+        f"has {info.num_classes} classes.")
+  model = build_model(config.model)
+  tx, schedule = optim.build_optimizer(config)
+  loss_fn = losses.build_loss(config)
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  repl = parallel.replicated(mesh)
+  init = jax.jit(
+      functools.partial(create_train_state, config, model, tx, channels=info.channels),
+      out_shardings=repl)
+  step_fn = jax.jit(
+      functools.partial(train_step, loss_fn=loss_fn),
+      in_shardings=(repl, parallel.batch_sharded(mesh), repl),
+      out_shardings=(repl, repl),
+      donate_argnums=(0,),
+  )
+  return Setup(config, mesh, info, model, schedule, init(init_rng), step_fn, step_rng)
+
+
+def quick_train(config: ml_collections.ConfigDict, steps: int) -> list[float]:
+  """Runs ``steps`` training steps on the configured data; returns the losses.
+
+  No checkpoints, no evaluation: the smallest real use of the pipeline, for tests.
+  """
+  run = setup(config)
+  it = data_lib.make_train_iterator(config)
+  state, out = run.state, []
+  for _ in range(steps):
+    batch = parallel.shard_batch(next(it), run.mesh)
+    state, m = run.step_fn(state, batch, run.step_rng)
+    out.append(float(m["loss"]))
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains (resuming from ``workdir`` if it holds checkpoints); returns final eval summary."""
+  workdir = Path(workdir)
+  parallel.maybe_initialize_distributed(config)
+  is_main = jax.process_index() == 0
+  run = setup(config)
+  mesh, info, model, schedule, state, step_fn, step_rng = (
+      run.mesh, run.info, run.model, run.schedule, run.state, run.step_fn, run.step_rng)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  train_iter = data_lib.make_train_iterator(
+      config, process_index=jax.process_index(), process_count=jax.process_count())
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
+  restored = None
+  if checkpointer.steps():
+    _check_compatible(checkpointer, config)
+    restored = checkpointer.restore_latest(jax.tree.map(ocp_abstract, state))
+  if restored is not None:
+    state = restored.state
+    train_iter.set_state(restored.data)
+    print(f"Resumed from step {restored.step} in {checkpointer.directory}.", flush=True)
+  if is_main:
+    write_config(config, workdir)
+
+  writer = MetricWriter(workdir, enabled=is_main)
+  evaluator = Evaluator(config, model.apply, mesh, info)
+  eval_source = data_lib.make_eval_source(config, config.data.eval_split)
+  snapshots = set(optim.snapshot_steps(config, config.total_steps))
+  meta = {"model": _model_meta(config), "rng": np.asarray(step_rng).tolist()}
+
+  def evaluate(state) -> dict:
+    params = optim.eval_params(state.params, state.opt_state, config)
+    cm = evaluator.confusion(variables(params, state.batch_stats), eval_source)
+    return metrics.summarize(cm)
+
+  start = int(jax.device_get(state.step))
+  pending: list[tuple[int, jax.Array]] = []  # (step, loss) not yet checked on host
+  last_saved = restored.step if restored else None
+  summary = None
+  progress = _progress(start, config.total_steps, enabled=is_main)
+  t_log, n_log = time.time(), 0
+
+  def check_finite() -> None:
+    for s, loss in pending:
+      value = float(loss)
+      if not math.isfinite(value):
+        checkpointer.wait()
+        raise FloatingPointError(
+            f"Non-finite loss ({value}) at step {s}. Training stopped; the last good "
+            f"checkpoint is step {last_saved} in {checkpointer.directory}.")
+    pending.clear()
+
+  try:
+    for step in range(start + 1, config.total_steps + 1):
+      batch = parallel.shard_batch(next(train_iter), mesh)
+      state, step_metrics = step_fn(state, batch, step_rng)
+      pending.append((step, step_metrics["loss"]))
+      n_log += 1
+      progress.update(1)
+      if step % config.log_every == 0 or step == config.total_steps:
+        check_finite()
+        logged = _scalars(jax.device_get(step_metrics))
+        logged["learning_rate"] = float(schedule(step - 1))
+        logged["steps_per_second"] = n_log / max(time.time() - t_log, 1e-9)
+        t_log, n_log = time.time(), 0
+        writer.write(step, "train", logged)
+        progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['learning_rate']:.2e}")
+      is_eval = step % config.eval_every == 0 or step == config.total_steps
+      eval_metrics = None
+      if is_eval:
+        summary = evaluate(state)
+        eval_metrics = summary_for_log(summary, info.class_names)
+        writer.write(step, "eval", eval_metrics)
+        progress.write(
+            f"step {step}: pixel acc {summary['pixel_accuracy']:.4f}  "
+            f"mean acc {summary['mean_accuracy']:.4f}  mIoU {summary['miou']:.4f}  "
+            f"FWIoU {summary['fwiou']:.4f}")
+      if (step % config.checkpoint_every == 0 or is_eval or step in snapshots
+          or step == config.total_steps):
+        check_finite()
+        ranked = {"miou": eval_metrics["miou"]} if eval_metrics and eval_metrics["miou"] is not None else None
+        checkpointer.save(step, state, train_iter.get_state(), {**meta, "step": step}, ranked)
+        last_saved = step
+        if step in snapshots:
+          _save_snapshot(workdir, step, state)
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
+
+  if summary is None:  # resumed at or past total_steps: evaluate what we have
+    summary = evaluate(state)
+  if is_main:
+    print(metrics.format_table(summary, info.class_names), flush=True)
+  return summary
+
+
+def _check_compatible(checkpointer: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume when the newest readable checkpoint's model config differs."""
+  for step in reversed(checkpointer.steps()):
+    try:
+      saved = checkpointer.read_meta(step)["model"]
+    except Exception:  # unreadable: restore_latest reports it and falls back
+      continue
+    problems = ckpt_lib.incompatibilities(saved, _model_meta(config))
+    if problems:
+      checkpointer.close()
+      raise ValueError(
+          f"Cannot resume from {checkpointer.directory} (step {step}): the config differs "
+          "from the checkpoint's in " + "; ".join(problems)
+          + ". Use a new --workdir, or the run's own config.")
+    return
+
+
+def ocp_abstract(x: Any) -> Any:
+  """Shape, dtype and sharding of an array, as orbax restore targets want."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return x
+
+
+def _save_snapshot(workdir: Path, step: int, state: TrainState) -> None:
+  """SGDR cycle-end snapshot kept outside the keep-N rotation."""
+  snap = ckpt_lib.Checkpointer(workdir / "snapshots" / f"cycle_end_{step}", keep=1,
+                               async_save=False)
+  snap.save(step, state, {}, {"step": step})
+  snap.close()
+
+
+def _progress(start: int, total: int, enabled: bool):
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, initial=start, disable=not enabled, unit="step",
+              dynamic_ncols=True, desc="train")

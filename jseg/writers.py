@@ -1,0 +1,57 @@
+"""Metric logging: ``metrics.jsonl`` always, TensorBoard when tensorboardX is installed.
+
+Each line of ``metrics.jsonl`` is one event: ``{"step", "split", "time", ...values}``.
+The JSONL file is appended to, so a resumed run continues the same log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricWriter:
+  """Writes scalar dicts to ``<workdir>/metrics.jsonl`` and optionally TensorBoard."""
+
+  def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self._file = None
+    self._tb = None
+    if not enabled:
+      return
+    self.path = Path(workdir) / "metrics.jsonl"
+    self._file = self.path.open("a")
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:  # TensorBoard output is optional.
+        SummaryWriter = None
+      if SummaryWriter is not None:
+        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split, "time": time.time(), **values}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float)):
+          self._tb.add_scalar(f"{split}/{k}", v, step)
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+  """Reads back every event of a run's ``metrics.jsonl``."""
+  path = Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
