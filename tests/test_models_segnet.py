@@ -188,8 +188,11 @@ def test_trains_on_camvid_sample(name, tfds_cache):
 
   c = load_config(str(REPO / "configs" / f"{name}.py"))
   c.model.width = 4
-  c.data.cache_dir, c.data.crop_size, c.batch_size = tfds_cache, (64, 64), 2
+  c.data.cache_dir, c.batch_size = tfds_cache, 24
+  # The whole 24-image sample, downscaled to 48x64, not cropped or flipped, is every
+  # step's batch, so the losses show training progress rather than batch-to-batch noise.
+  c.data.crop_size, c.data.scale_range, c.data.hflip = (48, 64), (0.13334, 0.13334), False
   c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
   losses = quick_train(c, 5)
   assert all(np.isfinite(losses)), losses
-  assert min(losses[-2:]) < losses[0], losses
+  assert losses[-1] < losses[0], losses

@@ -1,0 +1,129 @@
+"""U-Net: both paddings and upsamplings at odd sizes, the paper's tile geometry, the
+overlap-tile property, parameter count, errors, training on the CamVid sample."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jseg.config import load_config
+from jseg.models.unet import UNet, valid_geometry
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def host_init(model, x, seed=0, **kw):
+  """Random variables made on the host from ``eval_shape``: no init compile (which is
+  most of a tiny model's test time), He-scaled kernels, non-trivial BN statistics."""
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, **kw))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == "kernel":
+      return (rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))).astype(np.float32)
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
+    return (rng.normal(size=shape) * 0.1).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def test_valid_geometry_is_the_papers():
+  # Fig. 1: a 572x572 input tile gives a 388x388 output map.
+  assert valid_geometry(388, 5) == (388, 572)
+  assert valid_geometry(389, 5) == (404, 588)  # next size the pooling grid allows
+  assert valid_geometry(1, 5) == (4, 188)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
+def test_output_at_input_resolution(padding, upsampling):
+  model = UNet(2, depth=5, width=2, padding=padding, upsampling=upsampling)
+  x = jnp.zeros((2, 97, 131, 1))
+
+  def run():
+    v = model.init(jax.random.PRNGKey(0), x)
+    train = model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+    return model.apply(v, x), train
+
+  (logits, aux), (train_logits, train_aux) = jax.eval_shape(run)
+  assert logits.shape == train_logits.shape == (2, 97, 131, 2)
+  assert aux == train_aux == {}
+
+
+def test_overlap_tile_agrees_with_the_whole_image():
+  """Valid U-Net: a tile's output equals the whole image's output wherever the tile holds
+  the full receptive field (20 px for depth 3) and the pooling grids align (offset % 4)."""
+  model = UNet(3, depth=3, width=4, padding="valid", upsampling="transpose", batch_norm=True)
+  image = np.random.default_rng(0).normal(size=(1, 61, 67, 1)).astype(np.float32)
+  v = host_init(model, jnp.asarray(image))
+  apply = jax.jit(lambda v, x: model.apply(v, x)[0])
+  whole = np.asarray(apply(v, image))
+  tile = np.asarray(apply(v, image[:, 8:61, 12:67]))
+  assert whole.shape == (1, 61, 67, 3) and tile.shape == (1, 53, 55, 3)
+  np.testing.assert_allclose(tile[:, 20:-20, 20:-20], whole[:, 28:-20, 32:-20], rtol=1e-4, atol=1e-4)
+  # ...and the mirrored margin does change the border.
+  assert np.abs(tile[:, :4] - whole[:, 8:12, 12:]).max() > 1e-3
+
+
+def test_same_padding_gradients_finite_at_odd_size():
+  model = UNet(2, depth=3, width=4, padding="same", upsampling="transpose")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 37, 45, 1))
+  v = host_init(model, x)
+
+  def loss(params):
+    (logits, _), _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                 train=True, mutable=["batch_stats"])
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  grads = jax.jit(jax.grad(loss))(v["params"])
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["enc0"]["conv1"]["kernel"]).max()) > 0
+
+
+def test_parameter_count_of_the_paper_unet():
+  # Fig. 1: 1 input channel, 2 classes, no BN; 3x3 convs with bias, 2x2 up-convs halving
+  # the channels, a 1x1 classifier. The paper prints no count; this is its layer list.
+  enc = [(1, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512),
+         (512, 512), (512, 1024), (1024, 1024)]
+  dec = [(1024, 512), (512, 512), (512, 256), (256, 256), (256, 128), (128, 128), (128, 64),
+         (64, 64)]
+  ups = [(1024, 512), (512, 256), (256, 128), (128, 64)]
+  ref = sum(9 * i * o + o for i, o in enc + dec) + sum(4 * i * o + o for i, o in ups) + 64 * 2 + 2
+  model = UNet(2, padding="valid", batch_norm=False)
+  v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 1))))
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(v["params"])) == ref == 31_030_658
+
+
+def test_bad_settings_are_named():
+  x = jnp.zeros((1, 15, 64, 1))
+  with pytest.raises(ValueError, match="at least 16x16 pixels; got 15x64"):
+    jax.eval_shape(lambda: UNet(2, width=2).init(jax.random.PRNGKey(0), x))
+  with pytest.raises(ValueError, match=r"padding must be one of \('same', 'valid'\); got 'full'"):
+    jax.eval_shape(lambda: UNet(2, width=2, padding="full").init(jax.random.PRNGKey(0), x))
+  with pytest.raises(ValueError, match="upsampling must be one of .*got 'nearest'"):
+    jax.eval_shape(lambda: UNet(2, width=2, upsampling="nearest").init(jax.random.PRNGKey(0), x))
+
+
+def test_trains_on_camvid_sample(tfds_cache):
+  """The paper's variant (valid, up-convolutions, no BN, dropout) at tiny width lowers the
+  loss on the shipped CamVid sample; finite losses throughout mean finite gradients."""
+  from jseg.trainer import quick_train
+
+  c = load_config(str(REPO / "configs" / "unet.py"))
+  c.model.width, c.model.depth, c.model.num_classes = 4, 4, 11
+  c.data.name, c.data.root = "camvid", "samples/camvid"
+  c.data.cache_dir, c.batch_size = tfds_cache, 24
+  # The whole 24-image sample, downscaled to 48x64, not cropped or flipped, is every
+  # step's batch, so the losses show training progress rather than batch-to-batch noise.
+  c.data.crop_size, c.data.scale_range, c.data.hflip = (48, 64), (0.13334, 0.13334), False
+  c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
+  losses = quick_train(c, 5)
+  assert all(np.isfinite(losses)), losses
+  assert losses[-1] < losses[0], losses
