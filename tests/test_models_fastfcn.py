@@ -1,0 +1,117 @@
+"""FastFCN: JPU output stride and channels, JPU vs dilated backbone, the three heads,
+auxiliary head only in training, finite gradients, parameter count vs torchvision FCN."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jseg.models import build_model
+from jseg.models.fastfcn import JPU
+
+K = 5
+RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+TINY = dict(name="fastfcn", num_classes=K, depth=18, width=4, jpu_features=8, head_features=8,
+            aux_features=4)
+
+
+def _model(**kw):
+  return build_model(ml_collections.ConfigDict({**TINY, **kw}))
+
+
+def _shapes(m, x, train):
+  v = jax.eval_shape(lambda: m.init(RNGS, x, train=False))
+  out = jax.eval_shape(lambda v: m.apply(v, x, train=train, rngs={"dropout": jax.random.key(2)},
+                                         capture_intermediates=True,
+                                         mutable=["batch_stats", "intermediates"]), v)
+  (logits, aux), state = out
+  return v, logits, aux, state["intermediates"]
+
+
+def test_jpu_gives_stride_8_with_four_branches():
+  c3, c4, c5 = (jnp.zeros((1, s, s + 1, c)) for s, c in ((9, 16), (5, 32), (3, 64)))
+  jpu = JPU(features=6)
+  v = jax.eval_shape(lambda: jpu.init(RNGS, c3, c4, c5, train=False))
+  y = jax.eval_shape(lambda v: jpu.apply(v, c3, c4, c5, train=False), v)
+  assert y.shape == (1, 9, 10, 4 * 6)
+  assert set(v["params"]) == {"conv3", "conv4", "conv5", "dilation1", "dilation2", "dilation4",
+                              "dilation8"}
+  assert v["params"]["dilation2"]["depthwise"]["kernel"].shape == (3, 3, 1, 3 * 6)
+
+
+@pytest.mark.parametrize("jpu", [True, False])
+def test_jpu_and_dilated_backbone_reach_the_same_stride(jpu):
+  x = jnp.zeros((1, 65, 97, 3))
+  _, logits, aux, inter = _shapes(_model(jpu=jpu), x, train=False)
+  layer4 = inter["backbone"]["__call__"][0]["layer4"].shape[1:3]
+  head_in = inter["head"]["__call__"][0].shape  # head output, at the head's resolution
+  assert layer4 == ((3, 4) if jpu else (9, 13))  # stride 32 with the JPU, 8 dilated
+  assert head_in[1:3] == (9, 13)  # both heads work at stride 8
+  assert logits.shape == (1, 65, 97, K) and aux == {}
+
+
+@pytest.mark.parametrize("head", ["psp", "aspp"])
+def test_other_heads(head):
+  x = jnp.zeros((1, 49, 35, 3))
+  v, logits, aux, _ = _shapes(_model(head=head), x, train=True)
+  assert logits.shape == (1, 49, 35, K) and aux["aux"].shape == (1, 49, 35, K)
+  assert ("ppm" if head == "psp" else "aspp") in v["params"]
+
+
+def test_aux_head_only_in_training_and_finite_gradients():
+  m = _model()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 45, 37, 3)).astype(np.float32)
+  labels = rng.integers(0, K, (2, 45, 37)).astype(np.int32)
+  shapes = jax.eval_shape(lambda: m.init(RNGS, x, train=False))
+  assert "aux_head" in shapes["params"]  # created even by an eval-mode init
+
+  def init(path, s):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      return np.ones(s.shape, np.float32)
+    if name in ("bias", "mean"):
+      return np.zeros(s.shape, np.float32)
+    return (rng.standard_normal(s.shape) / np.sqrt(max(1, np.prod(s.shape[:-1])))).astype(np.float32)
+
+  v = jax.tree_util.tree_map_with_path(init, shapes)
+
+  @jax.jit
+  def step(params):
+    def loss_fn(p):
+      (logits, aux), _ = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                 rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+      ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()  # noqa: E731
+      return ce(logits) + 0.2 * ce(aux["aux"]), (logits, aux)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  (loss, (logits, aux)), grads = step(v["params"])
+  assert logits.shape == aux["aux"].shape == (2, 45, 37, K)
+  assert np.isfinite(float(loss))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["aux_head"]["classifier"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["jpu"]["dilation8"]["pointwise"]["kernel"]).sum()) > 0
+  _, eval_aux = jax.eval_shape(lambda v: m.apply(v, x, train=False), v)
+  assert eval_aux == {}
+
+
+def test_parameter_count_is_torchvision_fcn_plus_jpu():
+  """FastFCN's FCN-JPU = torchvision fcn_resnet101 (backbone, FCN head, aux head) + JPU."""
+  w = 512
+  jpu = sum(9 * cin * w + 2 * w for cin in (2048, 1024, 512))  # conv5/4/3 + BN
+  jpu += 4 * (9 * 3 * w + 2 * 3 * w + 3 * w * w + 2 * w)  # depthwise+BN, pointwise+BN
+  m = build_model(ml_collections.ConfigDict(dict(name="fastfcn", num_classes=21)))
+  shapes = jax.eval_shape(lambda: m.init(RNGS, jnp.zeros((1, 64, 64, 3)), train=False))
+  n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+  assert n == 54_314_346 + jpu  # fcn_resnet101 num_params (torchvision) + JPU
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="head must be one of.*'unet'"):
+    _model(head="unet")
+  with pytest.raises(ValueError, match="output_stride must be 8 with the JPU.*got 16"):
+    _model(output_stride=16)
+  _model(jpu=False, output_stride=16)

@@ -1,0 +1,131 @@
+"""RefineNet: the fast stride-1 max-pool vs nn.max_pool, RCU/CRP residual structure,
+odd input sizes, finite gradients, and the parameter count of the released RefineNet-101."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from jseg.models import build_model
+from jseg.models.refinenet import CRP, RCU, max_pool_same
+
+K = 5
+RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+TINY = dict(name="refinenet", num_classes=K, depth=18, width=4, features=8, rcu_blocks=1,
+            crp_stages=2, out_rcu_blocks=1)
+
+
+def _rand(shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("k,hw", [(5, (9, 7)), (3, (6, 11)), (5, (3, 4))])
+def test_max_pool_same_matches_nn_max_pool(k, hw):
+  x = _rand((2, *hw, 3))
+  r = _rand((2, *hw, 3), 1)
+  p = (k - 1) // 2
+
+  @jax.jit
+  def both(x):
+    ours = lambda t: max_pool_same(t, k)  # noqa: E731
+    ref = lambda t: nn.max_pool(t, (k, k), padding=((p, p), (p, p)))  # noqa: E731
+    return [(f(x), jax.grad(lambda t: jnp.sum(f(t) * r))(x)) for f in (ours, ref)]
+
+  (y, g), (y_ref, g_ref) = both(x)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(g, g_ref, atol=1e-6)
+  with pytest.raises(ValueError, match="odd window; got 4"):
+    max_pool_same(x, 4)
+
+
+def test_rcu_and_crp_are_residual():
+  """With the last conv of each unit zeroed, RCU and CRP are the identity (x + 0)."""
+  x = _rand((1, 9, 9, 4))
+
+  @jax.jit
+  def run(x):
+    rcu, crp = RCU(4, blocks=2), CRP(4, stages=3)
+    vr = rcu.init(jax.random.key(0), x)
+    vr = jax.tree_util.tree_map_with_path(
+        lambda path, a: a * 0 if "conv2" in jax.tree_util.keystr(path) else a, vr)
+    vc = jax.tree.map(jnp.zeros_like, crp.init(jax.random.key(0), x))
+    vc1 = crp.init(jax.random.key(1), x)
+    return rcu.apply(vr, x), crp.apply(vc, x), crp.apply(vc1, x), vc1
+
+  y_rcu, y_crp, y_crp1, vc1 = run(x)
+  np.testing.assert_allclose(y_rcu, x, atol=1e-6)
+  np.testing.assert_allclose(y_crp, x, atol=1e-6)
+  # One CRP stage by hand: x + conv(maxpool5(x)).
+  one = CRP(4, stages=1)
+  p1 = {"params": {"stage1": vc1["params"]["stage1"]}}
+  ref = x + jax.jit(nn.Conv(4, (3, 3), padding=1, use_bias=False).apply)(
+      {"params": vc1["params"]["stage1"]}, max_pool_same(x, 5))
+  np.testing.assert_allclose(jax.jit(one.apply)(p1, x), ref, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(y_crp1, x)
+
+
+def np_params(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+
+  def init(path, s):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      return np.ones(s.shape, np.float32)
+    if name in ("bias", "mean"):
+      return np.zeros(s.shape, np.float32)
+    fan_in = max(1, int(np.prod(s.shape[:-1])))
+    return (rng.standard_normal(s.shape) * np.sqrt(1.0 / fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def test_odd_size_logits_and_finite_gradients():
+  m = build_model(ml_collections.ConfigDict(TINY))
+  x = _rand((2, 45, 37, 3))
+  labels = np.random.default_rng(2).integers(0, K, (2, 45, 37)).astype(np.int32)
+  v = np_params(jax.eval_shape(lambda: m.init(RNGS, x, train=False)))
+
+  @jax.jit
+  def step(params):
+    def loss_fn(p):
+      (logits, aux), _ = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                 rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, aux)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  (loss, (logits, aux)), grads = step(v["params"])
+  assert logits.shape == (2, 45, 37, K) and aux == {}
+  assert np.isfinite(float(loss))
+  leaves = jax.tree.leaves(grads)
+  assert all(np.isfinite(g).all() for g in leaves)
+  assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) > 0.9 * len(leaves)
+  for hw in ((97, 131), (32, 33)):
+    xe = jnp.zeros((1, *hw, 3))
+    out, aux = jax.eval_shape(lambda v: m.apply(v, xe, train=False), v)
+    assert out.shape == (1, *hw, K) and aux == {}
+  with pytest.raises(ValueError, match="at least 32x32"):
+    jax.eval_shape(lambda v: m.apply(v, jnp.zeros((1, 31, 64, 3))), v)
+
+
+def test_parameter_count_matches_released_refinenet101():
+  """Count the layers of DrSleep/refinenet-pytorch ``rf101`` (21 classes) independently."""
+
+  def conv(cin, cout, k=3, bias=False):
+    return k * k * cin * cout + (cout if bias else 0)
+
+  def rcu(c, blocks):  # each block: 3x3 with bias, 3x3 without
+    return blocks * (conv(c, c, bias=True) + conv(c, c))
+
+  backbone = 44_549_160 - (2048 * 1000 + 1000)  # torchvision resnet101 minus fc
+  top = conv(2048, 512) + rcu(512, 2) + 4 * conv(512, 512) + rcu(512, 3) + conv(512, 256)
+  mid = sum(conv(cin, 256) + rcu(256, 2) + conv(256, 256) + 4 * conv(256, 256) + rcu(256, 3)
+            + conv(256, 256) for cin in (1024, 512))
+  last = conv(256, 256) + rcu(256, 2) + conv(256, 256) + 4 * conv(256, 256) + rcu(256, 3)
+  reference = backbone + top + mid + last + conv(256, 21, bias=True)
+  m = build_model(ml_collections.ConfigDict(dict(name="refinenet", num_classes=21)))
+  shapes = jax.eval_shape(lambda: m.init(RNGS, jnp.zeros((1, 64, 64, 3)), train=False))
+  assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"])) == reference
