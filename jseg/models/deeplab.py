@@ -48,6 +48,8 @@ Dtype = Any
 # (convs, dilation, pool) per VGG-16 stage in DeepLab v1: pools 1-3 are 3x3
 # stride 2 (padding 1), pools 4-5 keep stride 1, conv5 uses rate 2.
 _VGG_STAGES = ((2, 1, 2), (2, 1, 2), (3, 1, 2), (3, 1, 1), (3, 2, 1))
+# He initialisation for the ReLU convs trained from scratch (as the shared VGG backbone).
+_he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def _classifier(num_classes: int, name: str, dtype: Dtype, kernel: int = 1, dilation: int = 1):
@@ -60,9 +62,10 @@ def _classifier(num_classes: int, name: str, dtype: Dtype, kernel: int = 1, dila
 class DeepLabVGG(nn.Module):
   """VGG-16 convolutions with DeepLab v1's atrous changes (output stride 8).
 
-  Layer names follow Caffe's (``conv1_1`` ... ``conv5_3``) so the released
-  DeepLab / VGG weights convert by name. ``width`` is conv1's channel count
-  (64 in VGG-16); later stages use 2x, 4x, 8x, 8x.
+  Layer names follow Caffe's (``conv1_1`` ... ``conv5_3``, as the shared
+  ``backbones/vgg.py``) so VGG-16 weights convert by name. That backbone has
+  2x2 pools and no atrous option, hence this trunk. ``width`` is conv1's
+  channel count (64 in VGG-16); later stages use 2x, 4x, 8x, 8x.
   """
 
   width: int = 64
@@ -75,7 +78,7 @@ class DeepLabVGG(nn.Module):
       for c in range(convs):
         x = nn.Conv(
             self.width * m, (3, 3), padding=pad_same(3, dil), kernel_dilation=dil,
-            dtype=self.dtype, name=f"conv{s + 1}_{c + 1}",
+            kernel_init=_he, dtype=self.dtype, name=f"conv{s + 1}_{c + 1}",
         )(x)
         x = nn.relu(x)
       x = max_pool_3x3_s2(x) if pool == 2 else max_pool_same(x, 3)
@@ -99,9 +102,10 @@ class DeepLabV1(nn.Module):
     size = x.shape[1:3]
     y = DeepLabVGG(self.width, self.dtype, name="vgg")(x.astype(self.dtype))
     y = nn.Conv(self.fc_features, (3, 3), padding=pad_same(3, self.fc6_dilation),
-                kernel_dilation=self.fc6_dilation, dtype=self.dtype, name="fc6")(y)
+                kernel_dilation=self.fc6_dilation, kernel_init=_he, dtype=self.dtype,
+                name="fc6")(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(y))
-    y = nn.Conv(self.fc_features, (1, 1), dtype=self.dtype, name="fc7")(y)
+    y = nn.Conv(self.fc_features, (1, 1), kernel_init=_he, dtype=self.dtype, name="fc7")(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(y))
     y = _classifier(self.num_classes, "fc8", self.dtype)(y)
     return resize_bilinear(y, size).astype(jnp.float32), {}
