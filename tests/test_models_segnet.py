@@ -98,8 +98,8 @@ mesh = Mesh(np.array(jax.devices()), ("data",))
 batch = NamedSharding(mesh, P("data"))
 x = np.random.default_rng(0).normal(size=(4, 10, 6, 3)).astype(np.float32)
 def f(x):
-  y = max_pool_2x2(x)
-  return max_unpool_2x2(y * 2.0, x), jax.grad(lambda x: jnp.sum(max_unpool_2x2(max_pool_2x2(x), x) ** 2))(x)
+  grad = jax.grad(lambda x: jnp.sum(max_unpool_2x2(max_pool_2x2(x), x) ** 2))(x)
+  return max_unpool_2x2(max_pool_2x2(x) * 2.0, x), grad
 out, grad = jax.jit(f, in_shardings=batch, out_shardings=batch)(jax.device_put(x, batch))
 ref_out, ref_grad = jax.jit(f)(x)
 print(json.dumps({"devices": len(jax.devices()),
@@ -126,7 +126,8 @@ def test_output_at_input_resolution(dropout):
 
   def run():
     v = model.init(jax.random.PRNGKey(0), x)
-    train = model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)})
+    train = model.apply(v, x, train=True, mutable=["batch_stats"],
+                        rngs={"dropout": jax.random.PRNGKey(1)})
     return model.apply(v, x), train[0]
 
   (logits, aux), (train_logits, train_aux) = jax.eval_shape(run)

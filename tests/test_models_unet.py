@@ -67,7 +67,8 @@ def test_overlap_tile_agrees_with_the_whole_image():
   whole = np.asarray(apply(v, image))
   tile = np.asarray(apply(v, image[:, 8:61, 12:67]))
   assert whole.shape == (1, 61, 67, 3) and tile.shape == (1, 53, 55, 3)
-  np.testing.assert_allclose(tile[:, 20:-20, 20:-20], whole[:, 28:-20, 32:-20], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(tile[:, 20:-20, 20:-20], whole[:, 28:-20, 32:-20],
+                             rtol=1e-4, atol=1e-4)
   # ...and the mirrored margin does change the border.
   assert np.abs(tile[:, :4] - whole[:, 8:12, 12:]).max() > 1e-3
 

@@ -34,9 +34,11 @@ def test_fcn_geometry_pad100_ceil_mode_fits_any_size():
   # 1 + 198 = 199 -> 100 -> 50 -> 25 -> 13 -> 7 (ceil) -> fc6 7x7 valid -> 1
   assert feats["pool5"].shape == (1, 7, 7, 16)
   assert feats["fc7"].shape == (1, 1, 1, 8)
-  assert min_input_size(16, fc=True, ceil_mode=True, first_padding=100) == 1
-  assert min_input_size(16) == 32
-  assert min_input_size(16, fc=True) == 224
+  assert min_input_size(fc=True, ceil_mode=True, first_padding=100) == 1
+  assert min_input_size() == 32
+  assert min_input_size(fc=True) == 224
+  with pytest.raises(ValueError, match="VGG-16 with fc6/fc7 needs inputs of at least 224x224"):
+    _shapes(VGG(width=2, fc=True), (1, 223, 300, 3))
 
 
 def test_ceil_pool_matches_numpy():

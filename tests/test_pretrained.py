@@ -81,7 +81,8 @@ def test_wrong_input_channels_is_named(resnet18_file):
 
 def test_wrong_architecture_is_named(resnet18_file):
   v = _abstract(ResNet(depth=50, width=4), (1, 32, 32, 3))
-  with pytest.raises(ValueError, match=r"ResNet-18.*model's is ResNet-50(.|\n)*layer1_0/conv1/kernel has shape \(1, 1, 4, 4\)"):
+  expected = r"ResNet-18.*model's is ResNet-50(.|\n)*layer1_0/conv1/kernel has shape \(1, 1, 4, 4\)"
+  with pytest.raises(ValueError, match=expected):
     load_pretrained(v, resnet18_file, scope="")
 
 
@@ -92,7 +93,8 @@ def test_vgg_weights_into_resnet_fail(tmp_path):
   path = tmp_path / "vgg.safetensors"
   save_file(sd, str(path))
   v = _abstract(ResNet(depth=18, width=4), (1, 32, 32, 3))
-  with pytest.raises(ValueError, match=r"VGG with 1 convolutions.*model's is ResNet-18(.|\n)*conv1/kernel \(7, 7, 3, 4\) has no counterpart"):
+  expected = r"VGG with 1 convolutions.*model's is ResNet-18(.|\n)*conv1/kernel \(7, 7, 3, 4\) has no"
+  with pytest.raises(ValueError, match=expected):
     load_pretrained(v, path, scope="")
 
 

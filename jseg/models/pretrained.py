@@ -32,6 +32,9 @@ import numpy as np
 # Keys that belong to ImageNet classification heads: never loaded.
 _HEAD_KEYS = re.compile(r"^(fc\.|classifier\.6\.|head\.|last_linear\.)")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# torchvision/timm ResNet keys: [layer{l}.{b}.]{conv1|bn1|...|downsample.0|1}.{param}
+_RESNET_KEY = re.compile(
+    r"(?:layer(\d)\.(\d+)\.)?(conv\d|bn\d|downsample\.[01])\.(weight|bias|running_mean|running_var)")
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -108,7 +111,8 @@ def _add_bn(out: dict, torch_prefix: str, path: tuple[str, ...], sd: Mapping) ->
   out["params", *path, "bias"] = (f"{torch_prefix}.bias", sd[f"{torch_prefix}.bias"])
   out["batch_stats", *path, "mean"] = (
       f"{torch_prefix}.running_mean", sd[f"{torch_prefix}.running_mean"])
-  out["batch_stats", *path, "var"] = (f"{torch_prefix}.running_var", sd[f"{torch_prefix}.running_var"])
+  out["batch_stats", *path, "var"] = (
+      f"{torch_prefix}.running_var", sd[f"{torch_prefix}.running_var"])
 
 
 def convert_resnet(sd: Mapping[str, np.ndarray]) -> dict[tuple[str, ...], tuple[str, np.ndarray]]:
@@ -117,12 +121,13 @@ def convert_resnet(sd: Mapping[str, np.ndarray]) -> dict[tuple[str, ...], tuple[
   for key, value in sd.items():
     if _HEAD_KEYS.match(key) or key.endswith("num_batches_tracked"):
       continue
-    m = re.fullmatch(r"(?:layer(\d)\.(\d+)\.)?(conv\d|bn\d|downsample\.[01])\.(weight|bias|running_mean|running_var)", key)
+    m = _RESNET_KEY.fullmatch(key)
     if not m:
       raise ValueError(f"Unexpected key '{key}' in a ResNet state dict.")
     layer, block, module, _ = m.groups()
     scope = (f"layer{layer}_{block}",) if layer else ()
-    module = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(module, module)
+    module = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(
+        module, module)
     prefix = key.rsplit(".", 1)[0]
     if module.startswith("conv") or module == "downsample_conv":
       if key.endswith(".weight"):
@@ -259,13 +264,14 @@ def load_pretrained(
     key, arr = converted[p]
     if tuple(arr.shape) != tuple(v.shape):
       msg = f"{name} has shape {tuple(v.shape)} but checkpoint '{key}' gives {tuple(arr.shape)}"
-      same_but_inputs = arr.ndim == 4 and (*arr.shape[:2], arr.shape[3]) == (*v.shape[:2], v.shape[3])
+      same_but_inputs = (
+          arr.ndim == 4 and (*arr.shape[:2], arr.shape[3]) == (*v.shape[:2], v.shape[3]))
       if p[-1] == "kernel" and same_but_inputs:
         msg += (f" (the checkpoint's layer takes {arr.shape[2]} input channels, "
                 f"the model's {v.shape[2]})")
       mismatched.append(msg)
   problems = mismatched + missing
-  # A classifier's fc6/fc7 are optional (SegNet has none); other extras mean another architecture.
+  # fc6/fc7 are optional (SegNet has none); other extra weights mean another architecture.
   extra = sorted(
       converted[p][0] for p in converted if p not in targets and p[1] not in ("fc6", "fc7")
   )

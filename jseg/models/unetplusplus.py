@@ -64,7 +64,8 @@ class UNetPlusPlus(nn.Module):
     if L < 1:
       raise ValueError(f"unetpp depth must be >= 1; got {L}.")
     if not 0 <= self.prune_level <= L:
-      raise ValueError(f"unetpp prune_level must be in 0..{L} (0 = no pruning); got {self.prune_level}.")
+      raise ValueError(
+          f"unetpp prune_level must be in 0..{L} (0 = no pruning); got {self.prune_level}.")
     if self.prune_level not in (0, L) and not self.deep_supervision:
       raise ValueError(
           f"unetpp prune_level={self.prune_level} needs deep_supervision=True: only then "

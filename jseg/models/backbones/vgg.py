@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.layers import max_pool_2x2
+from jseg.models.layers import check_min_size, max_pool_2x2
 
 Dtype = Any
 
@@ -90,6 +90,8 @@ class VGG(nn.Module):
     BatchNorm's mode, for Monte-Carlo dropout at test time."""
     if self.depth not in STAGE_CONVS:
       raise ValueError(f"VGG depth must be one of {sorted(STAGE_CONVS)}; got {self.depth}.")
+    min_size = min_input_size(self.fc, self.ceil_mode, self.first_padding)
+    check_min_size(x, min_size, f"VGG-{self.depth}" + (" with fc6/fc7" if self.fc else ""))
     stochastic = train if sample_dropout is None else sample_dropout
     pool = max_pool_2x2_ceil if self.ceil_mode else max_pool_2x2
     feats = {}
@@ -136,9 +138,8 @@ class VGG(nn.Module):
     return feats
 
 
-def min_input_size(depth: int = 16, fc: bool = False, ceil_mode: bool = False,
-                   first_padding: int = 1) -> int:
-  """Smallest square input for which pool5 (and fc6's 7x7 window) is non-empty."""
+def min_input_size(fc: bool = False, ceil_mode: bool = False, first_padding: int = 1) -> int:
+  """Smallest input side for which pool5 (and fc6's 7x7 window) is non-empty."""
   need = 7 if fc else 1
   size = 1
   while True:
