@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jseg.models.backbones.mobilenet import MobileNetV2, channels
+from jseg.models.backbones.mobilenet import InvertedResidual, MobileNetV2, channels
 
 
 def host_init(model, x, seed=0, **kw):
@@ -57,23 +57,41 @@ def test_parameter_count_matches_torchvision():
   assert ours + 1280 * 1000 + 1000 == 3_504_872  # torchvision mobilenet_v2
 
 
-def test_gradients_finite_and_no_grouped_convolution():
+def test_backbone_gradient_uses_no_grouped_convolution():
   model = MobileNetV2(width_mult=0.25, output_stride=16)
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+  x = jnp.zeros((2, 64, 64, 3))
 
-  def loss(params, stats):
-    feats, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                           mutable=["batch_stats"])
+  def loss(variables):
+    feats, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return jnp.mean(feats["layer4"] ** 2)
 
-  variables = host_init(model, x, train=False)
-  args = (variables["params"], variables["batch_stats"])
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(*args))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(abstract))
   assert "feature_group_count=1" in jaxpr and "feature_group_count=2" not in jaxpr
-  grads = jax.jit(jax.grad(loss))(*args)
-  leaves = jax.tree.leaves(grads)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-  assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+@pytest.mark.parametrize("stride,dilation,residual", [(2, 1, False), (1, 2, True)])
+def test_block_gradients_finite(stride, dilation, residual):
+  block = InvertedResidual(8, stride=stride, expansion=6, dilation=dilation)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 17, 15, 8))
+  v = host_init(block, x, train=False)
+
+  def loss(params, x):
+    y, _ = block.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                       mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(v["params"], x)
+  assert y.shape == (2, -(-17 // stride), -(-15 // stride), 8)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads[0]["dw_conv"]["kernel"]).max()) > 0
+  # With the identity shortcut, zeroing the projection leaves y == x exactly.
+  if residual:
+    zero = jax.tree.map(jnp.zeros_like, v["params"]["project_bn"])
+    params = {**v["params"], "project_bn": zero}
+    y0, _ = block.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=False,
+                        mutable=["batch_stats"])
+    np.testing.assert_array_equal(np.asarray(y0), np.asarray(x))
 
 
 def test_bad_output_stride():
