@@ -42,7 +42,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.workdir = Path(workdir)
+    self.workdir = Path(workdir).absolute()  # orbax needs absolute paths
     self.directory = self.workdir / "checkpoints"
     self.keep = keep
     self._async = async_save

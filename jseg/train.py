@@ -22,6 +22,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from jseg import trainer  # after flag parsing, so --help is fast
+  from jseg.writers import quiet_library_logs
+
+  quiet_library_logs()
 
   workdir = _WORKDIR.value or str(Path("runs") / Path(flags.FLAGS["config"].config_filename).stem)
   print(f"workdir: {workdir}", flush=True)

@@ -226,10 +226,13 @@ def quick_train(config: ml_collections.ConfigDict, steps: int) -> list[float]:
   run = setup(config)
   it = data_lib.make_train_iterator(config)
   state, out = run.state, []
-  for _ in range(steps):
-    batch = parallel.shard_batch(next(it), run.mesh)
-    state, m = run.step_fn(state, batch, run.step_rng)
-    out.append(float(m["loss"]))
+  try:
+    for _ in range(steps):
+      batch = parallel.shard_batch(next(it), run.mesh)
+      state, m = run.step_fn(state, batch, run.step_rng)
+      out.append(float(m["loss"]))
+  finally:
+    it.close()
   return out
 
 
@@ -291,9 +294,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       state, step_metrics = step_fn(state, batch, step_rng)
       pending.append((step, step_metrics["loss"]))
       n_log += 1
-      progress.update(1)
       if step % config.log_every == 0 or step == config.total_steps:
-        check_finite()
+        check_finite()  # waits for the step, so the bar's rate and ETA are real
+        progress.update(step - progress.n)
         logged = _scalars(jax.device_get(step_metrics))
         logged["learning_rate"] = float(schedule(step - 1))
         logged["steps_per_second"] = n_log / max(time.time() - t_log, 1e-9)
@@ -322,6 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     progress.close()
     checkpointer.close()
     writer.close()
+    train_iter.close()
 
   if summary is None:  # resumed at or past total_steps: evaluate what we have
     summary = evaluate(state)

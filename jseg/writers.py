@@ -55,3 +55,12 @@ def read_metrics(workdir: str | Path) -> list[dict]:
   """Reads back every event of a run's ``metrics.jsonl``."""
   path = Path(workdir) / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def quiet_library_logs() -> None:
+  """Shows only warnings from absl-logging libraries (orbax logs every save at INFO),
+  unless the user asked for a level with ``--verbosity``."""
+  from absl import flags, logging
+
+  if "verbosity" not in flags.FLAGS or not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
