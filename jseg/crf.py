@@ -20,8 +20,8 @@ normalised symmetrically, ``D^-1/2 K D^-1/2`` with ``D = K 1`` (``'symmetric'``;
 Fast filtering:
 - appearance kernel (5-D features): the permutohedral lattice of Adams, Baek &
   Davis (Eurographics 2010), as in densecrf: each pixel is splatted onto the
-  ``d+1`` vertices of its enclosing simplex, blurred with ``[1 2 1]/... `` along
-  each of the ``d+1`` lattice directions, and sliced back. The lattice
+  ``d+1`` vertices of its enclosing simplex, blurred with the ``[1/2, 1, 1/2]``
+  kernel along each of the ``d+1`` lattice directions, and sliced back. The lattice
   (vertices, barycentric weights, neighbours) is built once per image on the
   host with NumPy; splat/blur/slice run jitted in JAX as scatter-add / gathers.
 - smoothness kernel (2-D): an exact separable Gaussian on the pixel grid
@@ -274,7 +274,8 @@ def grid_gaussian(x: jax.Array, std: float) -> jax.Array:
 # Mean field.
 
 
-def _features(image: np.ndarray, xy_std: float, rgb_std: float | None) -> np.ndarray:
+def kernel_features(image: np.ndarray, xy_std: float, rgb_std: float | None) -> np.ndarray:
+  """``(H*W, d)`` kernel features: (x, y) / xy_std and, unless None, colour / rgb_std."""
   h, w = image.shape[:2]
   yy, xx = np.mgrid[0:h, 0:w]
   feats = [xx.reshape(-1, 1) / xy_std, yy.reshape(-1, 1) / xy_std]
@@ -311,10 +312,10 @@ def dense_crf(log_probs: Any, image: Any, crf_cfg: Any = None) -> np.ndarray:
   p = params(crf_cfg)
   lp, im = _check(log_probs, image)
   h, w, k = lp.shape
-  bi = build_lattice(_features(im, p.bi_xy_std, p.bi_rgb_std)) if p.bi_w != 0 else None
+  bi = build_lattice(kernel_features(im, p.bi_xy_std, p.bi_rgb_std)) if p.bi_w != 0 else None
   pos = None
   if p.pos_w != 0 and p.pos_xy_std > _LATTICE_SPATIAL_ABOVE:
-    pos = build_lattice(_features(im, p.pos_xy_std, None))
+    pos = build_lattice(kernel_features(im, p.pos_xy_std, None))
   out = _mean_field(
       jnp.asarray(lp), bi, pos, p.bi_w, p.pos_w, p.pos_xy_std, p.iterations, p.normalization,
       p.pos_w != 0,
@@ -388,8 +389,8 @@ def naive_dense_crf(log_probs: Any, image: Any, crf_cfg: Any = None) -> np.ndarr
   unary = lp.reshape(n, k).astype(np.float64)
   kernels = []
   for wt, feats in (
-      (p.bi_w, _features(im, p.bi_xy_std, p.bi_rgb_std)),
-      (p.pos_w, _features(im, p.pos_xy_std, None)),
+      (p.bi_w, kernel_features(im, p.bi_xy_std, p.bi_rgb_std)),
+      (p.pos_w, kernel_features(im, p.pos_xy_std, None)),
   ):
     if wt == 0:
       continue
