@@ -107,6 +107,50 @@ def test_bad_files(tmp_path):
     read_state_dict(bad)
 
 
+def _fake_vgg_sd(convs, width: int = 2, bn: bool = False, fc: int = 8) -> dict:
+  """A torchvision-layout VGG state dict (features.{k}, classifier.{0,3,6}), random values."""
+  rng = np.random.default_rng(0)
+  sd, k, c = {}, 0, 3
+  for s, n in enumerate(convs):
+    ch = width * (1, 2, 4, 8, 8)[s]
+    for _ in range(n):
+      sd[f"features.{k}.weight"] = rng.normal(size=(ch, c, 3, 3)).astype(np.float32)
+      sd[f"features.{k}.bias"] = np.zeros(ch, np.float32)
+      if bn:
+        for p in ("weight", "bias", "running_mean", "running_var"):
+          sd[f"features.{k + 1}.{p}"] = np.ones(ch, np.float32)
+      k, c = k + (3 if bn else 2), ch
+    k += 1  # the pool
+  for i, (o, n_in) in enumerate(((fc, c * 49), (fc, fc), (10, fc))):
+    sd[f"classifier.{3 * i}.weight"] = rng.normal(size=(o, n_in)).astype(np.float32)
+    sd[f"classifier.{3 * i}.bias"] = np.zeros(o, np.float32)
+  return sd
+
+
+def test_vgg19_weights_into_vgg16_fail(tmp_path):
+  path = tmp_path / "vgg19.safetensors"
+  save_file(_fake_vgg_sd((2, 2, 4, 4, 4)), str(path))
+  target = _abstract(VGG(depth=16, width=2, fc=True, fc_features=8), (1, 224, 224, 3))
+  expected = r"VGG with 16 convolutions.*model's is VGG with 13(.|\n)*no place in the model: features"
+  with pytest.raises(ValueError, match=expected):
+    load_pretrained(target, path, scope="")
+
+
+def test_vgg16_bn_classifier_weights_are_optional_for_segnet(tmp_path):
+  from jseg.models.segnet import SegNet
+
+  path = tmp_path / "vgg16_bn.safetensors"
+  save_file(_fake_vgg_sd((2, 2, 3, 3, 3), bn=True), str(path))
+  target = _abstract(SegNet(11, width=2), (1, 32, 32, 3))
+  loaded = load_pretrained(target, path)  # scope "backbone"; fc6/fc7 have no place: ignored
+  np.testing.assert_array_equal(
+      loaded["params"]["backbone"]["conv5_3"]["kernel"],
+      read_state_dict(path)["features.40.weight"].transpose(2, 3, 1, 0))
+  assert loaded["batch_stats"]["backbone"]["bn1_1"]["var"].shape == (2,)
+  # The decoder is not the backbone's: it keeps its (abstract) initialisation.
+  assert isinstance(loaded["params"]["conv1_1_D"]["kernel"], jax.ShapeDtypeStruct)
+
+
 # ---------------------------------------------------------------- torch equality
 torch = pytest.importorskip(
     "torch", reason="torch not installed: `pip install torch==2.13.0` (CPU) runs the torch comparisons"
@@ -261,3 +305,24 @@ def test_resnet_matches_torch(tmp_path, depth):
   with torch.no_grad():
     ref = tm(_nchw(x))
   np.testing.assert_allclose(np.asarray(feats["layer4"]), _nhwc(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_timm_vgg_layout_loads_the_same_weights(tmp_path):
+  """timm's VGG keeps fc6/fc7 as convolutions (``pre_logits.fc1/fc2``) and names the
+  classifier ``head.fc``; both layouts give the same parameters."""
+  tm = _randomize_bn(TorchVGG(bn=True))
+  sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+  timm = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+  timm["pre_logits.fc1.weight"] = sd["classifier.0.weight"].reshape(16, 32, 7, 7)
+  timm["pre_logits.fc1.bias"] = sd["classifier.0.bias"]
+  timm["pre_logits.fc2.weight"] = sd["classifier.3.weight"].reshape(16, 16, 1, 1)
+  timm["pre_logits.fc2.bias"] = sd["classifier.3.bias"]
+  timm["head.fc.weight"], timm["head.fc.bias"] = sd["classifier.6.weight"], sd["classifier.6.bias"]
+  save_file(sd, str(tmp_path / "tv.safetensors"))
+  save_file(timm, str(tmp_path / "timm.safetensors"))
+  target = _abstract(VGG(width=4, batch_norm=True, fc=True, fc_features=16), (1, 224, 224, 3))
+  a = load_pretrained(target, tmp_path / "tv.safetensors", scope="")
+  b = load_pretrained(target, tmp_path / "timm.safetensors", scope="")
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
