@@ -186,7 +186,8 @@ def load_run(workdir: str | Path, which: str | int = "best",
   """Loads a trained run's model and evaluation weights from its workdir.
 
   ``which`` is ``"best"`` (highest validation mIoU; the latest when no
-  evaluation was saved), ``"latest"`` or a step number. ``config`` replaces the
+  evaluation was saved), ``"latest"``, a step number, or ``"snapshot:<step>"``
+  (an SGDR cycle-end snapshot in ``<workdir>/snapshots/``). ``config`` replaces the
   run's own ``config.json`` (e.g. other data or inference settings) and must
   have the same model block. Evaluation weights are the Lookahead slow weights
   or the EMA when the optimiser kept them.
@@ -202,13 +203,17 @@ def load_run(workdir: str | Path, which: str | int = "best",
       raise ValueError(f"--config does not match the run in '{workdir}': " + "; ".join(problems))
   else:
     config = saved
-  if not (workdir / "checkpoints").is_dir():
-    raise FileNotFoundError(f"Workdir '{workdir}' has no checkpoints/ folder: train first.")
-  ck = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), read_only=True)
+  ck_root = workdir
+  if isinstance(which, str) and which.startswith("snapshot:"):
+    ck_root = workdir / "snapshots" / f"cycle_end_{which.split(':', 1)[1]}"
+    which = "latest"
+  if not (ck_root / "checkpoints").is_dir():
+    raise FileNotFoundError(f"'{ck_root}' has no checkpoints/ folder: train first.")
+  ck = Checkpointer(ck_root, keep=config.get("keep_checkpoints", 3), read_only=True)
   try:
     steps = ck.steps()
     if not steps:
-      raise FileNotFoundError(f"Workdir '{workdir}' holds no checkpoints: train first.")
+      raise FileNotFoundError(f"'{ck_root}' holds no checkpoints: train first.")
     if which == "best":
       step = ck.best_step() or ck.latest_step()
     elif which == "latest":

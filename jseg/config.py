@@ -91,8 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.cycle_mult = 1.0
   c.schedule.cycle_decay = 1.0
 
-  c.inference = ml_collections.ConfigDict()
-  c.inference.mode = "whole"
+  from jseg import inference  # test-time settings: whole/slide/multiscale, flip, CRF
+
+  c.inference = inference.default_config()
   return c
 
 

@@ -56,25 +56,12 @@ def snapshot_dirs(workdir: str | Path) -> list[tuple[int, Path]]:
 
 
 def load_snapshot(workdir: str | Path, snapshot: Path) -> tuple[Any, Any, dict]:
-  """``(config, model, variables)`` of one snapshot, restored like
-  ``jseg.checkpoint.load_run`` restores a regular checkpoint."""
-  import jax
-
+  """``(config, model, variables)`` of one SGDR cycle-end snapshot folder."""
   from jseg import checkpoint as ckpt_lib
-  from jseg import optim, trainer
 
-  config = ckpt_lib.config_from_workdir(workdir)
-  ck = ckpt_lib.Checkpointer(snapshot, keep=1, read_only=True)
-  try:
-    step = ck.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"Snapshot folder {snapshot} holds no checkpoint.")
-    run = trainer.setup(config)
-    state = ck.restore(step, jax.tree.map(trainer.ocp_abstract, run.state)).state
-  finally:
-    ck.close()
-  params = optim.eval_params(state.params, state.opt_state, config)
-  return config, run.model, trainer.variables(params, state.batch_stats)
+  step = int(Path(snapshot).name.rsplit("_", 1)[1])
+  run = ckpt_lib.load_run(workdir, f"snapshot:{step}")
+  return run.config, run.model, run.variables
 
 
 def load_members() -> tuple[list[str], list[Any], list[Any]]:

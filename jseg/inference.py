@@ -203,6 +203,20 @@ def _crf_block(infer_cfg: Any) -> dict | None:
   return block if block.get("enabled", False) else None
 
 
+def crf_enabled(infer_cfg: Any) -> bool:
+  """Whether ``config.inference`` turns the dense CRF on."""
+  return _crf_block(infer_cfg) is not None
+
+
+def needs_host_inference(infer_cfg: Any) -> bool:
+  """True unless inference is a plain whole-image pass (which the trainer's
+  on-device evaluator does without this module)."""
+  if infer_cfg is None:
+    return False
+  d = _as_dict(infer_cfg)
+  return d.get("mode", "whole") != "whole" or bool(d.get("flip", False)) or crf_enabled(infer_cfg)
+
+
 def predict_labels(apply_fn: ApplyFn, images: Any, infer_cfg: Any = None, raw_images: Any = None) -> Any:
   """``argmax`` of ``predict_logits``: int32 label maps in the same structure."""
   lp = predict_logits(apply_fn, images, infer_cfg, raw_images)

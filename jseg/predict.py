@@ -13,6 +13,9 @@ _INPUT = flags.DEFINE_string("input", None, "An image file or a folder of images
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for masks and overlays.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+_MC = flags.DEFINE_integer(
+    "mc_samples", None, "Monte-Carlo dropout passes (writes entropy/variance maps); "
+    "default 20 for bayesian_segnet runs, 0 otherwise.")
 
 
 def main(argv: list[str]) -> None:
@@ -24,7 +27,7 @@ def main(argv: list[str]) -> None:
   quiet_library_logs()
 
   written = prediction.predict_files(
-      _WORKDIR.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value, _OVERWRITE.value)
+      _WORKDIR.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value, _OVERWRITE.value, _MC.value)
   print(f"Wrote {len(written)} mask(s) and overlay(s) to {_OUTPUT.value}")
 
 

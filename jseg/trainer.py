@@ -24,7 +24,7 @@ from flax.training import train_state
 
 from jseg import checkpoint as ckpt_lib
 from jseg import data as data_lib
-from jseg import losses, metrics, optim, parallel
+from jseg import inference, losses, metrics, optim, parallel
 from jseg.models import build_model
 from jseg.writers import MetricWriter
 
@@ -91,8 +91,10 @@ def eval_step(
 class Evaluator:
   """Accumulates a confusion matrix over a split, batching same-shaped images."""
 
-  def __init__(self, config: ml_collections.ConfigDict, apply_fn: Callable, mesh, info):
+  def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh, info):
     self.config = config
+    self._model = model
+    apply_fn = model.apply
     self.mesh = mesh
     self.info = info
     self.batch_size = config.get("eval_batch_size", 1)
@@ -137,6 +139,10 @@ class Evaluator:
     return images, labels
 
   def confusion(self, variables: dict, source) -> np.ndarray:
+    """Confusion matrix over ``source``: on device for whole-image inference, else
+    through ``jseg.inference`` (sliding window, multi-scale, flip, CRF) on the host."""
+    if inference.needs_host_inference(self.config.get("inference")):
+      return self._confusion_host(variables, source)
     total = None
     for images, labels in self._batches(source):
       batch = parallel.shard_batch({"image": images, "label": labels}, self.mesh)
@@ -145,6 +151,28 @@ class Evaluator:
     if total is None:
       raise ValueError("The evaluation split is empty: no examples to evaluate.")
     return np.asarray(jax.device_get(total))
+
+
+  def _confusion_host(self, variables: dict, source) -> np.ndarray:
+    infer = self.config.inference
+    apply_fn = inference.make_apply_fn(self._model, variables)
+    use_crf = inference.crf_enabled(infer)
+    k, ignore = self.info.num_classes, self.info.ignore_index
+    total = np.zeros((k, k), np.int64)
+    indices = list(range(jax.process_index(), len(source), jax.process_count()))
+    if not indices:
+      raise ValueError("The evaluation split is empty: no examples to evaluate.")
+    for start in range(0, len(indices), self.batch_size):
+      chunk = [source[i] for i in indices[start:start + self.batch_size]]
+      raw = [source.raw(i)["image"] for i in indices[start:start + self.batch_size]] if use_crf else None
+      preds = inference.predict_labels(apply_fn, [e["image"] for e in chunk], infer, raw)
+      for pred, ex in zip(preds, chunk):
+        total += np.asarray(metrics.confusion_matrix(pred, ex["label"], k, ignore), np.int64)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
+    return total
 
 
 def _model_meta(config: ml_collections.ConfigDict) -> dict:
@@ -261,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     write_config(config, workdir)
 
   writer = MetricWriter(workdir, enabled=is_main)
-  evaluator = Evaluator(config, model.apply, mesh, info)
+  evaluator = Evaluator(config, model, mesh, info)
   eval_source = data_lib.make_eval_source(config, config.data.eval_split)
   snapshots = set(optim.snapshot_steps(config, config.total_steps))
   meta = {"model": _model_meta(config), "rng": np.asarray(step_rng).tolist()}

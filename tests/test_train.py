@@ -167,3 +167,17 @@ def test_predict_bad_inputs(trained, tmp_path):
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="config.json"):
     prediction.predict_files(empty, REPO / "samples" / "camvid" / "test", tmp_path / "out2")
+
+
+def test_evaluate_with_sliding_window_inference(trained):
+  workdir, _, _ = trained
+  config = ckpt_lib.config_from_workdir(workdir)
+  config.inference.mode = "slide"
+  config.inference.crop_size = (128, 128)
+  config.inference.stride = (96, 96)
+  config.inference.batch_size = 4
+  result = evaluation.evaluate_run(workdir, which="latest", config=config)
+  whole = evaluation.evaluate_run(workdir, which="latest")
+  assert 0.0 <= result["metrics"]["miou"] <= 1.0
+  total = np.asarray(result["confusion_matrix"]).sum()
+  assert total == np.asarray(whole["confusion_matrix"]).sum() > 0  # same labelled pixels
