@@ -2,9 +2,10 @@
 
 Paper settings (Sec. 4): dilated ResNet-101 at output stride 8, ASPP-L with
 rates 6, 12, 18, 24 (branch logits summed), mini-batch 10, SGD momentum 0.9,
-weight decay 5e-4, "poly" learning rate with power 0.9 and 20K iterations;
-the base rate 2.5e-4 is the released ResNet-101 solver's value, random scaling 0.5-1.5 and mirroring; 321x321
-crops on PASCAL VOC (here whole 360x480 CamVid frames).
+weight decay 5e-4, "poly" learning rate with power 0.9, 20K iterations,
+random scaling 0.5-1.5 and mirroring, 321x321 crops on PASCAL VOC (here whole
+360x480 CamVid frames). The base rate 2.5e-4 is the released ResNet-101
+solver's value.
 
 CPU-sized run:
   python -m jseg.train --config=configs/deeplabv2.py --config.model.depth=18 \

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from jseg.models.layers import PixelTransposeConv, check_min_size, check_nhwc, max_pool_2x2, pad_same, resize_bilinear
+from jseg.models.layers import (
+    PixelTransposeConv, check_min_size, check_nhwc, max_pool_2x2, pad_same, resize_bilinear)
 from jseg.registry import MODELS
 
 Dtype = Any
