@@ -226,9 +226,8 @@ def load_run(workdir: str | Path, which: str | int = "best",
       if step not in steps:
         raise ValueError(f"No checkpoint at step {step} in '{workdir}'; available: {steps}.")
     run = trainer.setup(config)
-    abstract = jax.tree.map(trainer.ocp_abstract, run.state)
     try:
-      state = ck.restore(step, abstract).state
+      state = ck.restore(step, run.abstract_state()).state
     except Exception as e:
       raise RuntimeError(
           f"Checkpoint step {step} in {ck.directory} could not be read: {e}") from e

@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "pspnet"
   c.model.num_classes = 11
   c.model.dtype = "float32"
+  c.model.pretrained = ""  # local torchvision/timm VGG or ResNet weights (.pth/.safetensors)
+  c.model.pretrained_scope = "backbone"  # where in the parameter tree they go
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "camvid"

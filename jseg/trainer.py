@@ -208,20 +208,42 @@ def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 @dataclasses.dataclass
 class Setup:
-  """What a run is built from; shared by training, quick tests and inference."""
+  """What a run is built from; shared by training, quick tests and inference.
+
+  ``state`` is initialised on first access only, so loading a checkpoint
+  (which needs just ``abstract_state()``) never compiles or runs the init.
+  """
 
   config: ml_collections.ConfigDict
   mesh: Any
   info: Any
   model: Any
   schedule: Callable
-  state: TrainState
+  init_fn: Callable
+  init_rng: jax.Array
   step_fn: Callable
   step_rng: jax.Array
 
+  @functools.cached_property
+  def state(self) -> TrainState:
+    return self.init_fn(self.init_rng)
+
+  def abstract_state(self) -> Any:
+    """Shapes, dtypes and (replicated) shardings of the state, for orbax restore."""
+    repl = parallel.replicated(self.mesh)
+    shapes = jax.eval_shape(self.init_fn, self.init_rng)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl)
+        if isinstance(x, jax.ShapeDtypeStruct) else x, shapes)
+
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Builds model, optimiser, loss, the initial state and the jitted step."""
+  """Builds model, optimiser, loss, the state initialiser and the jitted step.
+
+  Parameters are initialised from an ``rbg`` key derived from the seed (its
+  init compiles several times faster on CPU than threefry's); dropout keys stay
+  threefry, whose values do not depend on how the batch is sharded.
+  """
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   info = data_lib.get_info(config.data)
@@ -232,7 +254,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   model = build_model(config.model)
   tx, schedule = optim.build_optimizer(config)
   loss_fn = losses.build_loss(config)
-  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  step_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  init_rng = jax.random.key(config.seed, impl="rbg")
   repl = parallel.replicated(mesh)
   init = jax.jit(
       functools.partial(create_train_state, config, model, tx, channels=info.channels),
@@ -243,7 +266,30 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       out_shardings=(repl, repl),
       donate_argnums=(0,),
   )
-  return Setup(config, mesh, info, model, schedule, init(init_rng), step_fn, step_rng)
+  return Setup(config, mesh, info, model, schedule, init, init_rng, step_fn, step_rng)
+
+
+def with_pretrained(state: TrainState, config: ml_collections.ConfigDict, mesh) -> TrainState:
+  """Loads ``model.pretrained`` (a local torchvision/timm VGG or ResNet file) into
+  the sub-tree ``model.pretrained_scope`` and re-initialises the optimiser state
+  from the loaded weights; returns ``state`` unchanged when no file is configured."""
+  path = config.model.get("pretrained", "")
+  if not path:
+    return state
+  from jseg.config import resolve_path
+  from jseg.models.pretrained import load_pretrained
+
+  file = resolve_path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"model.pretrained='{path}' does not exist (looked at {file}).")
+  host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  loaded = load_pretrained(host, file, config.model.get("pretrained_scope", "backbone"))
+  repl = parallel.replicated(mesh)
+  params = jax.device_put(loaded["params"], repl)
+  batch_stats = jax.device_put(loaded.get("batch_stats", {}), repl)
+  opt_state = jax.jit(state.tx.init, out_shardings=repl)(params)
+  print(f"Loaded pretrained weights from {file} into '{config.model.get('pretrained_scope', 'backbone')}'.")
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
 
 
 def quick_train(config: ml_collections.ConfigDict, steps: int) -> list[float]:
@@ -270,8 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   parallel.maybe_initialize_distributed(config)
   is_main = jax.process_index() == 0
   run = setup(config)
-  mesh, info, model, schedule, state, step_fn, step_rng = (
-      run.mesh, run.info, run.model, run.schedule, run.state, run.step_fn, run.step_rng)
+  mesh, info, model, schedule, step_fn, step_rng = (
+      run.mesh, run.info, run.model, run.schedule, run.step_fn, run.step_rng)
   workdir.mkdir(parents=True, exist_ok=True)
 
   train_iter = data_lib.make_train_iterator(
@@ -280,9 +326,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   restored = None
   if checkpointer.steps():
     _check_compatible(checkpointer, config)
-    restored = checkpointer.restore_latest(jax.tree.map(ocp_abstract, state))
+    restored = checkpointer.restore_latest(run.abstract_state())
+  state = restored.state if restored is not None else with_pretrained(run.state, config, mesh)
   if restored is not None:
-    state = restored.state
     train_iter.set_state(restored.data)
     print(f"Resumed from step {restored.step} in {checkpointer.directory}.", flush=True)
   if is_main:
@@ -379,17 +425,16 @@ def _check_compatible(checkpointer: ckpt_lib.Checkpointer, config: ml_collection
     return
 
 
-def ocp_abstract(x: Any) -> Any:
-  """Shape, dtype and sharding of an array, as orbax restore targets want."""
-  if isinstance(x, jax.Array):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-  return x
-
-
 def _save_snapshot(workdir: Path, step: int, state: TrainState) -> None:
-  """SGDR cycle-end snapshot kept outside the keep-N rotation."""
-  snap = ckpt_lib.Checkpointer(workdir / "snapshots" / f"cycle_end_{step}", keep=1,
-                               async_save=False)
+  """SGDR cycle-end snapshot kept outside the keep-N rotation.
+
+  A run resumed from before ``step`` recomputes the same state, so an existing
+  snapshot of that step is kept as it is rather than written again.
+  """
+  folder = workdir / "snapshots" / f"cycle_end_{step}"
+  if (folder / "checkpoints" / str(step)).is_dir():
+    return
+  snap = ckpt_lib.Checkpointer(folder, keep=1, async_save=False)
   snap.save(step, state, {}, {"step": step})
   snap.close()
 

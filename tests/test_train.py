@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from jseg import checkpoint as ckpt_lib
-from jseg import evaluation, prediction, trainer
+from jseg import data, evaluation, prediction, trainer
 from jseg.writers import read_metrics
 from tiny import tiny_pspnet_config
 
@@ -27,7 +27,9 @@ TOTAL = 12
 
 
 def _config(cache: str, **kw):
-  return tiny_pspnet_config(cache, total_steps=TOTAL, eval_every=6, checkpoint_every=2, **kw)
+  """The reference run: SGDR with 6-step cycles, so it also leaves two snapshots."""
+  return tiny_pspnet_config(cache, total_steps=TOTAL, eval_every=6, checkpoint_every=2,
+                            **{"schedule.name": "sgdr", "schedule.cycle_steps": 6}, **kw)
 
 
 def _final_params(workdir: Path) -> list[np.ndarray]:
@@ -58,6 +60,10 @@ def test_run_writes_config_logs_checkpoints(trained):
   steps = ckpt_lib.Checkpointer(workdir, read_only=True).steps()
   assert steps[-1] == TOTAL and len(steps) >= 3  # keep 3 latest (+ best)
   assert 0.0 <= summary["miou"] <= 1.0
+  # SGDR cycle ends (steps 6 and 12) are kept as snapshots outside the rotation.
+  assert sorted(p.name for p in (workdir / "snapshots").iterdir()) == ["cycle_end_12", "cycle_end_6"]
+  snap = ckpt_lib.load_run(workdir, "snapshot:6")
+  assert snap.step == 6
 
 
 def _config_file(tmp_path: Path, cache: str) -> Path:
@@ -65,10 +71,9 @@ def _config_file(tmp_path: Path, cache: str) -> Path:
   f.write_text(
       "import sys\n"
       f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-      "from tiny import tiny_pspnet_config\n\n"
+      "from test_train import _config\n\n"
       "def get_config():\n"
-      f"  return tiny_pspnet_config({cache!r}, total_steps={TOTAL}, eval_every=6, "
-      "checkpoint_every=2)\n")
+      f"  return _config({cache!r})\n")
   return f
 
 
@@ -159,10 +164,6 @@ def test_predict_bad_inputs(trained, tmp_path):
   workdir, _, _ = trained
   with pytest.raises(FileNotFoundError, match="does not exist"):
     prediction.predict_files(workdir, tmp_path / "nope", tmp_path / "out")
-  bad = tmp_path / "bad.png"
-  bad.write_bytes(b"not a png")
-  with pytest.raises(Exception, match="bad.png"):
-    prediction.predict_files(workdir, bad, tmp_path / "out")
   empty = tmp_path / "empty_run"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="config.json"):
@@ -176,8 +177,30 @@ def test_evaluate_with_sliding_window_inference(trained):
   config.inference.crop_size = (128, 128)
   config.inference.stride = (96, 96)
   config.inference.batch_size = 4
-  result = evaluation.evaluate_run(workdir, which="latest", config=config)
-  whole = evaluation.evaluate_run(workdir, which="latest")
+  result = evaluation.evaluate_run(workdir, split="test", which="latest", config=config)
   assert 0.0 <= result["metrics"]["miou"] <= 1.0
-  total = np.asarray(result["confusion_matrix"]).sum()
-  assert total == np.asarray(whole["confusion_matrix"]).sum() > 0  # same labelled pixels
+  source = data.make_eval_source(config, "test")
+  labelled = sum(int((source[i]["label"] != 255).sum()) for i in range(len(source)))
+  assert np.asarray(result["confusion_matrix"]).sum() == labelled > 0
+
+
+def test_pretrained_backbone_is_loaded_before_training(tmp_path, tfds_cache):
+  from safetensors.numpy import save_file
+
+  from test_pretrained import _fake_resnet_sd
+
+  sd = _fake_resnet_sd((2, 2, 2, 2), False, width=8)
+  save_file(sd, str(tmp_path / "r18.safetensors"))
+  config = tiny_pspnet_config(tfds_cache, **{"model.pretrained": str(tmp_path / "r18.safetensors")})
+  run = trainer.setup(config)
+  state = trainer.with_pretrained(run.state, config, run.mesh)
+  np.testing.assert_array_equal(
+      np.asarray(state.params["backbone"]["layer2_0"]["conv1"]["kernel"]),
+      sd["layer2.0.conv1.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      np.asarray(state.batch_stats["backbone"]["bn1"]["var"]), sd["bn1.running_var"])
+  momentum = jax.tree.leaves(state.opt_state)
+  assert all(np.all(np.asarray(m) == 0) for m in momentum if np.ndim(m) > 0)
+  with pytest.raises(FileNotFoundError, match="model.pretrained"):
+    trainer.with_pretrained(run.state, tiny_pspnet_config(
+        tfds_cache, **{"model.pretrained": str(tmp_path / "missing.pth")}), run.mesh)
