@@ -31,6 +31,7 @@ def get_config():
   c.model.backbone = "xception65"
   c.model.width = 1.0
   c.model.middle_blocks = 16
+  c.model.scan_middle = True
   c.model.output_stride = 16
   c.model.eval_output_stride = 16
   c.model.multi_grid = (1, 1, 1)

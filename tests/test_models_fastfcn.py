@@ -98,10 +98,13 @@ def test_parameter_count_is_torchvision_fcn_plus_jpu():
   w = 512
   jpu = sum(9 * cin * w + 2 * w for cin in (2048, 1024, 512))  # conv5/4/3 + BN
   jpu += 4 * (9 * 3 * w + 2 * 3 * w + 3 * w * w + 2 * w)  # depthwise+BN, pointwise+BN
-  m = build_model(ml_collections.ConfigDict(dict(name="fastfcn", num_classes=21)))
-  shapes = jax.eval_shape(lambda: m.init(RNGS, jnp.zeros((1, 64, 64, 3)), train=False))
-  n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
-  assert n == 54_314_346 + jpu  # fcn_resnet101 num_params (torchvision) + JPU
+  def count(**kw):
+    m = build_model(ml_collections.ConfigDict(dict(name="fastfcn", num_classes=21, **kw)))
+    shapes = jax.eval_shape(lambda: m.init(RNGS, jnp.zeros((1, 64, 64, 3)), train=False))
+    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+
+  assert count(jpu=False) == 54_314_346  # torchvision fcn_resnet101 num_params
+  assert count() == 54_314_346 + jpu
 
 
 def test_config_errors():

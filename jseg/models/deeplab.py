@@ -253,6 +253,7 @@ class DeepLabV3Plus(nn.Module):
     depth: ResNet depth when ``backbone == "resnet"``.
     width: Xception channel multiplier (float, 1.0 = paper) or ResNet stem width.
     middle_blocks: Xception middle-flow modules (16 = Xception-65).
+    scan_middle: run them with ``nn.scan`` (compile time independent of their number).
     separable: depthwise-separable 3x3 convs in ASPP and decoder.
   """
 
@@ -261,6 +262,7 @@ class DeepLabV3Plus(nn.Module):
   depth: int = 101
   width: float = 1.0
   middle_blocks: int = 16
+  scan_middle: bool = True
   output_stride: int = 16
   eval_output_stride: int = 16
   multi_grid: Sequence[int] = (1, 1, 1)
@@ -281,8 +283,8 @@ class DeepLabV3Plus(nn.Module):
     x = x.astype(self.dtype)
     if self.backbone == "xception65":
       feats = Xception65(output_stride=os_, width=self.width, middle_blocks=self.middle_blocks,
-                         multi_grid=tuple(self.multi_grid), dtype=self.dtype,
-                         name="backbone")(x, train)
+                         multi_grid=tuple(self.multi_grid), scan_middle=self.scan_middle,
+                         dtype=self.dtype, name="backbone")(x, train)
       top, low = feats["out"], feats["low_level"]
     elif self.backbone == "resnet":
       feats = ResNet(depth=self.depth, width=int(self.width), output_stride=os_,
@@ -356,6 +358,7 @@ def build_deeplabv3plus(cfg: ml_collections.ConfigDict) -> DeepLabV3Plus:
       depth=cfg.get("depth", 101),
       width=cfg.get("width", 1.0 if backbone == "xception65" else 64),
       middle_blocks=cfg.get("middle_blocks", 16),
+      scan_middle=cfg.get("scan_middle", True),
       output_stride=os_,
       eval_output_stride=_check_os(
           cfg.get("eval_output_stride", os_), "model.eval_output_stride", (8, 16)),
