@@ -26,9 +26,13 @@ right to a multiple of ``bucket`` pixels, sliding windows all have
 ``crop_size``, and model batches are padded to ``batch_size``; resizes and
 flips are matrix products with interpolation matrices built on the host and
 zero-padded to the buckets. So a folder of images of many sizes compiles the
-network once per bucket, not once per image. Padding changes predictions only
-within the network's receptive field of the bottom/right border
-(``bucket=0`` turns bucketing off: exact sizes, one compilation per size).
+network once per bucket, not once per image. Bucketing is off by default
+(``bucket=0``: exact sizes, one compilation per distinct size) because padding
+changes predictions wherever the network's receptive field reaches the padded
+border, and for networks with global context (PSPNet's 1x1 pyramid bin,
+DeepLab v3's image pooling) that is every pixel: on the CamVid sample the
+default PSPNet run scored mIoU 28.5 exactly and 26.6 with ``bucket=64``
+(360 -> 384 rows of padding). Turn it on for folders of many sizes.
 
 Output: ``log p`` with ``p`` the prediction's class probabilities (for a
 single pass ``log_softmax(logits)``, else the log of the averaged
@@ -58,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = "whole"  # whole | slide | multiscale
   c.batch_size = 1  # images or windows per network call (pad the last batch)
-  c.bucket = 64  # pad H and W up to a multiple of this (0 = exact sizes)
+  c.bucket = 0  # pad H and W up to a multiple of this (0 = exact sizes; see module doc)
   c.crop_size = (256, 256)  # slide: window (h, w)
   c.stride = (171, 171)  # slide: step between windows (h, w); <= crop_size
   c.blend = "average"  # slide: average | gaussian
