@@ -11,6 +11,7 @@ from jseg.config import load_config
 from jseg.models import build_model
 from jseg.models.cnn_rnn import BiGRUSweep, ReNetLayer, space_to_depth
 from jseg.trainer import quick_train
+from tiny import camvid_config
 
 K = 5
 TINY = dict(name="cnn_rnn", num_classes=K, encoder_features=(4, 8, 8), encoder_convs=(1, 1, 1),
@@ -75,17 +76,6 @@ def test_logits_at_odd_input_sizes():
   for hw in ((45, 37), (97, 131), (8, 9)):
     logits, aux = jax.eval_shape(lambda v: m.apply(v, jnp.zeros((2, *hw, 3)), train=True), v)
     assert logits.shape == (2, *hw, K) and aux == {}
-
-
-def camvid_config(name, overrides, cache_dir):
-  """configs/<name>.py at tiny width; the whole 24-image CamVid sample, downscaled to
-  48x64 without crop or flip, is every step's batch, so losses show training progress."""
-  c = load_config(f"configs/{name}.py")
-  c.model.update(overrides)
-  c.data.cache_dir, c.batch_size = cache_dir, 24
-  c.data.crop_size, c.data.scale_range, c.data.hflip = (48, 64), (0.13334, 0.13334), False
-  c.optimizer.name, c.optimizer.learning_rate, c.schedule.name = "adam", 1e-3, "constant"
-  return c
 
 
 def test_trains_on_camvid_sample(tfds_cache):

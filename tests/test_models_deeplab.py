@@ -16,6 +16,7 @@ from jseg.config import load_config
 from jseg.models import build_model
 from jseg.models.layers import DepthwiseConv
 from jseg.trainer import quick_train
+from tiny import camvid_config
 
 K = 5
 RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
@@ -33,17 +34,6 @@ TINY = {
 
 def _model(num_classes=K, **kw):
   return build_model(ml_collections.ConfigDict(dict(num_classes=num_classes, **kw)))
-
-
-def camvid_config(name, overrides, cache_dir):
-  """configs/<name>.py at tiny width; the whole 24-image CamVid sample, downscaled to
-  48x64 without crop or flip, is every step's batch, so losses show training progress."""
-  c = load_config(f"configs/{name}.py")
-  c.model.update(overrides)
-  c.data.cache_dir, c.batch_size = cache_dir, 24
-  c.data.crop_size, c.data.scale_range, c.data.hflip = (48, 64), (0.13334, 0.13334), False
-  c.optimizer.name, c.optimizer.learning_rate, c.schedule.name = "adam", 1e-3, "constant"
-  return c
 
 
 def n_params(model, size=65):

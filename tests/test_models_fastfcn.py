@@ -12,6 +12,7 @@ from jseg.config import load_config
 from jseg.models import build_model
 from jseg.models.fastfcn import JPU
 from jseg.trainer import quick_train
+from tiny import camvid_config
 
 K = 5
 RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
@@ -71,17 +72,6 @@ def test_aux_head_only_in_training():
   assert logits.shape == (2, 45, 37, K) and aux == {}
   v, _, aux, _ = _shapes(_model(aux_head=False), x, train=True)
   assert aux == {} and "aux_head" not in v["params"]
-
-
-def camvid_config(name, overrides, cache_dir):
-  """configs/<name>.py at tiny width; the whole 24-image CamVid sample, downscaled to
-  48x64 without crop or flip, is every step's batch, so losses show training progress."""
-  c = load_config(f"configs/{name}.py")
-  c.model.update(overrides)
-  c.data.cache_dir, c.batch_size = cache_dir, 24
-  c.data.crop_size, c.data.scale_range, c.data.hflip = (48, 64), (0.13334, 0.13334), False
-  c.optimizer.name, c.optimizer.learning_rate, c.schedule.name = "adam", 1e-3, "constant"
-  return c
 
 
 def test_trains_on_camvid_sample(tfds_cache):

@@ -11,8 +11,10 @@ from flax import linen as nn
 
 from jseg.config import load_config
 from jseg.models import build_model
-from jseg.models.refinenet import CRP, RCU, max_pool_same
+from jseg.models.layers import max_pool_same
+from jseg.models.refinenet import CRP, RCU
 from jseg.trainer import quick_train
+from tiny import camvid_config
 
 K = 5
 RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
@@ -67,17 +69,6 @@ def test_rcu_and_crp_are_residual():
       {"params": vc1["params"]["stage1"]}, max_pool_same(x, 5))
   np.testing.assert_allclose(jax.jit(one.apply)(p1, x), ref, rtol=1e-5, atol=1e-5)
   assert not np.allclose(y_crp1, x)
-
-
-def camvid_config(name, overrides, cache_dir):
-  """configs/<name>.py at tiny width; the whole 24-image CamVid sample, downscaled to
-  48x64 without crop or flip, is every step's batch, so losses show training progress."""
-  c = load_config(f"configs/{name}.py")
-  c.model.update(overrides)
-  c.data.cache_dir, c.batch_size = cache_dir, 24
-  c.data.crop_size, c.data.scale_range, c.data.hflip = (48, 64), (0.13334, 0.13334), False
-  c.optimizer.name, c.optimizer.learning_rate, c.schedule.name = "adam", 1e-3, "constant"
-  return c
 
 
 def test_logits_at_odd_input_sizes():

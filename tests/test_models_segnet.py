@@ -17,25 +17,9 @@ import pytest
 
 from jseg.config import load_config
 from jseg.models.segnet import SegNet, max_unpool_2x2, mc_predict
+from tiny import camvid_config, host_init
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def host_init(model, x, seed=0, **kw):
-  """Random variables made on the host from ``eval_shape``: no init compile (which is
-  most of a tiny model's test time), He-scaled kernels, non-trivial BN statistics."""
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, **kw))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == "kernel":
-      return (rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))).astype(np.float32)
-    if name in ("scale", "var"):
-      return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
-    return (rng.normal(size=shape) * 0.1).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 # Windows: top-left max 5 at (0,1), top-right 8 at (1,2), bottom-left 9 at (3,0), and a
@@ -187,13 +171,7 @@ def test_trains_on_camvid_sample(name, tfds_cache):
   losses throughout also mean the gradients were finite: one NaN poisons the params)."""
   from jseg.trainer import quick_train
 
-  c = load_config(str(REPO / "configs" / f"{name}.py"))
-  c.model.width = 4
-  c.data.cache_dir, c.batch_size = tfds_cache, 24
-  # The whole 24-image sample, downscaled to 48x64, not cropped or flipped, is every
-  # step's batch, so the losses show training progress rather than batch-to-batch noise.
-  c.data.crop_size, c.data.scale_range, c.data.hflip = (48, 64), (0.13334, 0.13334), False
-  c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
+  c = camvid_config(name, {"width": 4}, tfds_cache)
   losses = quick_train(c, 5)
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0], losses

@@ -13,25 +13,9 @@ import pytest
 
 from jseg.config import load_config
 from jseg.models.unet import UNet, valid_geometry
+from tiny import host_init
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def host_init(model, x, seed=0, **kw):
-  """Random variables made on the host from ``eval_shape``: no init compile (which is
-  most of a tiny model's test time), He-scaled kernels, non-trivial BN statistics."""
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, **kw))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == "kernel":
-      return (rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))).astype(np.float32)
-    if name in ("scale", "var"):
-      return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
-    return (rng.normal(size=shape) * 0.1).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def test_valid_geometry_is_the_papers():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
+import numpy as np
 
-from jseg.config import base_config
+from jseg.config import base_config, load_config
 
 
 def tiny_pspnet_config(cache_dir: str = "", **overrides) -> ml_collections.ConfigDict:
@@ -32,4 +34,32 @@ def tiny_pspnet_config(cache_dir: str = "", **overrides) -> ml_collections.Confi
     for p in path:
       target = target[p]
     target[last] = value
+  return c
+
+
+def host_init(model, x, seed=0, **kw):
+  """Random variables made on the host from ``eval_shape``: no init compile (which is
+  most of a tiny model's test time), He-scaled kernels, non-trivial BN statistics."""
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, **kw))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == "kernel":
+      return (rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))).astype(np.float32)
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
+    return (rng.normal(size=shape) * 0.1).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def camvid_config(name, overrides, cache_dir):
+  """configs/<name>.py at tiny width; the whole 24-image CamVid sample, downscaled to
+  48x64 without crop or flip, is every step's batch, so losses show training progress."""
+  c = load_config(f"configs/{name}.py")
+  c.model.update(overrides)
+  c.data.cache_dir, c.batch_size = cache_dir, 24
+  c.data.crop_size, c.data.scale_range, c.data.hflip = (48, 64), (0.13334, 0.13334), False
+  c.optimizer.name, c.optimizer.learning_rate, c.schedule.name = "adam", 1e-3, "constant"
   return c

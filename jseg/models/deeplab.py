@@ -33,6 +33,7 @@ from flax import linen as nn
 from jseg.models.backbones.resnet import ResNet
 from jseg.models.backbones.xception import SeparableConv, Xception65
 from jseg.models.layers import (
+    max_pool_same,
     ConvBNReLU,
     check_min_size,
     check_nhwc,
@@ -40,7 +41,6 @@ from jseg.models.layers import (
     pad_same,
     resize_bilinear,
 )
-from jseg.models.refinenet import max_pool_same
 from jseg.registry import MODELS
 
 Dtype = Any

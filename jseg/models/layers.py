@@ -60,6 +60,27 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return out
 
 
+def max_pool_same(x: jax.Array, k: int) -> jax.Array:
+  """k x k max-pool, stride 1, padding (k-1)//2 with -inf (odd k): same size output.
+
+  Equal to ``nn.max_pool(x, (k, k), padding=((p, p), (p, p)))``; written as a
+  max over k row shifts followed by a max over k column shifts.
+  """
+  if k % 2 != 1:
+    raise ValueError(f"max_pool_same needs an odd window; got {k}.")
+  p = (k - 1) // 2
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)), constant_values=-jnp.inf)
+  y = xp[:, 0:h]
+  for i in range(1, k):
+    y = jnp.maximum(y, xp[:, i : i + h])
+  yp = jnp.pad(y, ((0, 0), (0, 0), (p, p), (0, 0)), constant_values=-jnp.inf)
+  out = yp[:, :, 0:w]
+  for j in range(1, k):
+    out = jnp.maximum(out, yp[:, :, j : j + w])
+  return out
+
+
 def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
   """``torch.nn.AdaptiveAvgPool2d(bins)`` for NHWC ``x`` of any size.
 

@@ -35,31 +35,10 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
-from jseg.models.layers import check_min_size, check_nhwc, pad_same, resize_bilinear
+from jseg.models.layers import check_min_size, check_nhwc, max_pool_same, pad_same, resize_bilinear
 from jseg.registry import MODELS
 
 Dtype = Any
-
-
-def max_pool_same(x: jax.Array, k: int) -> jax.Array:
-  """k x k max-pool, stride 1, padding (k-1)//2 with -inf (odd k): same size output.
-
-  Equal to ``nn.max_pool(x, (k, k), padding=((p, p), (p, p)))``; written as a
-  max over k row shifts followed by a max over k column shifts.
-  """
-  if k % 2 != 1:
-    raise ValueError(f"max_pool_same needs an odd window; got {k}.")
-  p = (k - 1) // 2
-  h, w = x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)), constant_values=-jnp.inf)
-  y = xp[:, 0:h]
-  for i in range(1, k):
-    y = jnp.maximum(y, xp[:, i : i + h])
-  yp = jnp.pad(y, ((0, 0), (0, 0), (p, p), (0, 0)), constant_values=-jnp.inf)
-  out = yp[:, :, 0:w]
-  for j in range(1, k):
-    out = jnp.maximum(out, yp[:, :, j : j + w])
-  return out
 
 
 def _conv3(features: int, name: str, dtype: Dtype, bias: bool = False) -> nn.Conv:
