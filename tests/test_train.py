@@ -204,3 +204,28 @@ def test_pretrained_backbone_is_loaded_before_training(tmp_path, tfds_cache):
   with pytest.raises(FileNotFoundError, match="model.pretrained"):
     trainer.with_pretrained(run.state, tiny_pspnet_config(
         tfds_cache, **{"model.pretrained": str(tmp_path / "missing.pth")}), run.mesh)
+
+
+def test_predict_bayesian_segnet_writes_uncertainty_maps(tmp_path, tfds_cache):
+  from jseg.config import load_config
+
+  config = load_config("configs/bayesian_segnet.py")
+  config.model.width = 2
+  config.data.cache_dir, config.data.crop_size, config.batch_size = tfds_cache, (64, 64), 2
+  config.total_steps = config.eval_every = config.checkpoint_every = config.log_every = 1
+  config.inference.mc_samples = 4
+  trainer.train_and_evaluate(config, tmp_path / "bayes")
+  image = REPO / "samples" / "camvid" / "test" / "Seq05VD_f00000.png"
+  prediction.predict_files(tmp_path / "bayes", image, tmp_path / "pred")
+  entropy = np.asarray(Image.open(tmp_path / "pred" / "Seq05VD_f00000_entropy.png"))
+  assert entropy.shape == (360, 480) and entropy.max() > 0
+  maps = np.load(tmp_path / "pred" / "Seq05VD_f00000_uncertainty.npz")
+  assert maps["variance"].shape == (360, 480, 11)
+  assert float(maps["variance"].astype(np.float32).max()) > 0  # dropout makes passes differ
+
+
+def test_mc_dropout_refused_for_networks_without_it(trained, tmp_path):
+  workdir, _, _ = trained
+  image = REPO / "samples" / "camvid" / "test" / "Seq05VD_f00000.png"
+  with pytest.raises(ValueError, match="SegNet-family"):
+    prediction.predict_files(workdir, image, tmp_path / "pred", mc_samples=2)
