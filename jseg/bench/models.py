@@ -1,0 +1,411 @@
+"""Model speed: ``python -m jseg.bench models --models=unet,pspnet --batch=4 --size=256``.
+
+For each model, in a fresh subprocess (so that peak memory is the model's own),
+builds the real training setup (``jseg.trainer.setup``: the jitted, donated
+``train_step`` over the device mesh) on synthetic batches and measures:
+
+- ``compile_s``: lowering + XLA compilation of the training step;
+- ``train_images_per_s``: batch / median step time over ``--repeats`` steps,
+  after ``--warmup`` steps;
+- ``infer_ms_per_image``: median latency of the jitted eval forward
+  (``train=False``) at ``--infer_batch`` images, divided by that batch;
+- ``params``, ``train_gflops_per_image`` and ``infer_gflops_per_image`` (XLA's
+  ``cost_analysis()`` of the compiled executables: every op, not only convs);
+- ``mfu``: achieved FLOP/s over the machine's measured peak (the best of 5
+  runs of a 2048x2048 float32 matmul, in JAX and in torch; see ``peak``);
+- ``peak_rss_mb``: the process's peak resident memory (``VmHWM``) and
+  ``base_rss_mb``, the same right after imports (the model's share is the
+  difference). On accelerators ``device_peak_mb`` is added from
+  ``memory_stats()``.
+
+With ``--torch`` (default: on when ``benchmarks/torch_bench.py`` and torch are
+present) the same architecture written in plain PyTorch
+(``benchmarks/torch_models.py``) is timed the same way in its own subprocess,
+right after the jseg one, with the same input size, batch, classes (11), loss
+(cross-entropy, ignore 255, aux heads weighted as the config says), SGD with
+momentum 0.9 and weight decay 1e-4 on kernels only, and the same CPU cores
+(``--threads``: both processes are pinned to that many cores with
+``sched_setaffinity``; torch also gets ``set_num_threads``). The table shows
+jseg/torch ratios (> 1: jseg faster or smaller).
+
+Models are sized by ``--preset``: ``bench`` (default) shrinks each paper
+config to a CPU-sized network (``BENCH_PRESETS``); ``config`` takes
+``configs/<name>.py`` as it is. ``--set=field=value`` (repeatable) overrides a
+``config.model`` field for every model, e.g. ``--set=width=64``. Not a test: the
+figures depend on the machine and its load (the JSON records ``loadavg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jseg.config import REPO_ROOT, load_config
+
+NUM_CLASSES = 11  # the CamVid metadata the training setup checks the model against
+TORCH_RUNNER = REPO_ROOT / "benchmarks" / "torch_bench.py"
+
+# CPU-sized versions of each paper config (the families and layer types are the
+# papers'; widths and depths are shrunk so a step takes seconds on 2 cores).
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    # The issue's probe: plain U-Net, width 32, 4 levels, BN, same padding, 2x2 up-conv.
+    "unet": {"depth": 4, "width": 32, "padding": "same", "batch_norm": True, "dropout": 0.0},
+    "unetpp": {"depth": 4, "width": 16, "batch_norm": True, "deep_supervision": False},
+    # configs/pspnet.py is CPU-sized already: ResNet-18 at width 16, output stride 8.
+    "pspnet": {},
+    "deeplabv3": {"depth": 18, "width": 32, "aspp_features": 64, "eval_output_stride": 16},
+    # The CPU-sized run of configs/deeplabv3plus.py's docstring.
+    "deeplabv3plus": {"width": 0.125, "middle_blocks": 2, "aspp_features": 32,
+                      "decoder_features": 32, "low_level_features": 16},
+}
+
+
+def bench_config(name: str, size: int, batch: int, preset: str = "bench",
+                 overrides: dict[str, Any] | None = None):
+  """The training config benchmarked for model ``name`` (uniform loss/optimiser, synthetic data)."""
+  path = REPO_ROOT / "configs" / f"{name}.py"
+  if not path.exists():
+    known = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
+    raise ValueError(f"No config for model '{name}' ({path}). Configs: {', '.join(known)}.")
+  if preset not in ("bench", "config"):
+    raise ValueError(f"--preset must be 'bench' or 'config'; got '{preset}'.")
+  c = load_config(str(path))
+  if preset == "bench":
+    for k, v in BENCH_PRESETS.get(name, {}).items():
+      c.model[k] = v
+  for k, v in (overrides or {}).items():
+    c.model[k] = v
+  c.model.num_classes = NUM_CLASSES
+  c.data.name = "camvid"
+  c.data.crop_size = (size, size)
+  c.batch_size = batch
+  c.loss.name = "cross_entropy"
+  c.loss.class_weights = None
+  c.loss.label_smoothing = 0.0
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 1e-4
+  c.schedule.name = "constant"
+  c.schedule.warmup_steps = 0
+  return c
+
+
+def _rss_mb() -> float:
+  """Peak resident memory of this process in MiB: ``VmHWM`` (reset at exec, unlike
+  ``ru_maxrss``, which a child inherits from the process that forked it)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
+  import jax
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, repeats: int,
+             preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+  """Measures one model in this process (call in a fresh subprocess)."""
+  base_rss = _rss_mb()
+  import jax
+  import numpy as np
+
+  from jseg import parallel, trainer
+
+  config = bench_config(name, size, batch, preset, overrides)
+  t0 = time.perf_counter()
+  run = trainer.setup(config)
+  jax.block_until_ready(run.state)
+  init_s = time.perf_counter() - t0
+  rng = np.random.default_rng(0)
+  host = {"image": rng.standard_normal((batch, size, size, 3), np.float32),
+          "label": rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)}
+  b = parallel.shard_batch(host, run.mesh)
+  t0 = time.perf_counter()
+  step = run.step_fn.lower(run.state, b, run.step_rng).compile()
+  compile_s = time.perf_counter() - t0
+  train_flops = _flops(step)
+  state = run.state
+
+  def one_step():
+    nonlocal state
+    state, metrics = step(state, b, run.step_rng)
+    return metrics["loss"]
+
+  for _ in range(warmup):
+    loss = float(one_step())
+  if not np.isfinite(loss):
+    raise RuntimeError(f"{name}: the training loss is not finite ({loss}).")
+  step_s, step_times = _median_time(one_step, repeats)
+
+  model = run.model
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  variables = trainer.variables(state.params, state.batch_stats)
+  x = jax.device_put(host["image"][:1].repeat(infer_batch, 0))
+  t0 = time.perf_counter()
+  infer = apply.lower(variables, x).compile()
+  infer_compile_s = time.perf_counter() - t0
+  infer_flops = _flops(infer)
+  for _ in range(max(warmup, 1)):
+    jax.block_until_ready(infer(variables, x))
+  infer_s, _ = _median_time(lambda: infer(variables, x), repeats)
+  out = {
+      "framework": "jseg", "model": name,
+      "model_config": json.loads(config.model.to_json_best_effort()),
+      "params": int(sum(p.size for p in jax.tree_util.tree_leaves(state.params))),
+      "init_s": round(init_s, 3), "compile_s": round(compile_s, 3),
+      "infer_compile_s": round(infer_compile_s, 3),
+      "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in step_times],
+      "train_images_per_s": round(batch / step_s, 3),
+      "infer_ms_per_image": round(1e3 * infer_s / infer_batch, 3),
+      "train_gflops_per_image": round(train_flops / batch / 1e9, 3),
+      "infer_gflops_per_image": round(infer_flops / infer_batch / 1e9, 3),
+      "final_loss": round(float(one_step()), 4),
+      "base_rss_mb": round(base_rss, 1), "peak_rss_mb": round(_rss_mb(), 1),
+      "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    out["device_peak_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+  return out
+
+
+def measure_peak_jax(n: int = 2048, repeats: int = 5) -> float:
+  """Best GFLOP/s of a jitted n x n float32 matmul (the machine's practical peak)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, a))
+  best = min(_median_time(lambda: f(a, a), 1)[0] for _ in range(repeats))
+  return 2 * n**3 / best / 1e9
+
+
+def _pin(threads: int) -> None:
+  if threads and hasattr(os, "sched_setaffinity"):
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads > len(cpus):
+      raise ValueError(f"--threads={threads} but only {len(cpus)} CPUs are available to this process.")
+    os.sched_setaffinity(0, cpus[:threads])
+
+
+def _child(args) -> None:
+  _pin(args.threads)
+  if args.child == "peak":
+    out = {"framework": "jseg", "peak_gflops": round(measure_peak_jax(), 2)}
+  else:
+    out = run_jseg(args.child, args.size, args.batch, args.infer_batch, args.warmup, args.repeats,
+                   args.preset, _parse_sets(args.set))
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--set expects field=value (a config.model field); got '{item}'.")
+    k, v = item.split("=", 1)
+    try:
+      out[k] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      out[k] = v
+  return out
+
+
+def _spawn(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+  """Runs a benchmark subprocess and returns its RESULT (or the error)."""
+  try:
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s: {' '.join(cmd)}"}
+  for line in reversed(p.stdout.splitlines()):
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
+  return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+
+
+def _loadavg() -> list[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return []
+
+
+def _fmt(v: Any, spec: str) -> str:
+  return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def _ratio(a: Any, b: Any, higher_better: bool = True) -> float | None:
+  if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not a or not b:
+    return None
+  return round(a / b if higher_better else b / a, 3)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+  head = (f"{'model':14s} {'fw':5s} {'params':>9s} {'GF/img':>7s} {'compile s':>9s} {'train img/s':>11s} "
+          f"{'infer ms/img':>12s} {'MFU %':>6s} {'peak MB':>8s}")
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    for fw in ("jseg", "torch"):
+      m = r.get(fw)
+      if not m:
+        continue
+      if "error" in m:
+        print(f"{r['model']:14s} {fw:5s} ERROR {m['error']}")
+        continue
+      gf = m.get("train_gflops_per_image", m.get("torch_gflops_per_image"))
+      print(f"{r['model']:14s} {fw:5s} {m['params']:>9d} {_fmt(gf, '7.2f')} "
+            f"{_fmt(m.get('compile_s'), '9.1f')} {_fmt(m['train_images_per_s'], '11.2f')} "
+            f"{_fmt(m['infer_ms_per_image'], '12.1f')} {_fmt(100 * m.get('mfu', 0), '6.1f')} "
+            f"{_fmt(m['peak_rss_mb'], '8.0f')}")
+    if r.get("ratio"):
+      q = r["ratio"]
+      print(f"{r['model']:14s} {'j/t':5s} {'':>9s} {'':>7s} {'':>9s} {_fmt(q['train'], '10.2f')}x "
+            f"{_fmt(q['infer'], '11.2f')}x {'':>6s} {_fmt(q['memory'], '7.2f')}x")
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(prog="python -m jseg.bench models", description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="unet,unetpp,pspnet,deeplabv3,deeplabv3plus")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--size", type=int, default=256)
+  parser.add_argument("--infer_batch", type=int, default=1)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--preset", default="bench", choices=("bench", "config"))
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  parser.add_argument("--torch", default="auto", choices=("auto", "yes", "no"))
+  parser.add_argument("--channels_last", action="store_true", help="torch side in channels_last")
+  parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+  parser.add_argument("--peak_gflops", type=float, default=0.0,
+                      help="the machine's peak GFLOP/s for MFU (default: measured by a matmul)")
+  parser.add_argument("--out", default="")
+  parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    _child(args)
+    return {}
+
+  from jseg.registry import MODELS
+  import jseg.models  # noqa: F401  (fills the registry)
+  names = [m for m in args.models.split(",") if m]
+  for m in names:
+    MODELS.get(m)  # unknown names raise, listing the valid ones
+    bench_config(m, args.size, args.batch, args.preset, _parse_sets(args.set))
+  use_torch = args.torch == "yes" or (args.torch == "auto" and TORCH_RUNNER.exists() and _has_torch())
+  if args.torch == "yes" and not TORCH_RUNNER.exists():
+    raise SystemExit(f"--torch=yes needs {TORCH_RUNNER} (a source checkout of jseg).")
+  env = dict(os.environ)
+  common = ["--batch", str(args.batch), "--size", str(args.size), "--infer_batch", str(args.infer_batch),
+            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+  me = [sys.executable, "-m", "jseg.bench", "models"]
+
+  peak = {}
+  if not args.peak_gflops:
+    peak["jax_gflops"] = _spawn(me + ["--child", "peak", "--threads", str(args.threads)], env, 600).get("peak_gflops")
+  if use_torch and not args.peak_gflops:
+    peak["torch_gflops"] = _spawn([sys.executable, str(TORCH_RUNNER), "--peak", "--threads", str(args.threads)],
+                                  env, 600).get("peak_gflops")
+  best = max((v for v in peak.values() if isinstance(v, (int, float))), default=None)
+  if args.peak_gflops:
+    best = args.peak_gflops
+  peak.update(best_gflops=best, how="best of 5 runs of a 2048x2048 float32 matmul (jax.jit and torch.mm), "
+                                    f"{args.threads} threads, or --peak_gflops")
+  print(f"peak: {peak}", flush=True)
+
+  rows = []
+  for m in names:
+    row = {"model": m, "loadavg_before": _loadavg()}
+    sets = [f"--set={s}" for s in args.set]
+    row["jseg"] = _spawn(me + ["--child", m, "--preset", args.preset] + sets + common, env, args.timeout)
+    if use_torch and "error" not in row["jseg"]:
+      spec = json.dumps({"model": m, "model_config": row["jseg"]["model_config"],
+                         "aux_weight": float(load_config(str(REPO_ROOT / "configs" / f"{m}.py")).loss.aux_weight)})
+      cmd = [sys.executable, str(TORCH_RUNNER), "--spec", spec] + common
+      row["torch"] = _spawn(cmd + (["--channels_last"] if args.channels_last else []), env, args.timeout)
+    for fw in ("jseg", "torch"):
+      r = row.get(fw)
+      if r and "error" not in r and best:
+        gf = row["jseg"].get("train_gflops_per_image", 0.0)  # the same network: XLA's count for both
+        r["mfu"] = round(gf * r["train_images_per_s"] / best, 4)
+    if "torch" in row and "error" not in row["torch"] and "error" not in row["jseg"]:
+      j, t = row["jseg"], row["torch"]
+      row["ratio"] = {"train": _ratio(j["train_images_per_s"], t["train_images_per_s"]),
+                      "infer": _ratio(j["infer_ms_per_image"], t["infer_ms_per_image"], False),
+                      "memory": _ratio(j["peak_rss_mb"], t["peak_rss_mb"], False),
+                      "compile": _ratio(j["compile_s"], t.get("compile_s"), False)}
+      if j["params"] != t["params"]:
+        row["params_mismatch"] = f"jseg {j['params']} vs torch {t['params']}"
+        print(f"WARNING {m}: parameter counts differ ({row['params_mismatch']}).", flush=True)
+    row["loadavg_after"] = _loadavg()
+    rows.append(row)
+    print_table([row])
+  report = {
+      "suite": "models",
+      "command": "python -m jseg.bench models " + " ".join(argv),
+      "settings": {"batch": args.batch, "size": args.size, "infer_batch": args.infer_batch,
+                   "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+                   "preset": args.preset, "set": args.set, "num_classes": NUM_CLASSES,
+                   "optimizer": "sgd momentum 0.9, weight decay 1e-4 on kernels, lr 0.01",
+                   "loss": "cross-entropy (ignore 255) + aux_weight * aux heads",
+                   "torch_channels_last": args.channels_last},
+      "peak": peak,
+      "results": rows,
+      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
+                  "python": platform.python_version()},
+  }
+  print()
+  print_table(rows)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+  return report
+
+
+def _has_torch() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("torch") is not None
+
+
+def _cpu_name() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()

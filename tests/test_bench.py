@@ -1,0 +1,53 @@
+"""Smoke test of ``python -m jseg.bench models``: one tiny model, one repeat.
+
+Checks behaviour (the suite runs the real training step in a subprocess, writes
+the JSON fields, and the torch twin has jseg's parameter count), never speed.
+"""
+
+import json
+
+import pytest
+
+from jseg.bench import models as bench_models
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench_models.json"
+  rep = bench_models.main([
+      "--models=unet", "--batch=2", "--size=32", "--infer_batch=1", "--warmup=1", "--repeats=1",
+      "--set=depth=2", "--set=width=4", "--peak_gflops=100", f"--out={out}"])
+  return rep, json.loads(out.read_text())
+
+
+def test_models_suite_writes_positive_measurements(report):
+  rep, written = report
+  assert written["settings"]["batch"] == 2 and written["settings"]["size"] == 32
+  (row,) = written["results"]
+  j = row["jseg"]
+  assert "error" not in j, j.get("error")
+  for field in ("params", "compile_s", "step_s", "train_images_per_s", "infer_ms_per_image",
+                "train_gflops_per_image", "infer_gflops_per_image", "peak_rss_mb", "mfu"):
+    assert j[field] > 0, field
+  assert j["model_config"]["width"] == 4 and j["model_config"]["num_classes"] == 11
+  # Training does more work than inference per image.
+  assert j["train_gflops_per_image"] > j["infer_gflops_per_image"]
+  assert rep["results"][0]["model"] == "unet"
+
+
+def test_torch_twin_matches_parameter_count(report):
+  pytest.importorskip("torch")
+  _, written = report
+  row = written["results"][0]
+  t = row["torch"]
+  assert "error" not in t, t.get("error")
+  assert t["params"] == row["jseg"]["params"]
+  assert t["train_images_per_s"] > 0 and t["infer_ms_per_image"] > 0
+  assert row["ratio"]["train"] > 0 and row["ratio"]["infer"] > 0
+
+
+def test_bad_names_are_reported():
+  with pytest.raises(ValueError, match="No config for model 'nope'"):
+    bench_models.bench_config("nope", 32, 2)
+  with pytest.raises(ValueError, match="preset"):
+    bench_models.bench_config("unet", 32, 2, preset="huge")
