@@ -40,6 +40,17 @@ def rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def cur_rss_mb() -> float:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return 0.0
+
+
 def pin(threads: int) -> None:
   if threads and hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
@@ -75,6 +86,7 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)
+  runtime_rss = cur_rss_mb()
   name, cfg = spec["model"], spec["model_config"]
   num_classes = cfg["num_classes"]
   t0 = time.perf_counter()
@@ -86,6 +98,7 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
   opt = torch.optim.SGD([{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
                         lr=0.01, momentum=0.9)
   init_s = time.perf_counter() - t0
+  build_rss = rss_mb()
   g = torch.Generator().manual_seed(0)
   x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=fmt)
   y = torch.randint(0, num_classes, (batch, size, size), generator=g)
@@ -101,11 +114,18 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
     opt.step()
     return loss
 
+  try:  # peak memory while training: reset the high-water mark (Linux clear_refs 5)
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    reset = True
+  except OSError:
+    reset = False
   t0 = time.perf_counter()
   for _ in range(warmup):
     loss = float(step())
   warmup_s = time.perf_counter() - t0
   step_s, times = median_time(step, repeats)
+  train_rss = rss_mb() if reset else None
   with FlopCounterMode(display=False) as counter:
     step()
   counted = counter.get_total_flops()
@@ -126,7 +146,8 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
       "infer_ms_per_image": round(1e3 * infer_s / infer_batch, 3),
       "torch_gflops_per_image": round(counted / batch / 1e9, 3),
       "final_loss": round(float(loss), 4),
-      "base_rss_mb": round(base, 1), "peak_rss_mb": round(rss_mb(), 1),
+      "base_rss_mb": round(base, 1), "runtime_rss_mb": round(runtime_rss, 1), "peak_rss_mb": round(max(rss_mb(), build_rss), 1),
+      "train_peak_rss_mb": round(train_rss, 1) if train_rss else None,
       "difference": torch_models.DIFFERENCES.get(name, ""),
   }
 

@@ -67,13 +67,33 @@ def run_jax(shapes, repeats):
     dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
     both = jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g))
     key = f"{n}x{h}x{h}x{cin}->{cout} k{k} s{s} d{d}"
-    out[key] = {
+    if (s, d) == (1, 1):
+      # The kernel gradient as k*k dots of shifted inputs with the output gradient
+      # (contraction over batch and pixels) and as one im2col dot.
+      xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+      def dw_shifted(xp, g):
+        return jnp.stack([jnp.stack([jnp.einsum("nhwc,nhwo->co", xp[:, i:i + h, j:j + h], g)
+                                     for j in range(k)]) for i in range(k)])
+
+      def dw_im2col(xp, g):
+        cols = jnp.concatenate([xp[:, i:i + h, j:j + h] for i in range(k) for j in range(k)], -1)
+        return jnp.einsum("nhwc,nhwo->co", cols, g).reshape(k, k, cin, cout)
+
+      ref = np.asarray(dw(x, w, g), np.float64)
+      for name, f in (("dw_shifted_dots", dw_shifted), ("dw_im2col_dot", dw_im2col)):
+        fj = jax.jit(f)
+        err = float(np.abs(np.asarray(fj(xp, g), np.float64) - ref).max() / np.abs(ref).max())
+        if err > 1e-4:
+          raise AssertionError(f"{name} disagrees with the conv kernel gradient: rel err {err}")
+        out.setdefault(key, {})[name + "_ms"] = _med(lambda: fj(xp, g).block_until_ready(), repeats)
+    out.setdefault(key, {}).update({
         "fwd_ms": _med(lambda: fwd(x, w).block_until_ready(), repeats),
         "dx_ms": _med(lambda: dx(x, w, g).block_until_ready(), repeats),
         "dw_ms": _med(lambda: dw(x, w, g).block_until_ready(), repeats),
         "vjp_ms": _med(lambda: jax.block_until_ready(both(x, w, g)), repeats),
         "checksum": float(np.asarray(dw(x, w, g)).astype(np.float64).sum()),
-    }
+    })
   return out
 
 

@@ -13,9 +13,11 @@ builds the real training setup (``jseg.trainer.setup``: the jitted, donated
   ``cost_analysis()`` of the compiled executables: every op, not only convs);
 - ``mfu``: achieved FLOP/s over the machine's measured peak (the best of 5
   runs of a 2048x2048 float32 matmul, in JAX and in torch; see ``peak``);
-- ``peak_rss_mb``: the process's peak resident memory (``VmHWM``) and
-  ``base_rss_mb``, the same right after imports (the model's share is the
-  difference). On accelerators ``device_peak_mb`` is added from
+- ``peak_rss_mb``: the process's peak resident memory (``VmHWM``, compilation
+  included), ``train_peak_rss_mb``: the peak while training steps run (the
+  high-water mark is reset after compilation; torch: before its first step),
+  ``runtime_rss_mb``, the resident memory once the framework is imported and
+  its CPU backend is up (before any model), and ``base_rss_mb`` at start. On accelerators ``device_peak_mb`` is added from
   ``memory_stats()``.
 
 With ``--torch`` (default: on when ``benchmarks/torch_bench.py`` and torch are
@@ -27,6 +29,9 @@ momentum 0.9 and weight decay 1e-4 on kernels only, and the same CPU cores
 (``--threads``: both processes are pinned to that many cores with
 ``sched_setaffinity``; torch also gets ``set_num_threads``). The table shows
 jseg/torch ratios (> 1: jseg faster or smaller).
+
+``--xla_flags`` appends to ``XLA_FLAGS`` for the jseg processes (the levers
+measured in ``experiments/performance/README.md``).
 
 Models are sized by ``--preset``: ``bench`` (default) shrinks each paper
 config to a CPU-sized network (``BENCH_PRESETS``); ``config`` takes
@@ -115,6 +120,28 @@ def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _cur_rss_mb() -> float:
+  """Current resident memory (``VmRSS``) in MiB, 0 where /proc is missing."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return 0.0
+
+
+def _reset_peak_rss() -> bool:
+  """Resets this process's ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
   import jax
   times = []
@@ -141,6 +168,8 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
 
   from jseg import parallel, trainer
 
+  jax.devices()
+  import_rss = _cur_rss_mb()
   config = bench_config(name, size, batch, preset, overrides)
   t0 = time.perf_counter()
   run = trainer.setup(config)
@@ -161,11 +190,14 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
     state, metrics = step(state, b, run.step_rng)
     return metrics["loss"]
 
+  compile_rss = _rss_mb()
+  reset = _reset_peak_rss()
   for _ in range(warmup):
     loss = float(one_step())
   if not np.isfinite(loss):
     raise RuntimeError(f"{name}: the training loss is not finite ({loss}).")
   step_s, step_times = _median_time(one_step, repeats)
+  train_rss = _rss_mb() if reset else None
 
   model = run.model
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
@@ -190,7 +222,10 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "train_gflops_per_image": round(train_flops / batch / 1e9, 3),
       "infer_gflops_per_image": round(infer_flops / infer_batch / 1e9, 3),
       "final_loss": round(float(one_step()), 4),
-      "base_rss_mb": round(base_rss, 1), "peak_rss_mb": round(_rss_mb(), 1),
+      "base_rss_mb": round(base_rss, 1), "runtime_rss_mb": round(import_rss, 1),
+      "compile_peak_rss_mb": round(compile_rss, 1),
+      "train_peak_rss_mb": round(train_rss, 1) if train_rss else None,
+      "peak_rss_mb": round(max(_rss_mb(), compile_rss), 1),
       "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
@@ -274,7 +309,7 @@ def _ratio(a: Any, b: Any, higher_better: bool = True) -> float | None:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
   head = (f"{'model':14s} {'fw':5s} {'params':>9s} {'GF/img':>7s} {'compile s':>9s} {'train img/s':>11s} "
-          f"{'infer ms/img':>12s} {'MFU %':>6s} {'peak MB':>8s}")
+          f"{'infer ms/img':>12s} {'MFU %':>6s} {'peak MB':>8s} {'train MB':>8s}")
   print(head)
   print("-" * len(head))
   for r in rows:
@@ -289,11 +324,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
       print(f"{r['model']:14s} {fw:5s} {m['params']:>9d} {_fmt(gf, '7.2f')} "
             f"{_fmt(m.get('compile_s'), '9.1f')} {_fmt(m['train_images_per_s'], '11.2f')} "
             f"{_fmt(m['infer_ms_per_image'], '12.1f')} {_fmt(100 * m.get('mfu', 0), '6.1f')} "
-            f"{_fmt(m['peak_rss_mb'], '8.0f')}")
+            f"{_fmt(m['peak_rss_mb'], '8.0f')} {_fmt(m.get('train_peak_rss_mb'), '8.0f')}")
     if r.get("ratio"):
       q = r["ratio"]
       print(f"{r['model']:14s} {'j/t':5s} {'':>9s} {'':>7s} {'':>9s} {_fmt(q['train'], '10.2f')}x "
-            f"{_fmt(q['infer'], '11.2f')}x {'':>6s} {_fmt(q['memory'], '7.2f')}x")
+            f"{_fmt(q['infer'], '11.2f')}x {'':>6s} {_fmt(q['memory'], '7.2f')}x {_fmt(q.get('train_memory'), '7.2f')}x")
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -309,6 +344,7 @@ def main(argv: list[str]) -> dict[str, Any]:
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--torch", default="auto", choices=("auto", "yes", "no"))
   parser.add_argument("--channels_last", action="store_true", help="torch side in channels_last")
+  parser.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS for the jseg processes")
   parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
   parser.add_argument("--peak_gflops", type=float, default=0.0,
                       help="the machine's peak GFLOP/s for MFU (default: measured by a matmul)")
@@ -329,6 +365,8 @@ def main(argv: list[str]) -> dict[str, Any]:
   if args.torch == "yes" and not TORCH_RUNNER.exists():
     raise SystemExit(f"--torch=yes needs {TORCH_RUNNER} (a source checkout of jseg).")
   env = dict(os.environ)
+  if args.xla_flags:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   common = ["--batch", str(args.batch), "--size", str(args.size), "--infer_batch", str(args.infer_batch),
             "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
   me = [sys.executable, "-m", "jseg.bench", "models"]
@@ -366,6 +404,7 @@ def main(argv: list[str]) -> dict[str, Any]:
       row["ratio"] = {"train": _ratio(j["train_images_per_s"], t["train_images_per_s"]),
                       "infer": _ratio(j["infer_ms_per_image"], t["infer_ms_per_image"], False),
                       "memory": _ratio(j["peak_rss_mb"], t["peak_rss_mb"], False),
+                      "train_memory": _ratio(j.get("train_peak_rss_mb"), t.get("train_peak_rss_mb"), False),
                       "compile": _ratio(j["compile_s"], t.get("compile_s"), False)}
       if j["params"] != t["params"]:
         row["params_mismatch"] = f"jseg {j['params']} vs torch {t['params']}"
@@ -381,7 +420,7 @@ def main(argv: list[str]) -> dict[str, Any]:
                    "preset": args.preset, "set": args.set, "num_classes": NUM_CLASSES,
                    "optimizer": "sgd momentum 0.9, weight decay 1e-4 on kernels, lr 0.01",
                    "loss": "cross-entropy (ignore 255) + aux_weight * aux heads",
-                   "torch_channels_last": args.channels_last},
+                   "torch_channels_last": args.channels_last, "xla_flags": env.get("XLA_FLAGS", "")},
       "peak": peak,
       "results": rows,
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),

@@ -1,0 +1,140 @@
+"""Checks of the training loop's own levers on the U-Net benchmark model.
+
+  python experiments/performance/checks.py recompile   # does the jitted step recompile across steps?
+  python experiments/performance/checks.py transfer    # host->device cost of one batch (what prefetching could hide)
+  python experiments/performance/checks.py remat       # jax.checkpoint on every U-Net level: time and peak memory
+  python experiments/performance/checks.py donate      # the step with and without donated state: time and peak memory
+
+Each prints one ``RESULT {json}`` line. ``remat`` and ``donate`` run each variant in
+its own subprocess (peak memory is per process) and alternate them ``--rounds`` times.
+Settings are the benchmark's (``jseg.bench.models.bench_config``: batch 4, 256x256,
+SGD momentum); XLA_FLAGS from the environment apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _setup(model: str, batch: int, size: int, remat: bool = False, donate: bool = True):
+  import jax
+  import numpy as np
+  from flax import linen as nn
+
+  from jseg import parallel, trainer
+  from jseg.bench.models import bench_config
+  if remat:
+    import jseg.models.unet as unet_mod
+    unet_mod.DoubleConv = nn.remat(unet_mod.DoubleConv, static_argnums=(2,))
+  config = bench_config(model, size, batch)
+  run = trainer.setup(config)
+  if not donate:
+    from jseg import losses
+    repl = parallel.replicated(run.mesh)
+    run.step_fn = jax.jit(functools.partial(trainer.train_step, loss_fn=losses.build_loss(config)),
+                          in_shardings=(repl, parallel.batch_sharded(run.mesh), repl),
+                          out_shardings=(repl, repl))
+  rng = np.random.default_rng(0)
+
+  def host_batch():
+    return {"image": rng.standard_normal((batch, size, size, 3), np.float32),
+            "label": rng.integers(0, 11, (batch, size, size)).astype(np.int32)}
+  return run, host_batch
+
+
+def recompile(a):
+  import jax
+  from jseg import parallel
+  run, host_batch = _setup(a.model, a.batch, a.size)
+  state = run.state
+  sizes = []
+  for _ in range(3):
+    b = parallel.shard_batch(host_batch(), run.mesh)
+    state, m = run.step_fn(state, b, run.step_rng)
+    jax.block_until_ready(m["loss"])
+    sizes.append(run.step_fn._cache_size())
+  return {"jit_cache_size_after_each_step": sizes}
+
+
+def transfer(a):
+  import jax
+  from jseg import parallel
+  run, host_batch = _setup(a.model, a.batch, a.size)
+  hb = host_batch()
+  times = []
+  for _ in range(10):
+    t0 = time.perf_counter()
+    jax.block_until_ready(parallel.shard_batch(hb, run.mesh))
+    times.append(time.perf_counter() - t0)
+  mb = sum(v.nbytes for v in hb.values()) / 2**20
+  return {"batch_mb": round(mb, 1), "shard_batch_ms_median": round(1e3 * statistics.median(times), 2)}
+
+
+def one_variant(a):
+  """Time and peak memory of the step in this process (remat/donate switches)."""
+  import jax
+  from jseg import parallel
+  from jseg.bench.models import _rss_mb
+  run, host_batch = _setup(a.model, a.batch, a.size, remat=a.remat, donate=not a.no_donate)
+  b = parallel.shard_batch(host_batch(), run.mesh)
+  state = run.state
+  for _ in range(2):
+    state, m = run.step_fn(state, b, run.step_rng)
+    jax.block_until_ready(m["loss"])
+  times = []
+  for _ in range(a.repeats):
+    t0 = time.perf_counter()
+    state, m = run.step_fn(state, b, run.step_rng)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t0)
+  return {"step_s": round(statistics.median(times), 4), "peak_rss_mb": round(_rss_mb(), 1)}
+
+
+def ab(a, variants):
+  out = {v: [] for v in variants}
+  for _ in range(a.rounds):
+    for v, extra in variants.items():
+      cmd = [sys.executable, __file__, "one", "--model", a.model, "--batch", str(a.batch),
+             "--size", str(a.size), "--repeats", str(a.repeats)] + extra
+      r = subprocess.run(cmd, capture_output=True, text=True)
+      line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+      res = json.loads(line[-1][7:]) if line else {"error": r.stderr.strip().splitlines()[-3:]}
+      res["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+      out[v].append(res)
+      print(v, res, flush=True)
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("what", choices=("recompile", "transfer", "remat", "donate", "one"))
+  p.add_argument("--model", default="unet")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--size", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--no_donate", action="store_true")
+  a = p.parse_args()
+  if a.what == "recompile":
+    out = recompile(a)
+  elif a.what == "transfer":
+    out = transfer(a)
+  elif a.what == "one":
+    out = one_variant(a)
+  elif a.what == "remat":
+    out = ab(a, {"plain": [], "remat": ["--remat"]})
+  else:
+    out = ab(a, {"donated": [], "not_donated": ["--no_donate"]})
+  print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

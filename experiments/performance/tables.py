@@ -1,0 +1,82 @@
+"""Markdown tables from ``python -m jseg.bench models --out=...`` JSON files.
+
+  python experiments/performance/tables.py experiments/performance/headline_256_b4_ynn_dot_reduce.json
+  python experiments/performance/tables.py --scaling experiments/performance/scaling_*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _f(v, spec):
+  return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def side_by_side(path: str, peak: float | None = None) -> str:
+  r = json.load(open(path))
+  peak = peak or r["peak"].get("best_gflops")
+  s = r["settings"]
+  lines = [f"`{r['command']}` (batch {s['batch']}, {s['size']}x{s['size']}, {s['threads']} threads; "
+           f"XLA_FLAGS=`{s.get('xla_flags', '')}`)", "",
+           "| model | params | GFLOP/img (train) | jseg img/s | torch img/s | **train j/t** | jseg ms/img (infer) | "
+           "torch ms/img | **infer j/t** | jseg compile s | jseg MFU | torch MFU | jseg peak MB | torch peak MB | "
+           "**mem j/t** | load avg |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for row in r["results"]:
+    j, t = row.get("jseg", {}), row.get("torch", {})
+    if "error" in j:
+      lines.append(f"| {row['model']} | error: {j['error'][:80]} |")
+      continue
+    q = row.get("ratio", {})
+    gf = j["train_gflops_per_image"]
+    mfu = lambda m: _f(100 * gf * m["train_images_per_s"] / peak, ".0f") + "%" if m and peak else "-"  # noqa: E731
+    lines.append(
+        f"| {row['model']} | {j['params']:,} | {gf:.1f} | {j['train_images_per_s']:.2f} | "
+        f"{_f(t.get('train_images_per_s'), '.2f')} | **{_f(q.get('train'), '.2f')}x** | "
+        f"{j['infer_ms_per_image']:.1f} | {_f(t.get('infer_ms_per_image'), '.1f')} | "
+        f"**{_f(q.get('infer'), '.2f')}x** | {j['compile_s']:.1f} | {mfu(j)} | {mfu(t)} | "
+        f"{j['peak_rss_mb']:.0f} | {_f(t.get('peak_rss_mb'), '.0f')} | **{_f(q.get('memory'), '.2f')}x** | "
+        f"{' '.join(str(x) for x in row.get('loadavg_before', [])[:1])} |")
+  lines.append("")
+  lines.append(f"Peak used for MFU: {peak:.0f} GFLOP/s ({r['peak'].get('how', '')}; measured this run: "
+               f"jax {r['peak'].get('jax_gflops')}, torch {r['peak'].get('torch_gflops')}).")
+  return "\n".join(lines)
+
+
+def scaling(paths: list[str]) -> str:
+  lines = ["| model | batch | size | jseg img/s | torch img/s | train j/t | jseg peak MB | torch peak MB | "
+           "jseg step s | torch step s |", "|---|---|---|---|---|---|---|---|---|---|"]
+  rows = []
+  for p in paths:
+    r = json.load(open(p))
+    for row in r["results"]:
+      rows.append((row["model"], r["settings"]["batch"], r["settings"]["size"], row))
+  for m, b, s, row in sorted(rows, key=lambda x: (x[0], x[1], x[2])):
+    j, t = row.get("jseg", {}), row.get("torch", {})
+    if "error" in j:
+      lines.append(f"| {m} | {b} | {s} | error: {j['error'][:60]} |")
+      continue
+    lines.append(f"| {m} | {b} | {s} | {j['train_images_per_s']:.2f} | {_f(t.get('train_images_per_s'), '.2f')} | "
+                 f"{_f(row.get('ratio', {}).get('train'), '.2f')}x | {j['peak_rss_mb']:.0f} | "
+                 f"{_f(t.get('peak_rss_mb'), '.0f')} | {j['step_s']:.3f} | {_f(t.get('step_s'), '.3f')} |")
+  return "\n".join(lines)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("paths", nargs="+")
+  p.add_argument("--scaling", action="store_true")
+  p.add_argument("--peak", type=float, default=None, help="GFLOP/s for MFU (default: the run's measured best)")
+  a = p.parse_args()
+  if a.scaling:
+    print(scaling(a.paths))
+  else:
+    for path in a.paths:
+      print(side_by_side(path, a.peak))
+      print()
+
+
+if __name__ == "__main__":
+  main()
