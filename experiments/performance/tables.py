@@ -59,8 +59,9 @@ def scaling(paths: list[str]) -> str:
       lines.append(f"| {m} | {b} | {s} | error: {j['error'][:60]} |")
       continue
     lines.append(f"| {m} | {b} | {s} | {j['train_images_per_s']:.2f} | {_f(t.get('train_images_per_s'), '.2f')} | "
-                 f"{_f(row.get('ratio', {}).get('train'), '.2f')}x | {j['peak_rss_mb']:.0f} | ".replace("-x |", "- |")
-                 f"{_f(t.get('peak_rss_mb'), '.0f')} | {j['step_s']:.3f} | {_f(t.get('step_s'), '.3f')} |")
+                 f"{_f(row.get('ratio', {}).get('train'), '.2f')}x | {j['peak_rss_mb']:.0f} | "
+                 f"{_f(t.get('peak_rss_mb'), '.0f')} | {j['step_s']:.3f} | {_f(t.get('step_s'), '.3f')} |"
+                 .replace("| -x |", "| - |"))
   return "\n".join(lines)
 
 
