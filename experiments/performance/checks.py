@@ -4,8 +4,9 @@
   python experiments/performance/checks.py transfer    # host->device cost of one batch (what prefetching could hide)
   python experiments/performance/checks.py remat       # jax.checkpoint on every U-Net level: time and peak memory
   python experiments/performance/checks.py donate      # the step with and without donated state: time and peak memory
+  python experiments/performance/checks.py bn --model=pspnet   # flax BatchNorm vs a closed-form-VJP BatchNorm
 
-Each prints one ``RESULT {json}`` line. ``remat`` and ``donate`` run each variant in
+Each prints one ``RESULT {json}`` line. ``remat``, ``donate`` and ``bn`` run each variant in
 its own subprocess (peak memory is per process) and alternate them ``--rounds`` times.
 Settings are the benchmark's (``jseg.bench.models.bench_config``: batch 4, 256x256,
 SGD momentum); XLA_FLAGS from the environment apply.
@@ -23,10 +24,81 @@ import sys
 import time
 
 
-def _setup(model: str, batch: int, size: int, remat: bool = False, donate: bool = True):
+def closed_form_batch_norm():
+  """A drop-in ``flax.linen.BatchNorm`` whose training-mode VJP is written out.
+
+  Same parameters (``scale``, ``bias``) and statistics (``mean``, ``var``) as flax's;
+  the backward pass is the closed form torch uses,
+  ``dx = scale/sigma * (g - mean(g) - xhat * mean(g * xhat))``, two reductions and
+  one elementwise pass, instead of the autodiff of flax's statistics.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  @jax.custom_vjp
+  def bn_train(x, scale, bias, eps):
+    return _fwd(x, scale, bias, eps)[0]
+
+  def _fwd(x, scale, bias, eps):
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    inv = jax.lax.rsqrt(var + eps)
+    xhat = (x - mean) * inv
+    return (xhat * scale + bias, mean, var), (xhat, inv, scale)
+
+  def _bwd(res, cts):
+    xhat, inv, scale = res
+    g = cts[0]  # the statistics feed only batch_stats, never the loss
+    axes = tuple(range(g.ndim - 1))
+    dbias = g.sum(axes)
+    dscale = (g * xhat).sum(axes)
+    m = g.size // g.shape[-1]
+    dx = (scale * inv) * (g - (dbias + xhat * dscale) / m)
+    return dx, dscale, dbias, None
+
+  bn_train.defvjp(_fwd, _bwd)
+
+  class BatchNorm(nn.Module):
+    use_running_average: bool | None = None
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: object = None
+    param_dtype: object = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: object = nn.initializers.zeros
+    scale_init: object = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None):
+      use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+      c = x.shape[-1]
+      scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+      bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+      ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+      ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+      if use_ra:
+        return (x - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon) * scale + bias
+      y, mean, var = bn_train(x, scale, bias, self.epsilon)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
+      return y
+
+  return BatchNorm
+
+
+def _setup(model: str, batch: int, size: int, remat: bool = False, donate: bool = True,
+           bn_closed_form: bool = False):
   import jax
   import numpy as np
   from flax import linen as nn
+
+  if bn_closed_form:
+    nn.BatchNorm = closed_form_batch_norm()  # every jseg model looks it up as nn.BatchNorm at call time
 
   from jseg import parallel, trainer
   from jseg.bench.models import bench_config
@@ -82,7 +154,8 @@ def one_variant(a):
   import jax
   from jseg import parallel
   from jseg.bench.models import _rss_mb
-  run, host_batch = _setup(a.model, a.batch, a.size, remat=a.remat, donate=not a.no_donate)
+  run, host_batch = _setup(a.model, a.batch, a.size, remat=a.remat, donate=not a.no_donate,
+                           bn_closed_form=a.bn_closed_form)
   b = parallel.shard_batch(host_batch(), run.mesh)
   state = run.state
   for _ in range(2):
@@ -114,7 +187,7 @@ def ab(a, variants):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("what", choices=("recompile", "transfer", "remat", "donate", "one"))
+  p.add_argument("what", choices=("recompile", "transfer", "remat", "donate", "bn", "one"))
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--size", type=int, default=256)
@@ -122,6 +195,7 @@ def main():
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--remat", action="store_true")
   p.add_argument("--no_donate", action="store_true")
+  p.add_argument("--bn_closed_form", action="store_true")
   a = p.parse_args()
   if a.what == "recompile":
     out = recompile(a)
@@ -131,6 +205,8 @@ def main():
     out = one_variant(a)
   elif a.what == "remat":
     out = ab(a, {"plain": [], "remat": ["--remat"]})
+  elif a.what == "bn":
+    out = ab(a, {"flax_bn": [], "closed_form_bn": ["--bn_closed_form"]})
   else:
     out = ab(a, {"donated": [], "not_donated": ["--no_donate"]})
   print("RESULT " + json.dumps(out))

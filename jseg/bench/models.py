@@ -17,8 +17,8 @@ builds the real training setup (``jseg.trainer.setup``: the jitted, donated
   included), ``train_peak_rss_mb``: the peak while training steps run (the
   high-water mark is reset after compilation; torch: before its first step),
   ``runtime_rss_mb``, the resident memory once the framework is imported and
-  its CPU backend is up (before any model), and ``base_rss_mb`` at start. On accelerators ``device_peak_mb`` is added from
-  ``memory_stats()``.
+  its CPU backend is up (before any model), and ``base_rss_mb`` at start.
+  On accelerators ``device_peak_mb`` is added from ``memory_stats()``.
 
 With ``--torch`` (default: on when ``benchmarks/torch_bench.py`` and torch are
 present) the same architecture written in plain PyTorch
