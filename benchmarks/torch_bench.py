@@ -20,35 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-
-def rss_mb() -> float:
-  """Peak resident memory of this process in MiB: ``VmHWM`` (reset at exec, unlike
-  ``ru_maxrss``, which a child inherits from the process that forked it)."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def cur_rss_mb() -> float:
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return 0.0
+from jseg.bench.procstats import cur_rss_mb, reset_peak_rss, rss_mb
 
 
 def pin(threads: int) -> None:
@@ -114,12 +91,7 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
     opt.step()
     return loss
 
-  try:  # peak memory while training: reset the high-water mark (Linux clear_refs 5)
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    reset = True
-  except OSError:
-    reset = False
+  reset = reset_peak_rss()  # peak memory while training only
   t0 = time.perf_counter()
   for _ in range(warmup):
     loss = float(step())

@@ -47,7 +47,6 @@ import ast
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jseg.bench.procstats import cur_rss_mb, reset_peak_rss, rss_mb
 from jseg.config import REPO_ROOT, load_config
 
 NUM_CLASSES = 11  # the CamVid metadata the training setup checks the model against
@@ -107,41 +107,6 @@ def bench_config(name: str, size: int, batch: int, preset: str = "bench",
   return c
 
 
-def _rss_mb() -> float:
-  """Peak resident memory of this process in MiB: ``VmHWM`` (reset at exec, unlike
-  ``ru_maxrss``, which a child inherits from the process that forked it)."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _cur_rss_mb() -> float:
-  """Current resident memory (``VmRSS``) in MiB, 0 where /proc is missing."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return 0.0
-
-
-def _reset_peak_rss() -> bool:
-  """Resets this process's ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5)."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
 def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
   import jax
   times = []
@@ -162,14 +127,14 @@ def _flops(compiled) -> float:
 def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, repeats: int,
              preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
   """Measures one model in this process (call in a fresh subprocess)."""
-  base_rss = _rss_mb()
+  base_rss = rss_mb()
   import jax
   import numpy as np
 
   from jseg import parallel, trainer
 
   jax.devices()
-  import_rss = _cur_rss_mb()
+  import_rss = cur_rss_mb()
   config = bench_config(name, size, batch, preset, overrides)
   t0 = time.perf_counter()
   run = trainer.setup(config)
@@ -190,14 +155,14 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
     state, metrics = step(state, b, run.step_rng)
     return metrics["loss"]
 
-  compile_rss = _rss_mb()
-  reset = _reset_peak_rss()
+  compile_rss = rss_mb()
+  reset = reset_peak_rss()
   for _ in range(warmup):
     loss = float(one_step())
   if not np.isfinite(loss):
     raise RuntimeError(f"{name}: the training loss is not finite ({loss}).")
   step_s, step_times = _median_time(one_step, repeats)
-  train_rss = _rss_mb() if reset else None
+  train_rss = rss_mb() if reset else None
 
   model = run.model
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
@@ -225,7 +190,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "base_rss_mb": round(base_rss, 1), "runtime_rss_mb": round(import_rss, 1),
       "compile_peak_rss_mb": round(compile_rss, 1),
       "train_peak_rss_mb": round(train_rss, 1) if train_rss else None,
-      "peak_rss_mb": round(max(_rss_mb(), compile_rss), 1),
+      "peak_rss_mb": round(max(rss_mb(), compile_rss), 1),
       "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
