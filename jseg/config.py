@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.keep_checkpoints = 3
   c.distributed = False
+  # XLA's persistent compilation cache (jseg.runtime): re-runs skip compilation; "" = off.
+  c.compilation_cache_dir = "~/.cache/jseg/xla"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "pspnet"

@@ -25,9 +25,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from jseg import evaluation
+  from jseg import runtime
   from jseg.writers import quiet_library_logs
 
   quiet_library_logs()
+  runtime.enable_compilation_cache()  # re-evaluating a run skips compilation
 
   result = evaluation.evaluate_run(
       _WORKDIR.value, split=_SPLIT.value, which=_CHECKPOINT.value, config=_CONFIG.value)

@@ -22,9 +22,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from jseg import prediction
+  from jseg import runtime
   from jseg.writers import quiet_library_logs
 
   quiet_library_logs()
+  runtime.enable_compilation_cache()  # re-running a prediction skips compilation
 
   written = prediction.predict_files(
       _WORKDIR.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value, _OVERWRITE.value, _MC.value)

@@ -24,7 +24,7 @@ from flax.training import train_state
 
 from jseg import checkpoint as ckpt_lib
 from jseg import data as data_lib
-from jseg import inference, losses, metrics, optim, parallel
+from jseg import inference, losses, metrics, optim, parallel, runtime
 from jseg.models import build_model
 from jseg.writers import MetricWriter
 
@@ -313,6 +313,7 @@ def quick_train(config: ml_collections.ConfigDict, steps: int) -> list[float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains (resuming from ``workdir`` if it holds checkpoints); returns final eval summary."""
   workdir = Path(workdir)
+  runtime.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   parallel.maybe_initialize_distributed(config)
   is_main = jax.process_index() == 0
   run = setup(config)
@@ -366,6 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     for step in range(start + 1, config.total_steps + 1):
       batch = parallel.shard_batch(next(train_iter), mesh)
       state, step_metrics = step_fn(state, batch, step_rng)
+      if step == start + 1:
+        runtime.release_free_memory()  # the compiler's freed working memory
       pending.append((step, step_metrics["loss"]))
       n_log += 1
       if step % config.log_every == 0 or step == config.total_steps:
@@ -380,7 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       is_eval = step % config.eval_every == 0 or step == config.total_steps
       eval_metrics = None
       if is_eval:
+        first_eval = summary is None
         summary = evaluate(state)
+        if first_eval:
+          runtime.release_free_memory()
         eval_metrics = summary_for_log(summary, info.class_names)
         writer.write(step, "eval", eval_metrics)
         progress.write(

@@ -5,6 +5,8 @@
   python experiments/performance/checks.py remat       # jax.checkpoint on every U-Net level: time and peak memory
   python experiments/performance/checks.py donate      # the step with and without donated state: time and peak memory
   python experiments/performance/checks.py bn --model=pspnet   # flax BatchNorm vs a closed-form-VJP BatchNorm
+  python experiments/performance/checks.py release --model=pspnet  # malloc_trim after compiling: resident memory
+  python experiments/performance/checks.py cache --model=pspnet    # persistent compilation cache: cold vs warm start
 
 Each prints one ``RESULT {json}`` line. ``remat``, ``donate`` and ``bn`` run each variant in
 its own subprocess (peak memory is per process) and alternate them ``--rounds`` times.
@@ -153,7 +155,7 @@ def one_variant(a):
   """Time and peak memory of the step in this process (remat/donate switches)."""
   import jax
   from jseg import parallel
-  from jseg.bench.models import _rss_mb
+  from jseg.bench.procstats import rss_mb
   run, host_batch = _setup(a.model, a.batch, a.size, remat=a.remat, donate=not a.no_donate,
                            bn_closed_form=a.bn_closed_form)
   b = parallel.shard_batch(host_batch(), run.mesh)
@@ -167,14 +169,50 @@ def one_variant(a):
     state, m = run.step_fn(state, b, run.step_rng)
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t0)
-  return {"step_s": round(statistics.median(times), 4), "peak_rss_mb": round(_rss_mb(), 1)}
+  return {"step_s": round(statistics.median(times), 4), "peak_rss_mb": round(rss_mb(), 1)}
 
 
-def ab(a, variants):
+def startup(a):
+  """One process: init, compile, (release,) train; time and resident memory at each stage."""
+  import jax
+  if a.cache_dir:
+    jax.config.update("jax_compilation_cache_dir", a.cache_dir)
+  from jseg import parallel, runtime
+  from jseg.bench.procstats import cur_rss_mb, reset_peak_rss, rss_mb
+  jax.devices()
+  out = {"runtime_rss_mb": round(cur_rss_mb(), 1)}
+  t0 = time.perf_counter()
+  run, host_batch = _setup(a.model, a.batch, a.size)
+  jax.block_until_ready(run.state)
+  out["init_s"] = round(time.perf_counter() - t0, 3)
+  out["after_init_rss_mb"] = round(cur_rss_mb(), 1)
+  b = parallel.shard_batch(host_batch(), run.mesh)
+  t0 = time.perf_counter()
+  step = run.step_fn.lower(run.state, b, run.step_rng).compile()
+  out["compile_s"] = round(time.perf_counter() - t0, 3)
+  out["after_compile_rss_mb"] = round(cur_rss_mb(), 1)
+  out["peak_through_compile_mb"] = round(rss_mb(), 1)
+  if a.release:
+    runtime.release_free_memory()
+    out["after_release_rss_mb"] = round(cur_rss_mb(), 1)
+  reset_peak_rss()
+  state, times = run.state, []
+  for _ in range(2 + a.repeats):
+    t0 = time.perf_counter()
+    state, m = step(state, b, run.step_rng)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t0)
+  out["step_s"] = round(statistics.median(times[2:]), 4)
+  out["train_peak_rss_mb"] = round(rss_mb(), 1)
+  out["loss_after_steps"] = float(m["loss"])
+  return out
+
+
+def ab(a, variants, child="one"):
   out = {v: [] for v in variants}
   for _ in range(a.rounds):
     for v, extra in variants.items():
-      cmd = [sys.executable, __file__, "one", "--model", a.model, "--batch", str(a.batch),
+      cmd = [sys.executable, __file__, child, "--model", a.model, "--batch", str(a.batch),
              "--size", str(a.size), "--repeats", str(a.repeats)] + extra
       r = subprocess.run(cmd, capture_output=True, text=True)
       line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -187,7 +225,8 @@ def ab(a, variants):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("what", choices=("recompile", "transfer", "remat", "donate", "bn", "one"))
+  p.add_argument("what", choices=("recompile", "transfer", "remat", "donate", "bn", "release",
+                                   "cache", "one", "startup"))
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--size", type=int, default=256)
@@ -196,6 +235,8 @@ def main():
   p.add_argument("--remat", action="store_true")
   p.add_argument("--no_donate", action="store_true")
   p.add_argument("--bn_closed_form", action="store_true")
+  p.add_argument("--release", action="store_true")
+  p.add_argument("--cache_dir", default="")
   a = p.parse_args()
   if a.what == "recompile":
     out = recompile(a)
@@ -203,6 +244,16 @@ def main():
     out = transfer(a)
   elif a.what == "one":
     out = one_variant(a)
+  elif a.what == "startup":
+    out = startup(a)
+  elif a.what == "release":
+    out = ab(a, {"kept": [], "released": ["--release"]}, child="startup")
+  elif a.what == "cache":
+    import tempfile
+    cache = tempfile.mkdtemp(prefix="jseg_cache_check_")
+    a.rounds = 1  # cold (fills the empty cache), then warm (reads it)
+    out = ab(a, {"cold": ["--cache_dir", cache, "--release"], "warm": ["--cache_dir", cache, "--release"]},
+             child="startup")
   elif a.what == "remat":
     out = ab(a, {"plain": [], "remat": ["--remat"]})
   elif a.what == "bn":

@@ -18,6 +18,11 @@ builds the real training setup (``jseg.trainer.setup``: the jitted, donated
   high-water mark is reset after compilation; torch: before its first step),
   ``runtime_rss_mb``, the resident memory once the framework is imported and
   its CPU backend is up (before any model), and ``base_rss_mb`` at start.
+  After compiling, the freed compiler memory is handed back to the OS
+  (``jseg.runtime.release_free_memory``, as the trainer does after its first
+  step; ``after_release_rss_mb``). Compilation is cold unless
+  ``--compilation_cache=DIR`` is given: a second run with the same folder
+  measures a warm start (re-runs and resumes with ``config.compilation_cache_dir``).
   On accelerators ``device_peak_mb`` is added from ``memory_stats()``.
 
 With ``--torch`` (default: on when ``benchmarks/torch_bench.py`` and torch are
@@ -131,7 +136,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   import jax
   import numpy as np
 
-  from jseg import parallel, trainer
+  from jseg import parallel, runtime, trainer
 
   jax.devices()
   import_rss = cur_rss_mb()
@@ -156,6 +161,8 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
     return metrics["loss"]
 
   compile_rss = rss_mb()
+  runtime.release_free_memory()  # as the trainer does after its first step
+  release_rss = cur_rss_mb()
   reset = reset_peak_rss()
   for _ in range(warmup):
     loss = float(one_step())
@@ -189,6 +196,8 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "final_loss": round(float(one_step()), 4),
       "base_rss_mb": round(base_rss, 1), "runtime_rss_mb": round(import_rss, 1),
       "compile_peak_rss_mb": round(compile_rss, 1),
+      "after_release_rss_mb": round(release_rss, 1),
+      "compilation_cache": jax.config.jax_compilation_cache_dir or "",
       "train_peak_rss_mb": round(train_rss, 1) if train_rss else None,
       "peak_rss_mb": round(max(rss_mb(), compile_rss), 1),
       "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
@@ -313,6 +322,9 @@ def main(argv: list[str]) -> dict[str, Any]:
   parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
   parser.add_argument("--peak_gflops", type=float, default=0.0,
                       help="the machine's peak GFLOP/s for MFU (default: measured by a matmul)")
+  parser.add_argument("--compilation_cache", default="",
+                      help="XLA compilation cache folder for the jseg processes (a second run "
+                           "with the same folder measures a warm start); default: none")
   parser.add_argument("--out", default="")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -332,6 +344,9 @@ def main(argv: list[str]) -> dict[str, Any]:
   env = dict(os.environ)
   if args.xla_flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # cold compiles unless asked for
+  if args.compilation_cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(Path(args.compilation_cache).expanduser())
   common = ["--batch", str(args.batch), "--size", str(args.size), "--infer_batch", str(args.infer_batch),
             "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
   me = [sys.executable, "-m", "jseg.bench", "models"]

@@ -1,0 +1,79 @@
+"""jseg.runtime: the persistent compilation cache and returning freed heap pages."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jseg import runtime
+from jseg.bench.procstats import cur_rss_mb
+
+_PROBE = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    from jseg import runtime
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    events = []
+    jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+    off = runtime.enable_compilation_cache("")  # no directory: stays off
+    on = runtime.enable_compilation_cache(sys.argv[1])
+    again = runtime.enable_compilation_cache(sys.argv[1] + "_other")  # first one wins
+    y = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.arange(64.0).reshape(8, 8) / 64)
+    print(json.dumps({"off": off, "on": str(on), "again": str(again), "y": float(y),
+                      "hits": events.count("/jax/compilation_cache/cache_hits"),
+                      "misses": events.count("/jax/compilation_cache/cache_misses")}))
+""")
+
+
+def _probe(cache_dir: str) -> dict:
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  out = subprocess.run([sys.executable, "-c", _PROBE, cache_dir], env=env, check=True,
+                       capture_output=True, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def test_compilation_cache_is_reused_by_a_later_process(tmp_path):
+  cache = tmp_path / "xla"
+  first = _probe(str(cache))
+  assert first["off"] is None
+  assert first["on"] == first["again"] == str(cache)
+  assert first["misses"] >= 1 and first["hits"] == 0
+  assert any(cache.iterdir()), "nothing was written to the cache"
+  second = _probe(str(cache))
+  assert second["hits"] >= 1 and second["misses"] == 0
+  assert second["y"] == first["y"]  # the same executable: the same bits
+
+
+def test_compilation_cache_keeps_the_directory_jax_already_has(tmp_path):
+  # conftest sets JAX_COMPILATION_CACHE_DIR for the test session.
+  current = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  assert str(runtime.enable_compilation_cache(str(tmp_path / "other"))) == current
+  assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.skipif(runtime._libc() is None, reason="needs glibc's malloc_trim")
+def test_release_free_memory_returns_freed_heap_pages():
+  libc = runtime._libc()
+  libc.malloc.restype = ctypes.c_void_p
+  libc.malloc.argtypes = [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+  size, count = 32 * 1024, 4096  # 128 MB in blocks below glibc's mmap threshold
+  blocks = [libc.malloc(size) for _ in range(count)]
+  assert all(blocks)
+  for b in blocks:
+    ctypes.memset(b, 1, size)  # make the pages resident
+  held = cur_rss_mb()
+  for b in blocks[:-1]:  # the last block pins the heap top, so free() cannot trim
+    libc.free(b)
+  before = cur_rss_mb()
+  assert runtime.release_free_memory()
+  after = cur_rss_mb()
+  libc.free(blocks[-1])
+  assert before > held - 32, "free() already returned the pages; the test shows nothing"
+  assert before - after > 64, f"only {before - after:.0f} MB of 128 MB returned"
