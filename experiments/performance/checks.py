@@ -5,6 +5,7 @@
   python experiments/performance/checks.py remat       # jax.checkpoint on every U-Net level: time and peak memory
   python experiments/performance/checks.py donate      # the step with and without donated state: time and peak memory
   python experiments/performance/checks.py bn --model=pspnet   # flax BatchNorm vs a closed-form-VJP BatchNorm
+  python experiments/performance/checks.py conv --model=pspnet     # jseg.models.conv.Conv (row-stacked kernel grad) for every nn.Conv
   python experiments/performance/checks.py release --model=pspnet  # malloc_trim after compiling: resident memory
   python experiments/performance/checks.py cache --model=pspnet    # persistent compilation cache: cold vs warm start
 
@@ -94,11 +95,15 @@ def closed_form_batch_norm():
 
 
 def _setup(model: str, batch: int, size: int, remat: bool = False, donate: bool = True,
-           bn_closed_form: bool = False):
+           bn_closed_form: bool = False, stacked_conv: bool = False):
   import jax
   import numpy as np
   from flax import linen as nn
 
+  if stacked_conv:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import stacked_conv as conv_lib
+    nn.Conv = conv_lib.Conv  # every jseg model looks it up as nn.Conv at call time
   if bn_closed_form:
     nn.BatchNorm = closed_form_batch_norm()  # every jseg model looks it up as nn.BatchNorm at call time
 
@@ -157,7 +162,7 @@ def one_variant(a):
   from jseg import parallel
   from jseg.bench.procstats import rss_mb
   run, host_batch = _setup(a.model, a.batch, a.size, remat=a.remat, donate=not a.no_donate,
-                           bn_closed_form=a.bn_closed_form)
+                           bn_closed_form=a.bn_closed_form, stacked_conv=a.stacked_conv)
   b = parallel.shard_batch(host_batch(), run.mesh)
   state = run.state
   for _ in range(2):
@@ -225,7 +230,7 @@ def ab(a, variants, child="one"):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("what", choices=("recompile", "transfer", "remat", "donate", "bn", "release",
+  p.add_argument("what", choices=("recompile", "transfer", "remat", "donate", "bn", "conv", "release",
                                    "cache", "one", "startup"))
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=4)
@@ -236,6 +241,7 @@ def main():
   p.add_argument("--no_donate", action="store_true")
   p.add_argument("--bn_closed_form", action="store_true")
   p.add_argument("--release", action="store_true")
+  p.add_argument("--stacked_conv", action="store_true")
   p.add_argument("--cache_dir", default="")
   a = p.parse_args()
   if a.what == "recompile":
@@ -258,6 +264,8 @@ def main():
     out = ab(a, {"plain": [], "remat": ["--remat"]})
   elif a.what == "bn":
     out = ab(a, {"flax_bn": [], "closed_form_bn": ["--bn_closed_form"]})
+  elif a.what == "conv":
+    out = ab(a, {"xla_conv": [], "stacked_conv": ["--stacked_conv"]})
   else:
     out = ab(a, {"donated": [], "not_donated": ["--no_donate"]})
   print("RESULT " + json.dumps(out))
