@@ -51,3 +51,23 @@ def test_bad_names_are_reported():
     bench_models.bench_config("nope", 32, 2)
   with pytest.raises(ValueError, match="preset"):
     bench_models.bench_config("unet", 32, 2, preset="huge")
+
+
+@pytest.mark.parametrize("name", sorted(bench_models.PAPER_PRESETS))
+def test_paper_preset_twins_match_parameter_count(name):
+  """The accelerator-sized networks (``--preset=paper``) have torch twins of the same size."""
+  pytest.importorskip("torch")
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("torch_models", bench_models.REPO_ROOT / "benchmarks" / "torch_models.py")
+  torch_models = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(torch_models)
+  import jax
+  import jax.numpy as jnp
+  from jseg.models import build_model
+  c = bench_models.bench_config(name, 64, 1, preset="paper")
+  model = build_model(c.model)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  jseg_params = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
+  twin = torch_models.build(name, json.loads(c.model.to_json_best_effort()))
+  assert sum(p.numel() for p in twin.parameters()) == jseg_params
+  assert jseg_params > 5_000_000  # paper-sized, not the CPU preset

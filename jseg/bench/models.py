@@ -38,9 +38,21 @@ jseg/torch ratios (> 1: jseg faster or smaller).
 ``--xla_flags`` appends to ``XLA_FLAGS`` for the jseg processes (the levers
 measured in ``experiments/performance/README.md``).
 
+On an accelerator (the peak child reports JAX's backend) the torch side runs on
+``cuda`` with ``--amp=bf16`` when ``--set=dtype=bfloat16`` is given (jseg: bf16
+compute, float32 parameters and loss), the peak is an 8192^2 matmul in that
+dtype, and ``device_peak_mb`` (XLA's ``peak_bytes_in_use``, torch's
+``max_memory_allocated``) gives the ``device_memory`` ratio. ``--smp`` adds
+segmentation_models.pytorch's network of the same name (default ResNet-34
+encoder) as a reference row when smp imports (it needs torchvision): a different
+network, so no ratio. ``--deadline_s`` skips the models not started by then
+(for leased machines); the JSON is rewritten after each model.
+
 Models are sized by ``--preset``: ``bench`` (default) shrinks each paper
-config to a CPU-sized network (``BENCH_PRESETS``); ``config`` takes
-``configs/<name>.py`` as it is. ``--set=field=value`` (repeatable) overrides a
+config to a CPU-sized network (``BENCH_PRESETS``); ``paper`` gives the papers'
+widths and depths (``PAPER_PRESETS``: U-Net width 64, UNet++ width 32,
+ResNet-50 PSPNet, ResNet-101 DeepLab v3, Xception-65 DeepLab v3+), for
+accelerators; ``config`` takes ``configs/<name>.py`` as it is. ``--set=field=value`` (repeatable) overrides a
 ``config.model`` field for every model, e.g. ``--set=width=64``. Not a test: the
 figures depend on the machine and its load (the JSON records ``loadavg``).
 """
@@ -79,6 +91,19 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
                       "decoder_features": 32, "low_level_features": 16},
 }
 
+# The papers' network sizes (for accelerators): U-Net (Ronneberger et al.) width 64 with
+# BN and same padding, UNet++ (Zhou et al.) width 32, PSPNet ResNet-50 at output stride 8,
+# DeepLab v3 ResNet-101 and v3+ Xception-65 at output stride 16 (eval too).
+PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "unet": {"depth": 5, "width": 64, "padding": "same", "batch_norm": True, "dropout": 0.0},
+    "unetpp": {"depth": 4, "width": 32, "batch_norm": True, "deep_supervision": False},
+    "pspnet": {"depth": 50, "width": 64, "output_stride": 8, "head_features": 512, "aux_features": 256},
+    "deeplabv3": {"depth": 101, "width": 64, "output_stride": 16, "eval_output_stride": 16},
+    "deeplabv3plus": {"backbone": "xception65", "width": 1.0, "middle_blocks": 16,
+                      "output_stride": 16, "eval_output_stride": 16},
+}
+PRESETS = {"bench": BENCH_PRESETS, "paper": PAPER_PRESETS, "config": {}}
+
 
 def bench_config(name: str, size: int, batch: int, preset: str = "bench",
                  overrides: dict[str, Any] | None = None):
@@ -87,12 +112,11 @@ def bench_config(name: str, size: int, batch: int, preset: str = "bench",
   if not path.exists():
     known = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
     raise ValueError(f"No config for model '{name}' ({path}). Configs: {', '.join(known)}.")
-  if preset not in ("bench", "config"):
-    raise ValueError(f"--preset must be 'bench' or 'config'; got '{preset}'.")
+  if preset not in PRESETS:
+    raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got '{preset}'.")
   c = load_config(str(path))
-  if preset == "bench":
-    for k, v in BENCH_PRESETS.get(name, {}).items():
-      c.model[k] = v
+  for k, v in PRESETS[preset].get(name, {}).items():
+    c.model[k] = v
   for k, v in (overrides or {}).items():
     c.model[k] = v
   c.model.num_classes = NUM_CLASSES
@@ -122,11 +146,19 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
+def _flops(stage) -> float:
+  """XLA's FLOP count of a jax ``Lowered`` or ``Compiled`` stage (0 when it has none)."""
+  try:
+    cost = stage.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return 0.0
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", 0.0))
+
+
+def _best_count(compiled: float, lowered: float) -> float:
+  return lowered if compiled < 0.5 * lowered else compiled
 
 
 def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, repeats: int,
@@ -150,9 +182,10 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
           "label": rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)}
   b = parallel.shard_batch(host, run.mesh)
   t0 = time.perf_counter()
-  step = run.step_fn.lower(run.state, b, run.step_rng).compile()
+  lowered = run.step_fn.lower(run.state, b, run.step_rng)
+  step = lowered.compile()
   compile_s = time.perf_counter() - t0
-  train_flops = _flops(step)
+  train_flops, train_hlo_flops = _flops(step), _flops(lowered)
   state = run.state
 
   def one_step():
@@ -176,9 +209,10 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   variables = trainer.variables(state.params, state.batch_stats)
   x = jax.device_put(host["image"][:1].repeat(infer_batch, 0))
   t0 = time.perf_counter()
-  infer = apply.lower(variables, x).compile()
+  infer_lowered = apply.lower(variables, x)
+  infer = infer_lowered.compile()
   infer_compile_s = time.perf_counter() - t0
-  infer_flops = _flops(infer)
+  infer_flops, infer_hlo_flops = _flops(infer), _flops(infer_lowered)
   for _ in range(max(warmup, 1)):
     jax.block_until_ready(infer(variables, x))
   infer_s, _ = _median_time(lambda: infer(variables, x), repeats)
@@ -191,8 +225,11 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in step_times],
       "train_images_per_s": round(batch / step_s, 3),
       "infer_ms_per_image": round(1e3 * infer_s / infer_batch, 3),
-      "train_gflops_per_image": round(train_flops / batch / 1e9, 3),
-      "infer_gflops_per_image": round(infer_flops / infer_batch / 1e9, 3),
+      # XLA's count of the compiled executable; where a backend counts under half of
+      # the count before optimisation (convolutions hidden in library calls), that one.
+      "train_gflops_per_image": round(_best_count(train_flops, train_hlo_flops) / batch / 1e9, 3),
+      "infer_gflops_per_image": round(_best_count(infer_flops, infer_hlo_flops) / infer_batch / 1e9, 3),
+      "train_gflops_per_image_hlo": round(train_hlo_flops / batch / 1e9, 3),
       "final_loss": round(float(one_step()), 4),
       "base_rss_mb": round(base_rss, 1), "runtime_rss_mb": round(import_rss, 1),
       "compile_peak_rss_mb": round(compile_rss, 1),
@@ -209,11 +246,11 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   return out
 
 
-def measure_peak_jax(n: int = 2048, repeats: int = 5) -> float:
-  """Best GFLOP/s of a jitted n x n float32 matmul (the machine's practical peak)."""
+def measure_peak_jax(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+  """Best GFLOP/s of a jitted n x n matmul (the machine's practical peak in that dtype)."""
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(f(a, a))
   best = min(_median_time(lambda: f(a, a), 1)[0] for _ in range(repeats))
@@ -231,7 +268,11 @@ def _pin(threads: int) -> None:
 def _child(args) -> None:
   _pin(args.threads)
   if args.child == "peak":
-    out = {"framework": "jseg", "peak_gflops": round(measure_peak_jax(), 2)}
+    import jax
+    backend = jax.default_backend()
+    n = 2048 if backend == "cpu" else 8192
+    out = {"framework": "jseg", "backend": backend, "dtype": args.peak_dtype, "n": n,
+           "peak_gflops": round(measure_peak_jax(n, dtype=args.peak_dtype), 2)}
   else:
     out = run_jseg(args.child, args.size, args.batch, args.infer_batch, args.warmup, args.repeats,
                    args.preset, _parse_sets(args.set))
@@ -287,7 +328,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
   print(head)
   print("-" * len(head))
   for r in rows:
-    for fw in ("jseg", "torch"):
+    if r.get("skipped"):
+      print(f"{r['model']:14s} skipped ({r['skipped']})")
+    for fw in ("jseg", "torch", "smp"):
       m = r.get(fw)
       if not m:
         continue
@@ -297,12 +340,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
       gf = m.get("train_gflops_per_image", m.get("torch_gflops_per_image"))
       print(f"{r['model']:14s} {fw:5s} {m['params']:>9d} {_fmt(gf, '7.2f')} "
             f"{_fmt(m.get('compile_s'), '9.1f')} {_fmt(m['train_images_per_s'], '11.2f')} "
-            f"{_fmt(m['infer_ms_per_image'], '12.1f')} {_fmt(100 * m.get('mfu', 0), '6.1f')} "
-            f"{_fmt(m['peak_rss_mb'], '8.0f')} {_fmt(m.get('train_peak_rss_mb'), '8.0f')}")
+            f"{_fmt(m['infer_ms_per_image'], '12.1f')} "
+            f"{_fmt(100 * (m.get('mfu') or m.get('mfu_own_flops') or 0), '6.1f')} "
+            f"{_fmt(m.get('device_peak_mb', m['peak_rss_mb']), '8.0f')} "
+            f"{_fmt(m.get('train_peak_rss_mb'), '8.0f')}")
     if r.get("ratio"):
       q = r["ratio"]
       print(f"{r['model']:14s} {'j/t':5s} {'':>9s} {'':>7s} {'':>9s} {_fmt(q['train'], '10.2f')}x "
-            f"{_fmt(q['infer'], '11.2f')}x {'':>6s} {_fmt(q['memory'], '7.2f')}x {_fmt(q.get('train_memory'), '7.2f')}x")
+            f"{_fmt(q['infer'], '11.2f')}x {'':>6s} {_fmt(q.get('device_memory', q['memory']), '7.2f')}x {_fmt(q.get('train_memory'), '7.2f')}x")
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -314,7 +359,7 @@ def main(argv: list[str]) -> dict[str, Any]:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--preset", default="bench", choices=("bench", "config"))
+  parser.add_argument("--preset", default="bench", choices=tuple(PRESETS))
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--torch", default="auto", choices=("auto", "yes", "no"))
   parser.add_argument("--channels_last", action="store_true", help="torch side in channels_last")
@@ -325,8 +370,15 @@ def main(argv: list[str]) -> dict[str, Any]:
   parser.add_argument("--compilation_cache", default="",
                       help="XLA compilation cache folder for the jseg processes (a second run "
                            "with the same folder measures a warm start); default: none")
+  parser.add_argument("--torch_device", default="auto",
+                      help="device of the torch side: auto (cuda when JAX's backend is gpu), cpu, cuda")
+  parser.add_argument("--smp", default="no", choices=("auto", "yes", "no"),
+                      help="add segmentation_models.pytorch's model of the same name (reference row)")
+  parser.add_argument("--deadline_s", type=float, default=0.0,
+                      help="start no model after this many seconds (0: no deadline)")
   parser.add_argument("--out", default="")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--peak_dtype", default="float32", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     _child(args)
@@ -334,11 +386,17 @@ def main(argv: list[str]) -> dict[str, Any]:
 
   from jseg.registry import MODELS
   import jseg.models  # noqa: F401  (fills the registry)
+  started = time.perf_counter()
   names = [m for m in args.models.split(",") if m]
   for m in names:
     MODELS.get(m)  # unknown names raise, listing the valid ones
     bench_config(m, args.size, args.batch, args.preset, _parse_sets(args.set))
   use_torch = args.torch == "yes" or (args.torch == "auto" and TORCH_RUNNER.exists() and _has_torch())
+  use_smp = args.smp == "yes" or (args.smp == "auto" and TORCH_RUNNER.exists()
+                                  and _has_module("segmentation_models_pytorch"))
+  sets = _parse_sets(args.set)
+  bf16 = str(sets.get("dtype", "float32")) in ("bfloat16", "bf16", "jnp.bfloat16")
+  peak_dtype = "bfloat16" if bf16 else "float32"
   if args.torch == "yes" and not TORCH_RUNNER.exists():
     raise SystemExit(f"--torch=yes needs {TORCH_RUNNER} (a source checkout of jseg).")
   env = dict(os.environ)
@@ -352,28 +410,50 @@ def main(argv: list[str]) -> dict[str, Any]:
   me = [sys.executable, "-m", "jseg.bench", "models"]
 
   peak = {}
+  backend = "cpu"
   if not args.peak_gflops:
-    peak["jax_gflops"] = _spawn(me + ["--child", "peak", "--threads", str(args.threads)], env, 600).get("peak_gflops")
-  if use_torch and not args.peak_gflops:
-    peak["torch_gflops"] = _spawn([sys.executable, str(TORCH_RUNNER), "--peak", "--threads", str(args.threads)],
+    jp = _spawn(me + ["--child", "peak", "--threads", str(args.threads), "--peak_dtype", peak_dtype], env, 600)
+    peak["jax_gflops"], backend = jp.get("peak_gflops"), jp.get("backend", "cpu")
+    peak["matmul"] = f"{jp.get('n')}^2 {peak_dtype} on {backend}"
+  torch_device = args.torch_device if args.torch_device != "auto" else ("cuda" if backend == "gpu" else "cpu")
+  torch_args = ["--device", torch_device] + (["--amp", "bf16"] if bf16 else [])
+  if (use_torch or use_smp) and not args.peak_gflops:
+    n = "2048" if torch_device == "cpu" else "8192"
+    peak["torch_gflops"] = _spawn([sys.executable, str(TORCH_RUNNER), "--peak", "--threads", str(args.threads),
+                                   "--device", torch_device, "--peak_n", n, "--peak_dtype", peak_dtype],
                                   env, 600).get("peak_gflops")
   best = max((v for v in peak.values() if isinstance(v, (int, float))), default=None)
   if args.peak_gflops:
     best = args.peak_gflops
-  peak.update(best_gflops=best, how="best of 5 runs of a 2048x2048 float32 matmul (jax.jit and torch.mm), "
+  peak.update(best_gflops=best, how="best of 5 runs of an n x n matmul (2048 float32 on CPU, 8192 in the "
+                                    "benchmark's dtype on accelerators; jax.jit and torch.mm), "
                                     f"{args.threads} threads, or --peak_gflops")
   print(f"peak: {peak}", flush=True)
 
   rows = []
+  report = {}
   for m in names:
     row = {"model": m, "loadavg_before": _loadavg()}
-    sets = [f"--set={s}" for s in args.set]
-    row["jseg"] = _spawn(me + ["--child", m, "--preset", args.preset] + sets + common, env, args.timeout)
-    if use_torch and "error" not in row["jseg"]:
+    if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+      row["skipped"] = f"not started: past --deadline_s={args.deadline_s:g}"
+      print(f"{m}: {row['skipped']}", flush=True)
+      rows.append(row)
+      continue
+    set_args = [f"--set={s}" for s in args.set]
+    row["jseg"] = _spawn(me + ["--child", m, "--preset", args.preset] + set_args + common, env, args.timeout)
+    spec = None
+    if "error" not in row["jseg"]:
       spec = json.dumps({"model": m, "model_config": row["jseg"]["model_config"],
                          "aux_weight": float(load_config(str(REPO_ROOT / "configs" / f"{m}.py")).loss.aux_weight)})
-      cmd = [sys.executable, str(TORCH_RUNNER), "--spec", spec] + common
+    if use_torch and spec:
+      cmd = [sys.executable, str(TORCH_RUNNER), "--spec", spec] + common + torch_args
       row["torch"] = _spawn(cmd + (["--channels_last"] if args.channels_last else []), env, args.timeout)
+    if use_smp and spec:
+      cmd = [sys.executable, str(TORCH_RUNNER), "--smp", "--spec", spec] + common + torch_args
+      row["smp"] = _spawn(cmd + (["--channels_last"] if args.channels_last else []), env, args.timeout)
+    if "smp" in row and "error" not in row["smp"]:
+      row["smp"]["mfu_own_flops"] = (round(row["smp"]["torch_gflops_per_image"] * row["smp"]["train_images_per_s"]
+                                           / best, 4) if best else None)
     for fw in ("jseg", "torch"):
       r = row.get(fw)
       if r and "error" not in r and best:
@@ -386,26 +466,20 @@ def main(argv: list[str]) -> dict[str, Any]:
                       "memory": _ratio(j["peak_rss_mb"], t["peak_rss_mb"], False),
                       "train_memory": _ratio(j.get("train_peak_rss_mb"), t.get("train_peak_rss_mb"), False),
                       "compile": _ratio(j["compile_s"], t.get("compile_s"), False)}
+      if j.get("device_peak_mb") and t.get("device_peak_mb"):
+        row["ratio"]["device_memory"] = _ratio(j["device_peak_mb"], t["device_peak_mb"], False)
       if j["params"] != t["params"]:
         row["params_mismatch"] = f"jseg {j['params']} vs torch {t['params']}"
         print(f"WARNING {m}: parameter counts differ ({row['params_mismatch']}).", flush=True)
     row["loadavg_after"] = _loadavg()
     rows.append(row)
     print_table([row])
-  report = {
-      "suite": "models",
-      "command": "python -m jseg.bench models " + " ".join(argv),
-      "settings": {"batch": args.batch, "size": args.size, "infer_batch": args.infer_batch,
-                   "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
-                   "preset": args.preset, "set": args.set, "num_classes": NUM_CLASSES,
-                   "optimizer": "sgd momentum 0.9, weight decay 1e-4 on kernels, lr 0.01",
-                   "loss": "cross-entropy (ignore 255) + aux_weight * aux heads",
-                   "torch_channels_last": args.channels_last, "xla_flags": env.get("XLA_FLAGS", "")},
-      "peak": peak,
-      "results": rows,
-      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
-                  "python": platform.python_version()},
-  }
+    report = _report(args, argv, env, peak, rows, torch_device)
+    if args.out:  # rewritten after each model: a run cut short keeps what it measured
+      with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+  if not report:
+    report = _report(args, argv, env, peak, rows, torch_device)
   print()
   print_table(rows)
   if args.out:
@@ -415,9 +489,37 @@ def main(argv: list[str]) -> dict[str, Any]:
   return report
 
 
+def _report(args, argv, env, peak, rows, torch_device) -> dict[str, Any]:
+  return {
+      "suite": "models",
+      "command": "python -m jseg.bench models " + " ".join(argv),
+      "settings": {"batch": args.batch, "size": args.size, "infer_batch": args.infer_batch,
+                   "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+                   "preset": args.preset, "set": args.set, "num_classes": NUM_CLASSES,
+                   "optimizer": "sgd momentum 0.9, weight decay 1e-4 on kernels, lr 0.01",
+                   "loss": "cross-entropy (ignore 255) + aux_weight * aux heads",
+                   "torch_channels_last": args.channels_last, "torch_device": torch_device,
+                   "xla_flags": env.get("XLA_FLAGS", "")},
+      "peak": peak,
+      "results": rows,
+      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
+                  "python": platform.python_version()},
+  }
+
+
 def _has_torch() -> bool:
+  return _has_module("torch")
+
+
+def _has_module(name: str) -> bool:
+  """Whether ``name`` imports (smp needs torchvision at import time, so a spec is not enough)."""
   import importlib.util
-  return importlib.util.find_spec("torch") is not None
+  if importlib.util.find_spec(name) is None:
+    return False
+  if name == "torch":
+    return True
+  p = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True)
+  return p.returncode == 0
 
 
 def _cpu_name() -> str:
