@@ -27,7 +27,8 @@ def test_models_suite_writes_positive_measurements(report):
   j = row["jseg"]
   assert "error" not in j, j.get("error")
   for field in ("params", "compile_s", "step_s", "train_images_per_s", "infer_ms_per_image",
-                "train_gflops_per_image", "infer_gflops_per_image", "peak_rss_mb", "mfu"):
+                "train_gflops_per_image", "infer_gflops_per_image", "model_gflops_per_image",
+                "infer_model_gflops_per_image", "peak_rss_mb", "mfu"):
     assert j[field] > 0, field
   assert j["model_config"]["width"] == 4 and j["model_config"]["num_classes"] == 11
   # Training does more work than inference per image.
@@ -71,3 +72,12 @@ def test_paper_preset_twins_match_parameter_count(name):
   twin = torch_models.build(name, json.loads(c.model.to_json_best_effort()))
   assert sum(p.numel() for p in twin.parameters()) == jseg_params
   assert jseg_params > 5_000_000  # paper-sized, not the CPU preset
+
+
+def test_deadline_skips_the_models_not_started(tmp_path):
+  out = tmp_path / "bench.json"
+  bench_models.main(["--models=unet,pspnet", "--deadline_s=1e-9", "--peak_gflops=100", "--torch=no",
+                     f"--out={out}"])
+  written = json.loads(out.read_text())
+  assert [r["model"] for r in written["results"]] == ["unet", "pspnet"]
+  assert all("past --deadline_s" in r["skipped"] and "jseg" not in r for r in written["results"])

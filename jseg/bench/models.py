@@ -10,8 +10,12 @@ builds the real training setup (``jseg.trainer.setup``: the jitted, donated
 - ``infer_ms_per_image``: median latency of the jitted eval forward
   (``train=False``) at ``--infer_batch`` images, divided by that batch;
 - ``params``, ``train_gflops_per_image`` and ``infer_gflops_per_image`` (XLA's
-  ``cost_analysis()`` of the compiled executables: every op, not only convs);
-- ``mfu``: achieved FLOP/s over the machine's measured peak (the best of 5
+  ``cost_analysis()`` of the compiled executables: every op on CPU, but on GPU
+  the convolutions sit in cuDNN calls it does not count);
+  ``model_gflops_per_image`` / ``infer_model_gflops_per_image``: convolutions and
+  matmuls counted on the jaxpr (``jseg.bench.flops``; the same on every backend);
+- ``mfu``: model FLOP/s (``model_gflops_per_image`` x images/s; before
+  2026-11-29, XLA's count) over the machine's measured peak (the best of 5
   runs of a 2048x2048 float32 matmul, in JAX and in torch; see ``peak``);
 - ``peak_rss_mb``: the process's peak resident memory (``VmHWM``, compilation
   included), ``train_peak_rss_mb``: the peak while training steps run (the
@@ -169,6 +173,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   import numpy as np
 
   from jseg import parallel, runtime, trainer
+  from jseg.bench.flops import count_flops
 
   jax.devices()
   import_rss = cur_rss_mb()
@@ -186,6 +191,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   step = lowered.compile()
   compile_s = time.perf_counter() - t0
   train_flops, train_hlo_flops = _flops(step), _flops(lowered)
+  model_flops = count_flops(run.step_fn, run.state, b, run.step_rng)
   state = run.state
 
   def one_step():
@@ -213,6 +219,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   infer = infer_lowered.compile()
   infer_compile_s = time.perf_counter() - t0
   infer_flops, infer_hlo_flops = _flops(infer), _flops(infer_lowered)
+  infer_model_flops = count_flops(apply, variables, x)
   for _ in range(max(warmup, 1)):
     jax.block_until_ready(infer(variables, x))
   infer_s, _ = _median_time(lambda: infer(variables, x), repeats)
@@ -230,6 +237,8 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "train_gflops_per_image": round(_best_count(train_flops, train_hlo_flops) / batch / 1e9, 3),
       "infer_gflops_per_image": round(_best_count(infer_flops, infer_hlo_flops) / infer_batch / 1e9, 3),
       "train_gflops_per_image_hlo": round(train_hlo_flops / batch / 1e9, 3),
+      "model_gflops_per_image": round(model_flops / batch / 1e9, 3),
+      "infer_model_gflops_per_image": round(infer_model_flops / infer_batch / 1e9, 3),
       "final_loss": round(float(one_step()), 4),
       "base_rss_mb": round(base_rss, 1), "runtime_rss_mb": round(import_rss, 1),
       "compile_peak_rss_mb": round(compile_rss, 1),
@@ -337,7 +346,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
       if "error" in m:
         print(f"{r['model']:14s} {fw:5s} ERROR {m['error']}")
         continue
-      gf = m.get("train_gflops_per_image", m.get("torch_gflops_per_image"))
+      gf = m.get("model_gflops_per_image", m.get("torch_gflops_per_image"))
       print(f"{r['model']:14s} {fw:5s} {m['params']:>9d} {_fmt(gf, '7.2f')} "
             f"{_fmt(m.get('compile_s'), '9.1f')} {_fmt(m['train_images_per_s'], '11.2f')} "
             f"{_fmt(m['infer_ms_per_image'], '12.1f')} "
@@ -362,6 +371,8 @@ def main(argv: list[str]) -> dict[str, Any]:
   parser.add_argument("--preset", default="bench", choices=tuple(PRESETS))
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--torch", default="auto", choices=("auto", "yes", "no"))
+  parser.add_argument("--jseg", default="yes", choices=("yes", "no"),
+                      help="no: time only the torch side (and smp), e.g. a second torch setting")
   parser.add_argument("--channels_last", action="store_true", help="torch side in channels_last")
   parser.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS for the jseg processes")
   parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
@@ -440,10 +451,15 @@ def main(argv: list[str]) -> dict[str, Any]:
       rows.append(row)
       continue
     set_args = [f"--set={s}" for s in args.set]
-    row["jseg"] = _spawn(me + ["--child", m, "--preset", args.preset] + set_args + common, env, args.timeout)
     spec = None
-    if "error" not in row["jseg"]:
-      spec = json.dumps({"model": m, "model_config": row["jseg"]["model_config"],
+    if args.jseg == "yes":
+      row["jseg"] = _spawn(me + ["--child", m, "--preset", args.preset] + set_args + common, env, args.timeout)
+      model_config = row["jseg"].get("model_config")
+    else:  # torch side only (e.g. a second torch setting on a leased machine)
+      model_config = json.loads(bench_config(m, args.size, args.batch, args.preset,
+                                             _parse_sets(args.set)).model.to_json_best_effort())
+    if model_config:
+      spec = json.dumps({"model": m, "model_config": model_config,
                          "aux_weight": float(load_config(str(REPO_ROOT / "configs" / f"{m}.py")).loss.aux_weight)})
     if use_torch and spec:
       cmd = [sys.executable, str(TORCH_RUNNER), "--spec", spec] + common + torch_args
@@ -456,10 +472,11 @@ def main(argv: list[str]) -> dict[str, Any]:
                                            / best, 4) if best else None)
     for fw in ("jseg", "torch"):
       r = row.get(fw)
-      if r and "error" not in r and best:
-        gf = row["jseg"].get("train_gflops_per_image", 0.0)  # the same network: XLA's count for both
+      if r and "error" not in r and best and "jseg" in row:
+        gf = row["jseg"].get("model_gflops_per_image", 0.0)  # the same network: one count for both
         r["mfu"] = round(gf * r["train_images_per_s"] / best, 4)
-    if "torch" in row and "error" not in row["torch"] and "error" not in row["jseg"]:
+    if ("torch" in row and "jseg" in row and "error" not in row["torch"]
+        and "error" not in row["jseg"]):
       j, t = row["jseg"], row["torch"]
       row["ratio"] = {"train": _ratio(j["train_images_per_s"], t["train_images_per_s"]),
                       "infer": _ratio(j["infer_ms_per_image"], t["infer_ms_per_image"], False),

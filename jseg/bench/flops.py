@@ -1,0 +1,84 @@
+"""Model FLOPs from a function's jaxpr: convolutions and matrix products only.
+
+``count_flops(fn, *args)`` traces ``fn`` (no compilation, any backend) and sums
+``2 * multiply-adds`` of every ``conv_general_dilated`` and ``dot_general`` in
+it, entering calls, ``jit``, ``remat`` and custom-derivative rules, counting a
+``scan`` body ``length`` times and the largest branch of a ``cond``. This is the
+convention of model-FLOP utilisation (and of ``torch.utils.flop_counter``):
+elementwise ops, reductions and data movement are left out.
+
+Why not XLA's ``cost_analysis()``: on GPU the compiled executable hides its
+convolutions in cuDNN custom calls and the count drops to the elementwise ops
+(measured on an H200: 5.7 GFLOP per image for a PSPNet step that does about
+1,100), and the pre-optimisation count is 0 there. The jaxpr is the same on
+every backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+from jax import core as jax_core
+
+try:  # jax >= 0.4.36 moved the jaxpr types to jax.extend.core
+  from jax.extend.core import ClosedJaxpr, Jaxpr
+except ImportError:  # pragma: no cover
+  ClosedJaxpr, Jaxpr = jax_core.ClosedJaxpr, jax_core.Jaxpr
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+  """FLOPs (2 x multiply-adds) of the convolutions and matmuls ``fn(*args)`` runs."""
+  closed = jax.make_jaxpr(fn)(*args, **kwargs)
+  return jaxpr_flops(closed.jaxpr)
+
+
+def jaxpr_flops(jaxpr: Jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    elif name == "dot_general":
+      total += _dot_flops(eqn)
+    elif name == "cond":
+      total += max((jaxpr_flops(_unwrap(b)) for b in eqn.params["branches"]), default=0.0)
+    else:
+      inner = sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
+      if name == "scan":
+        inner *= eqn.params["length"]
+      total += inner
+  return total
+
+
+def _unwrap(j: Any) -> Jaxpr:
+  return j.jaxpr if isinstance(j, ClosedJaxpr) else j
+
+
+def _sub_jaxprs(params: dict[str, Any]) -> list[Jaxpr]:
+  """The jaxprs a primitive runs (call bodies, scan/while bodies, remat, custom rules' primal)."""
+  out = []
+  for key, value in params.items():
+    if key in ("fwd_jaxpr_thunk", "bwd", "jvp_jaxpr_fun", "jvp_jaxpr_thunk"):
+      continue  # derivative rules: the traced program already contains what runs
+    if isinstance(value, (Jaxpr, ClosedJaxpr)):
+      out.append(_unwrap(value))
+  return out
+
+
+def _conv_flops(eqn) -> float:
+  lhs, rhs = (v.aval for v in eqn.invars[:2])
+  out = eqn.outvars[0].aval
+  dn = eqn.params["dimension_numbers"]
+  rhs_spec = dn.rhs_spec  # (out-feature dim, in-feature dim, spatial dims...)
+  window = math.prod(rhs.shape[d] for d in rhs_spec[2:])
+  in_features = rhs.shape[rhs_spec[1]]
+  return 2.0 * math.prod(out.shape) * window * in_features
+
+
+def _dot_flops(eqn) -> float:
+  lhs, rhs = (v.aval for v in eqn.invars[:2])
+  (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+  free_rhs = math.prod(d for i, d in enumerate(rhs.shape) if i not in rc and i not in rb)
+  return 2.0 * math.prod(lhs.shape) * free_rhs
