@@ -6,10 +6,12 @@ and heads) so that a training step does the same work; parameter counts equal
 jseg's (checked by ``python -m jseg.bench models`` and ``tests/test_bench.py``).
 Only the speed matters here: initialisation follows PyTorch defaults.
 
-segmentation_models.pytorch (smp) is not used: smp 0.6 imports ``timm`` and its
-ResNet encoders subclass ``torchvision.models.resnet.ResNet``, and the only
-torchvision wheels on the registry are CUDA builds whose compiled ops need
-``libtorch_cuda`` (``import torchvision`` fails beside ``torch==2.13.0+cpu``).
+segmentation_models.pytorch (smp) cannot stand in for these on the CPU machine: smp 0.6
+imports ``timm`` and its ResNet encoders subclass ``torchvision.models.resnet.ResNet``,
+and the only torchvision wheels on the registry are CUDA builds whose compiled ops need
+``libtorch_cuda`` (``import torchvision`` fails beside ``torch==2.13.0+cpu``). Where it
+imports (the leased GPU image), ``python -m jseg.bench models --smp=auto`` adds smp's
+network of the same name as a reference row (``torch_bench.py --smp``).
 smp's models also differ from jseg's (its U-Net/UNet++ use a ResNet encoder,
 its PSPNet stops at encoder depth 3), so twins of jseg's own networks are the
 closer comparison anyway.
