@@ -426,6 +426,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     jp = _spawn(me + ["--child", "peak", "--threads", str(args.threads), "--peak_dtype", peak_dtype], env, 600)
     peak["jax_gflops"], backend = jp.get("peak_gflops"), jp.get("backend", "cpu")
     peak["matmul"] = f"{jp.get('n')}^2 {peak_dtype} on {backend}"
+  if args.peak_gflops and args.torch_device == "auto" and (use_torch or use_smp):
+    backend = _jax_backend(env)
   torch_device = args.torch_device if args.torch_device != "auto" else ("cuda" if backend == "gpu" else "cpu")
   torch_args = ["--device", torch_device] + (["--amp", "bf16"] if bf16 else [])
   if (use_torch or use_smp) and not args.peak_gflops:
@@ -522,6 +524,13 @@ def _report(args, argv, env, peak, rows, torch_device) -> dict[str, Any]:
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
                   "python": platform.python_version()},
   }
+
+
+def _jax_backend(env: dict[str, str]) -> str:
+  """JAX's default backend, asked of a child process (the parent keeps no backend)."""
+  p = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                     capture_output=True, text=True, env=env)
+  return p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else "cpu"
 
 
 def _has_torch() -> bool:
