@@ -150,19 +150,15 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def _flops(stage) -> float:
-  """XLA's FLOP count of a jax ``Lowered`` or ``Compiled`` stage (0 when it has none)."""
+def _flops(compiled) -> float:
+  """XLA's FLOP count of a compiled executable (0 where the backend has none)."""
   try:
-    cost = stage.cost_analysis()
+    cost = compiled.cost_analysis()
   except Exception:  # some backends do not implement it
     return 0.0
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", 0.0))
-
-
-def _best_count(compiled: float, lowered: float) -> float:
-  return lowered if compiled < 0.5 * lowered else compiled
 
 
 def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, repeats: int,
@@ -187,10 +183,9 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
           "label": rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)}
   b = parallel.shard_batch(host, run.mesh)
   t0 = time.perf_counter()
-  lowered = run.step_fn.lower(run.state, b, run.step_rng)
-  step = lowered.compile()
+  step = run.step_fn.lower(run.state, b, run.step_rng).compile()
   compile_s = time.perf_counter() - t0
-  train_flops, train_hlo_flops = _flops(step), _flops(lowered)
+  train_flops = _flops(step)
   model_flops = count_flops(run.step_fn, run.state, b, run.step_rng)
   state = run.state
 
@@ -215,10 +210,9 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   variables = trainer.variables(state.params, state.batch_stats)
   x = jax.device_put(host["image"][:1].repeat(infer_batch, 0))
   t0 = time.perf_counter()
-  infer_lowered = apply.lower(variables, x)
-  infer = infer_lowered.compile()
+  infer = apply.lower(variables, x).compile()
   infer_compile_s = time.perf_counter() - t0
-  infer_flops, infer_hlo_flops = _flops(infer), _flops(infer_lowered)
+  infer_flops = _flops(infer)
   infer_model_flops = count_flops(apply, variables, x)
   for _ in range(max(warmup, 1)):
     jax.block_until_ready(infer(variables, x))
@@ -232,11 +226,8 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in step_times],
       "train_images_per_s": round(batch / step_s, 3),
       "infer_ms_per_image": round(1e3 * infer_s / infer_batch, 3),
-      # XLA's count of the compiled executable; where a backend counts under half of
-      # the count before optimisation (convolutions hidden in library calls), that one.
-      "train_gflops_per_image": round(_best_count(train_flops, train_hlo_flops) / batch / 1e9, 3),
-      "infer_gflops_per_image": round(_best_count(infer_flops, infer_hlo_flops) / infer_batch / 1e9, 3),
-      "train_gflops_per_image_hlo": round(train_hlo_flops / batch / 1e9, 3),
+      "train_gflops_per_image": round(train_flops / batch / 1e9, 3),
+      "infer_gflops_per_image": round(infer_flops / infer_batch / 1e9, 3),
       "model_gflops_per_image": round(model_flops / batch / 1e9, 3),
       "infer_model_gflops_per_image": round(infer_model_flops / infer_batch / 1e9, 3),
       "final_loss": round(float(one_step()), 4),
@@ -399,13 +390,13 @@ def main(argv: list[str]) -> dict[str, Any]:
   import jseg.models  # noqa: F401  (fills the registry)
   started = time.perf_counter()
   names = [m for m in args.models.split(",") if m]
+  sets = _parse_sets(args.set)
   for m in names:
     MODELS.get(m)  # unknown names raise, listing the valid ones
-    bench_config(m, args.size, args.batch, args.preset, _parse_sets(args.set))
+    bench_config(m, args.size, args.batch, args.preset, sets)
   use_torch = args.torch == "yes" or (args.torch == "auto" and TORCH_RUNNER.exists() and _has_torch())
   use_smp = args.smp == "yes" or (args.smp == "auto" and TORCH_RUNNER.exists()
                                   and _has_module("segmentation_models_pytorch"))
-  sets = _parse_sets(args.set)
   bf16 = str(sets.get("dtype", "float32")) in ("bfloat16", "bf16", "jnp.bfloat16")
   peak_dtype = "bfloat16" if bf16 else "float32"
   if args.torch == "yes" and not TORCH_RUNNER.exists():
@@ -444,7 +435,6 @@ def main(argv: list[str]) -> dict[str, Any]:
   print(f"peak: {peak}", flush=True)
 
   rows = []
-  report = {}
   for m in names:
     row = {"model": m, "loadavg_before": _loadavg()}
     if args.deadline_s and time.perf_counter() - started > args.deadline_s:
@@ -458,8 +448,8 @@ def main(argv: list[str]) -> dict[str, Any]:
       row["jseg"] = _spawn(me + ["--child", m, "--preset", args.preset] + set_args + common, env, args.timeout)
       model_config = row["jseg"].get("model_config")
     else:  # torch side only (e.g. a second torch setting on a leased machine)
-      model_config = json.loads(bench_config(m, args.size, args.batch, args.preset,
-                                             _parse_sets(args.set)).model.to_json_best_effort())
+      model_config = json.loads(bench_config(m, args.size, args.batch, args.preset, sets)
+                                .model.to_json_best_effort())
     if model_config:
       spec = json.dumps({"model": m, "model_config": model_config,
                          "aux_weight": float(load_config(str(REPO_ROOT / "configs" / f"{m}.py")).loss.aux_weight)})
@@ -493,17 +483,13 @@ def main(argv: list[str]) -> dict[str, Any]:
     row["loadavg_after"] = _loadavg()
     rows.append(row)
     print_table([row])
-    report = _report(args, argv, env, peak, rows, torch_device)
     if args.out:  # rewritten after each model: a run cut short keeps what it measured
-      with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-  if not report:
-    report = _report(args, argv, env, peak, rows, torch_device)
+      Path(args.out).write_text(json.dumps(_report(args, argv, env, peak, rows, torch_device), indent=2))
+  report = _report(args, argv, env, peak, rows, torch_device)
   print()
   print_table(rows)
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+    Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
   return report
 
