@@ -143,6 +143,23 @@ def _pixel_weights(safe: jax.Array, valid: jax.Array, weights: np.ndarray | None
   return jnp.asarray(weights, jnp.float32)[safe] * valid
 
 
+def _true_class_log_prob(logits: jax.Array, safe: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(log p_y, mean_c log p_c)`` per pixel, from float32 NHWC logits.
+
+  Computed with the class axis moved next to the batch axis, so the reductions over
+  classes run across whole rows of pixels, and the true class is picked with a one-hot
+  select, whose gradient is elementwise (``take_along_axis`` differentiates into a
+  scatter). On XLA:CPU this halves the loss's share of a training step at 256^2 with 11
+  classes (``experiments/performance``). Values equal ``log_softmax`` + ``take_along_axis``.
+  """
+  k = logits.shape[-1]
+  z = jnp.moveaxis(logits, -1, 1)                                    # (N, K, H, W)
+  lse = jax.nn.logsumexp(z, axis=1)
+  onehot = safe[:, None] == jnp.arange(k, dtype=safe.dtype).reshape((1, k) + (1,) * (safe.ndim - 1))
+  z_y = jnp.sum(jnp.where(onehot, z, 0.0), axis=1)
+  return z_y - lse, jnp.mean(z, axis=1) - lse
+
+
 def _reduce(pixel_loss: jax.Array, pixel_weight: jax.Array, avg_non_ignore: bool) -> jax.Array:
   """Weighted mean of per-pixel losses under the module's denominator convention."""
   num = jnp.sum(pixel_loss * pixel_weight)
@@ -187,10 +204,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 2
   k = logits.shape[-1]
   _check_weights(class_weights, k, "cross_entropy")
   valid, safe = _valid_and_safe(labels, k, ignore_index)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  logp_y, mean_logp = _true_class_log_prob(logits, safe)
+  nll = -logp_y
   if label_smoothing:
-    nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * mean_logp
   return _reduce(nll, _pixel_weights(safe, valid, class_weights), avg_non_ignore)
 
 
@@ -206,7 +223,7 @@ def focal(logits: jax.Array, labels: jax.Array, *, gamma: float = 2.0, alpha: fl
   k = logits.shape[-1]
   _check_weights(class_weights, k, "focal")
   valid, safe = _valid_and_safe(labels, k, ignore_index)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe[..., None], axis=-1)[..., 0]
+  logp, _ = _true_class_log_prob(logits, safe)
   pixel = -alpha * (-jnp.expm1(logp)) ** gamma * logp
   return _reduce(pixel, _pixel_weights(safe, valid, class_weights), avg_non_ignore)
 
@@ -337,8 +354,7 @@ def ohem_cross_entropy(logits: jax.Array, labels: jax.Array, *, thresh: float = 
   k = logits.shape[-1]
   _check_weights(class_weights, k, "ohem")
   valid, safe = _valid_and_safe(labels, k, ignore_index)
-  logp_all = jax.nn.log_softmax(logits, axis=-1)
-  logp = jnp.take_along_axis(logp_all, safe[..., None], axis=-1)[..., 0]
+  logp, mean_logp = _true_class_log_prob(logits, safe)
   prob = jax.lax.stop_gradient(jnp.where(valid, jnp.exp(logp), jnp.inf)).reshape(-1)
   n_valid = jnp.sum(valid)
   idx = jnp.clip(jnp.minimum(min_kept, n_valid) - 1, 0, prob.size - 1)
@@ -347,7 +363,7 @@ def ohem_cross_entropy(logits: jax.Array, labels: jax.Array, *, thresh: float = 
   keep = valid & (jax.lax.stop_gradient(jnp.exp(logp)) <= threshold)
   nll = -logp
   if label_smoothing:
-    nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp_all, axis=-1)
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * mean_logp
   return _reduce(nll, _pixel_weights(safe, keep, class_weights), avg_non_ignore)
 
 

@@ -4,6 +4,8 @@ Values and gradients are compared on random inputs (no ties, so max-pool
 gradients are unique), with odd sizes where the op allows them.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,27 @@ def test_resize_bilinear_matches_half_pixel_numpy(src, dst):
   x = _rand((2, *src, 3))
   np.testing.assert_allclose(jax.jit(layers.resize_bilinear, static_argnums=1)(x, dst),
                              _np_resize_bilinear(x, dst), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("src,dst", [((32, 32), (256, 256)), ((1, 1), (9, 7)), ((5, 8), (5, 24)),
+                                     ((9, 4), (3, 4)), ((6, 10), (17, 3))])
+def test_resize_logits_matches_jax_image_resize_values_and_gradients(src, dst):
+  x = _rand((2, *src, 4))
+
+  def stock(v):
+    return jax.image.resize(v, (2, *dst, 4), "bilinear", antialias=False)
+
+  ours = functools.partial(layers.resize_logits, size=dst)
+  np.testing.assert_allclose(jax.jit(ours)(x), stock(x), rtol=1e-5, atol=1e-5)
+  ct = _rand((2, *dst, 4))
+  g_ours = jax.vjp(ours, x)[1](ct)[0]
+  g_stock = jax.vjp(stock, x)[1](ct)[0]
+  np.testing.assert_allclose(g_ours, g_stock, rtol=1e-5, atol=1e-4)
+
+
+def test_resize_logits_keeps_bfloat16():
+  x = _rand((1, 4, 4, 2)).astype(jnp.bfloat16)
+  assert layers.resize_logits(x, (8, 8)).dtype == jnp.bfloat16
 
 
 def test_pad_same():

@@ -69,6 +69,19 @@ def test_cross_entropy_ignore_and_weights(batch):
   assert loss == pytest.approx(np_ce(logits, labels, np.array(w), avg_non_ignore=False), rel=1e-5)
 
 
+def test_cross_entropy_gradient_is_softmax_minus_onehot(batch):
+  """The one-hot, class-major form differentiates to the textbook gradient."""
+  logits, labels = batch
+  w = np.array((0.5, 2.0, 1.0, 3.0), np.float32)
+  g = jax.grad(lambda z: losses.cross_entropy(z, labels, class_weights=w))(jnp.asarray(logits))
+  p = np.exp(np_log_softmax(logits))
+  valid = labels != IGNORE
+  safe = np.where(valid, labels, 0)
+  pix_w = np.where(valid, w[safe], 0.0)
+  ref = (p - np.eye(K)[safe]) * (pix_w / pix_w.sum())[..., None]
+  np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+
+
 def test_cross_entropy_label_smoothing_matches_optax(batch):
   logits, labels = batch
   loss, _ = run(cfg(label_smoothing=0.1), logits, labels)

@@ -8,7 +8,10 @@ For each model and each round, runs ``python -m jseg.bench models --child=<model
 memory) once per variant, alternating variants so that a change in machine load
 hits them alike. Reports per variant the best-of-rounds median step time and
 images/s, and the ratio to the first variant. Variants are named in ``VARIANTS``
-(an XLA_FLAGS string and/or extra environment variables).
+(an XLA_FLAGS string and/or extra environment variables). The variant ``base``
+runs the code of another checkout (``--base_tree``, e.g. a ``git worktree`` of the
+previous commit; its process starts in that folder) with default settings, to A/B a
+code change.
 """
 
 from __future__ import annotations
@@ -53,8 +56,13 @@ def main():
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--set", action="append", default=[])
   p.add_argument("--out", default="")
+  p.add_argument("--base_tree", default="", help="checkout run by the variant 'base' (PYTHONPATH)")
   a = p.parse_args()
   variants = a.variants.split(",")
+  if "base" in variants:
+    if not a.base_tree or not os.path.isdir(os.path.join(a.base_tree, "jseg")):
+      raise SystemExit("The variant 'base' needs --base_tree=<a checkout with jseg/ in it>.")
+    VARIANTS["base"] = {}
   for v in variants:
     if v not in VARIANTS:
       raise SystemExit(f"Unknown variant '{v}'. Variants: {', '.join(VARIANTS)}.")
@@ -69,7 +77,8 @@ def main():
         cmd = [sys.executable, "-m", "jseg.bench", "models", "--child", m, "--batch", str(a.batch),
                "--size", str(a.size), "--warmup", "2", "--repeats", str(a.repeats),
                "--threads", str(a.threads)] + [f"--set={s}" for s in a.set]
-        res = _spawn(cmd, env, 1800)
+        # `python -m` puts the working directory first on sys.path: run 'base' inside its tree.
+        res = _spawn(cmd, env, 1800, cwd=os.path.abspath(a.base_tree) if v == "base" else None)
         res["loadavg"] = _loadavg()
         runs[v].append(res)
         print(m, v, r, {k: res.get(k) for k in ("step_s", "compile_s", "infer_ms_per_image",

@@ -292,10 +292,10 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
   return out
 
 
-def _spawn(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
-  """Runs a benchmark subprocess and returns its RESULT (or the error)."""
+def _spawn(cmd: list[str], env: dict[str, str], timeout: float, cwd: str | None = None) -> dict[str, Any]:
+  """Runs a benchmark subprocess (in ``cwd``, if given) and returns its RESULT (or the error)."""
   try:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f} s: {' '.join(cmd)}"}
   for line in reversed(p.stdout.splitlines()):

@@ -40,6 +40,7 @@ from jseg.models.layers import (
     max_pool_3x3_s2,
     pad_same,
     resize_bilinear,
+    resize_logits,
 )
 from jseg.registry import MODELS
 
@@ -108,7 +109,7 @@ class DeepLabV1(nn.Module):
     y = nn.Conv(self.fc_features, (1, 1), kernel_init=_he, dtype=self.dtype, name="fc7")(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(y))
     y = _classifier(self.num_classes, "fc8", self.dtype)(y)
-    return resize_bilinear(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size).astype(jnp.float32), {}
 
 
 class ASPPSum(nn.Module):
@@ -207,7 +208,7 @@ class DeepLabV2(nn.Module):
     feats = ResNet(depth=self.depth, width=self.width, output_stride=self.output_stride,
                    dtype=self.dtype, name="backbone")(x.astype(self.dtype), train)
     y = ASPPSum(self.num_classes, tuple(self.rates), self.dtype, name="aspp")(feats["layer4"])
-    return resize_bilinear(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size).astype(jnp.float32), {}
 
 
 class DeepLabV3(nn.Module):
@@ -242,7 +243,7 @@ class DeepLabV3(nn.Module):
     y = ASPP(self.aspp_features, rates, dropout=self.dropout, dtype=self.dtype, name="aspp")(
         feats["layer4"], train)
     y = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
-    return resize_bilinear(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size).astype(jnp.float32), {}
 
 
 class DeepLabV3Plus(nn.Module):
@@ -299,7 +300,7 @@ class DeepLabV3Plus(nn.Module):
              dtype=self.dtype, name="aspp")(top, train)
     y = Decoder(self.num_classes, self.low_level_features, self.decoder_features,
                 self.separable, self.dtype, name="decoder")(y, low, train)
-    return resize_bilinear(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size).astype(jnp.float32), {}
 
 
 def _dtype(cfg: ml_collections.ConfigDict):

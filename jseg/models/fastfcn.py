@@ -27,7 +27,14 @@ from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
 from jseg.models.deeplab import ASPP
-from jseg.models.layers import ConvBNReLU, DepthwiseConv, check_min_size, check_nhwc, resize_bilinear
+from jseg.models.layers import (
+    ConvBNReLU,
+    DepthwiseConv,
+    check_min_size,
+    check_nhwc,
+    resize_bilinear,
+    resize_logits,
+)
 from jseg.models.pspnet import FCNHead, PyramidPooling
 from jseg.registry import MODELS
 
@@ -134,8 +141,8 @@ class FastFCN(nn.Module):
       a = FCNHead(self.num_classes, self.aux_features, self.dropout, dt, name="aux_head")(
           feats["layer3"], train)
       if train:
-        aux["aux"] = resize_bilinear(a, size).astype(jnp.float32)
-    return resize_bilinear(y, size).astype(jnp.float32), aux
+        aux["aux"] = resize_logits(a, size).astype(jnp.float32)
+    return resize_logits(y, size).astype(jnp.float32), aux
 
 
 @MODELS.register("fastfcn")

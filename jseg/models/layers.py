@@ -10,6 +10,7 @@ elementwise or plain matmuls. Tests check each against the stock op.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,16 +21,60 @@ from flax import linen as nn
 Dtype = Any
 
 
+@functools.lru_cache(maxsize=256)
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """``(n_in, n_out)`` weights of half-pixel bilinear resampling along one axis.
+
+  Source coordinates ``(o + 0.5) * n_in / n_out - 0.5`` are clamped to the input, which
+  is what ``jax.image.resize(..., "bilinear", antialias=False)`` and torch's
+  ``align_corners=False`` do at the borders.
+  """
+  src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
+  i0 = np.floor(src).astype(np.int64)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  frac = src - i0
+  m = np.zeros((n_in, n_out), np.float64)
+  np.add.at(m, (i0, np.arange(n_out)), 1.0 - frac)
+  np.add.at(m, (i1, np.arange(n_out)), frac)
+  m.setflags(write=False)
+  return m
+
+
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Bilinear resize of NHWC ``x`` to ``size`` (half-pixel centres, no antialias).
 
   Matches ``torch.nn.functional.interpolate(mode="bilinear",
-  align_corners=False)``.
+  align_corners=False)``. For features inside a network; upsample the output logits
+  with ``resize_logits``.
   """
   n, _, _, c = x.shape
   if tuple(x.shape[1:3]) == tuple(size):
     return x
   return jax.image.resize(x, (n, size[0], size[1], c), "bilinear", antialias=False)
+
+
+def resize_logits(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """``resize_bilinear`` for a network's output logits (same values).
+
+  Written as two matmuls with fixed interpolation matrices that leave the result
+  class-major (``N, K, H, W``) under its NHWC view. The losses reduce over classes in
+  that layout (``losses._true_class_log_prob``), so the full-size logits and their
+  gradient are never transposed; both gradients are matmuls. Measured on XLA:CPU
+  (``experiments/performance``): upsampling + cross-entropy at 4x256x256x11 about 25%
+  faster forward and backward than ``jax.image.resize`` + ``log_softmax``.
+  """
+  n, h, w, c = x.shape
+  oh, ow = int(size[0]), int(size[1])
+  if (h, w) == (oh, ow):
+    return x
+  if h == 1 and w == 1:
+    return jnp.broadcast_to(x, (n, oh, ow, c))
+  hi = jax.lax.Precision.HIGHEST
+  ah = jnp.asarray(_interp_matrix(h, oh), x.dtype)
+  aw = jnp.asarray(_interp_matrix(w, ow), x.dtype)
+  t = jnp.einsum("nhwc,hH->ncHw", x, ah, precision=hi)
+  t = jnp.einsum("ncHw,wW->ncHW", t, aw, precision=hi)
+  return jnp.transpose(t, (0, 2, 3, 1))
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -47,17 +92,17 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """3x3 stride-2 max pool with padding 1 (the ResNet stem's pool).
 
   Output size is ``ceil(H/2) x ceil(W/2)`` as in ``torch.nn.MaxPool2d(3, 2, 1)``.
-  Written as the maximum of nine strided slices so the gradient is a select.
+  Written separably, a maximum of three strided row slices and then of three strided
+  column slices, so the gradient is two three-way selects (the nine-slice form's single
+  fused select cost 3x more in a PSPNet step on XLA:CPU).
   """
   n, h, w, c = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
   oh, ow = (h + 1) // 2, (w + 1) // 2
-  out = None
-  for i in range(3):
-    for j in range(3):
-      s = xp[:, i : i + 2 * oh - 1 : 2, j : j + 2 * ow - 1 : 2]
-      out = s if out is None else jnp.maximum(out, s)
-  return out
+  rows = jnp.maximum(jnp.maximum(xp[:, 0 : 2 * oh - 1 : 2], xp[:, 1 : 2 * oh : 2]),
+                     xp[:, 2 : 2 * oh + 1 : 2])
+  return jnp.maximum(jnp.maximum(rows[:, :, 0 : 2 * ow - 1 : 2], rows[:, :, 1 : 2 * ow : 2]),
+                     rows[:, :, 2 : 2 * ow + 1 : 2])
 
 
 def max_pool_same(x: jax.Array, k: int) -> jax.Array:

@@ -18,7 +18,14 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
-from jseg.models.layers import ConvBNReLU, adaptive_avg_pool, check_min_size, check_nhwc, resize_bilinear
+from jseg.models.layers import (
+    ConvBNReLU,
+    adaptive_avg_pool,
+    check_min_size,
+    check_nhwc,
+    resize_bilinear,
+    resize_logits,
+)
 from jseg.registry import MODELS
 
 Dtype = Any
@@ -95,13 +102,13 @@ class PSPNet(nn.Module):
       a = FCNHead(
           self.num_classes, self.aux_features, self.dropout, self.dtype, name="aux_head"
       )(feats["layer3"], train)
-      aux["aux"] = resize_bilinear(a, size)
+      aux["aux"] = resize_logits(a, size)
     elif self.aux_head and self.is_initializing():
       # Create the auxiliary head's parameters even when initialised in eval mode.
       FCNHead(self.num_classes, self.aux_features, self.dropout, self.dtype, name="aux_head")(
           feats["layer3"], False
       )
-    return resize_bilinear(y, size), aux
+    return resize_logits(y, size), aux
 
 
 @MODELS.register("pspnet")

@@ -35,7 +35,14 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
-from jseg.models.layers import check_min_size, check_nhwc, max_pool_same, pad_same, resize_bilinear
+from jseg.models.layers import (
+    check_min_size,
+    check_nhwc,
+    max_pool_same,
+    pad_same,
+    resize_bilinear,
+    resize_logits,
+)
 from jseg.registry import MODELS
 
 Dtype = Any
@@ -151,7 +158,7 @@ class RefineNet(nn.Module):
       y = RefineNetBlock(w, out_features=f if i < 3 else None, name=f"refine{4 - i}", **blk)(h, y)
     y = drop(y)
     y = nn.Conv(self.num_classes, (3, 3), padding=pad_same(3), dtype=dt, name="classifier")(y)
-    return resize_bilinear(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size).astype(jnp.float32), {}
 
 
 @MODELS.register("refinenet")

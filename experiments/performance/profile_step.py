@@ -1,0 +1,83 @@
+"""Where one training step's time goes, by XLA op kind (CPU).
+
+Runs jseg's real step for a bench-preset model under ``jax.profiler``, reads the
+perfetto trace and sums the thunk durations by HLO op-name prefix (``convolution``,
+``fusion`` kinds, ``transpose`` ...). Usage::
+
+  python experiments/performance/profile_step.py --model=pspnet --batch=4 --size=256 [--steps=3]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="pspnet")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--size", type=int, default=256)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--top", type=int, default=25)
+  p.add_argument("--top_ops", type=int, default=30)
+  a = p.parse_args()
+  import jax
+  import checks
+  from jseg import parallel
+  run, host_batch = checks._setup(a.model, a.batch, a.size)
+  state = run.state
+  for _ in range(2):
+    state, m = run.step_fn(state, parallel.shard_batch(host_batch(), run.mesh), run.step_rng)
+  jax.block_until_ready(m)
+  hlo = run.step_fn.lower(state, parallel.shard_batch(host_batch(), run.mesh), run.step_rng).compile().as_text()
+  d = tempfile.mkdtemp()
+  batches = [parallel.shard_batch(host_batch(), run.mesh) for _ in range(a.steps)]
+  with jax.profiler.trace(d, create_perfetto_trace=True):
+    for b in batches:
+      state, m = run.step_fn(state, b, run.step_rng)
+    jax.block_until_ready(m)
+  path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
+  events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  by_kind = collections.Counter()
+  by_op = collections.Counter()
+  count = collections.Counter()
+  step_us = 0.0
+  for e in events:
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    name = e.get("name", "")
+    if name.startswith("train_step") or name.startswith("jit_train_step"):
+      step_us += e["dur"]
+    hlo = (e.get("args") or {}).get("hlo_op") or name
+    if "hlo_module" not in (e.get("args") or {}) and not re.match(r"^[a-z_\-]+(\.\d+)?$", name):
+      continue
+    kind = re.sub(r"(\.\d+)+$", "", hlo)
+    by_kind[kind] += e["dur"]
+    count[kind] += 1
+    by_op[hlo] += e["dur"]
+  total = sum(by_kind.values())
+  print(f"{a.model} b{a.batch} s{a.size}: {a.steps} steps, summed op time {total/1e3/a.steps:.1f} ms/step "
+        f"(threads overlap), wall per step {step_us/1e3/max(a.steps,1):.1f} ms")
+  for k, v in by_kind.most_common(a.top):
+    print(f"  {k:40s} {v/1e3/a.steps:9.1f} ms/step  {100*v/total:5.1f}%  n={count[k]//a.steps}")
+  print("largest single ops (HLO root shape, source op_name):")
+  for k, v in by_op.most_common(a.top_ops):
+    m = re.search(r"^\s*(?:ROOT )?%?" + re.escape(k) + r" = ([^ ]+) .*$", hlo, re.M)
+    line = m.group(0) if m else ""
+    shape = m.group(1) if m else "?"
+    src = re.search(r'op_name="([^"]+)"', line)
+    print(f"  {k:34s} {v/1e3/a.steps:7.2f} ms  {shape:40s} {src.group(1)[-110:] if src else ''}")
+
+
+if __name__ == "__main__":
+  main()
