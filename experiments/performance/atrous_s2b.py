@@ -15,14 +15,14 @@ DeepLab v3 x0.97; phases >= 8x8: DeepLab v3 x0.82; phases >= 16x16: PSPNet x0.83
 machine's own spread was +-20% that hour and the results contradict each other, so it
 was not kept.
 """
-import time, sys, functools
-import jseg, jax, jax.numpy as jnp, numpy as np
+import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
-def tm(f,*a, n=10):
-  jax.block_until_ready(f(*a)); ts=[]
-  for _ in range(n):
-    t=time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter()-t)
-  return 1e3*np.median(ts)
+
+import jseg  # noqa: F401  (sets the XLA flags jseg runs with)
+from timing import median_ms as tm
+
 DN = ("NHWC", "HWIO", "NHWC")
 def conv(x, w, d):
   p = d * (w.shape[0] - 1) // 2

@@ -12,7 +12,6 @@ unrolled over the classes). Values and gradients are checked equal first.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 
 from jseg import losses
 from jseg.models import layers
+from timing import median_ms
 
 
 def old_resize(x, size):
@@ -109,13 +109,7 @@ def main() -> None:
   for r in range(a.rounds):
     row = []
     for k, f in fns.items():
-      jax.block_until_ready(f(x, y))
-      ts = []
-      for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x, y))
-        ts.append(time.perf_counter() - t0)
-      row.append(f"{1e3 * float(np.median(ts)):.2f}")
+      row.append(f"{median_ms(f, x, y, n=a.repeats):.2f}")
     print(f"round {r}: fwd+bwd ms", " | ".join(row))
 
 

@@ -11,13 +11,14 @@ gradient 19.6-21.2 vs 8.5-8.9 ms. In whole models (``levers.py --variants=base,d
 ``ab_stem_s2d.json``) the same change made every step slower (PSPNet 0.232 -> 0.284 s,
 DeepLab v3 0.265 -> 0.292 s best of 2 rounds), so it was reverted.
 """
-import time, jseg, jax, jax.numpy as jnp, numpy as np
+import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
-def tm(f,*a, n=10):
-  jax.block_until_ready(f(*a)); ts=[]
-  for _ in range(n):
-    t=time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter()-t)
-  return 1e3*np.median(ts)
+
+import jseg  # noqa: F401  (sets the XLA flags jseg runs with)
+from timing import median_ms as tm
+
 DN = ("NHWC", "HWIO", "NHWC")
 def stem(x, w):
   return lax.conv_general_dilated(x, w, (2, 2), ((3, 3), (3, 3)), dimension_numbers=DN)
