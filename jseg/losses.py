@@ -149,8 +149,9 @@ def _true_class_log_prob(logits: jax.Array, safe: jax.Array) -> tuple[jax.Array,
   Computed with the class axis moved next to the batch axis, so the reductions over
   classes run across whole rows of pixels, and the true class is picked with a one-hot
   select, whose gradient is elementwise (``take_along_axis`` differentiates into a
-  scatter). On XLA:CPU this halves the loss's share of a training step at 256^2 with 11
-  classes (``experiments/performance``). Values equal ``log_softmax`` + ``take_along_axis``.
+  scatter). With ``layers.resize_logits`` (logits already class-major) the loss end of a
+  step at 4x256x256x11 fell from 38 to 25 ms on XLA:CPU (``experiments/performance``).
+  Values equal ``log_softmax`` + ``take_along_axis``.
   """
   k = logits.shape[-1]
   z = jnp.moveaxis(logits, -1, 1)                                    # (N, K, H, W)
