@@ -32,6 +32,25 @@ def test_gradient_of_a_conv_is_three_convs():
   assert both == 3 * fwd  # forward, input gradient, kernel gradient
 
 
+def test_onednn_convolutions_count_as_the_convolutions_they_compute():
+  from jseg import native
+  from jseg.models.conv import Conv
+  if native.onednn() is None:
+    pytest.skip(native.onednn_error())
+  ours, stock = Conv(8, (3, 3), strides=2, use_bias=False), nn.Conv(8, (3, 3), strides=2,
+                                                                   use_bias=False)
+  x = jnp.zeros((2, 16, 16, 4))
+  v = stock.init(jax.random.key(0), x)
+  fwd = count_flops(stock.apply, v, x)
+  assert count_flops(ours.apply, v, x) == fwd > 0
+  assert count_flops(ours.apply, v, x, custom_calls_only=True) == fwd
+  assert count_flops(stock.apply, v, x, custom_calls_only=True) == 0  # XLA's own convs
+  grads = lambda argnums: jax.grad(lambda v, x: jnp.sin(ours.apply(v, x)).sum(), argnums)  # noqa: E731
+  assert count_flops(grads((0, 1)), v, x) == 3 * fwd
+  # Gradient w.r.t. the kernel only: the input gradient is not computed (as in torch).
+  assert count_flops(grads(0), v, x) == 2 * fwd
+
+
 def test_scan_counts_its_body_length_times_and_cond_its_largest_branch():
   w = jnp.zeros((6, 6))
   one = count_flops(lambda x: x @ w, jnp.zeros((6,)))

@@ -181,7 +181,10 @@ def test_pixel_transpose_conv_matches_numpy_and_nn_conv_transpose(stride):
     (3, 1, 1, (9, 8)), (3, 2, 1, (9, 8)), (3, 1, 2, (9, 7)), (3, 2, 2, (10, 7)),
     (5, 2, 3, (13, 12)),
 ])
-def test_depthwise_conv_matches_grouped_nn_conv(kernel, stride, dilation, hw):
+@pytest.mark.parametrize("conv_mode", ["auto", "xla"])  # oneDNN grouped conv / shifted products
+def test_depthwise_conv_matches_grouped_nn_conv(kernel, stride, dilation, hw, conv_mode,
+                                                monkeypatch):
+  monkeypatch.setenv("JSEG_CONV", conv_mode)
   c = 5
   x = _rand((2, *hw, c))
   m = layers.DepthwiseConv(kernel, stride, dilation, use_bias=True)

@@ -74,13 +74,15 @@ def test_trains_on_camvid_sample(key, overrides, tfds_cache):
 
 
 def _conv_dilations(fn, *args):
-  """Set of rhs (kernel) dilations of every convolution in fn's jaxpr."""
+  """Set of rhs (kernel) dilations of every convolution in fn's jaxpr (XLA's or oneDNN's)."""
   out = set()
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "conv_general_dilated":
         out.add(tuple(eqn.params["rhs_dilation"]))
+      if eqn.primitive.name == "ffi_call" and eqn.params["target_name"].startswith("JsegConv"):
+        out.add(tuple(int(d) for d in dict(eqn.params["attributes"])["dilation"].val))
       for p in eqn.params.values():
         for sub in p if isinstance(p, (tuple, list)) else (p,):
           if hasattr(sub, "eqns"):

@@ -41,7 +41,9 @@ def test_parameter_count_matches_torchvision():
   assert ours + 1280 * 1000 + 1000 == 3_504_872  # torchvision mobilenet_v2
 
 
-def test_backbone_gradient_uses_no_grouped_convolution():
+def test_backbone_gradient_uses_no_grouped_convolution(monkeypatch):
+  # XLA's grouped convolutions are slow on CPU; oneDNN's are fast and used (test_layers.py).
+  monkeypatch.setenv("JSEG_CONV", "xla")
   model = MobileNetV2(width_mult=0.25, output_stride=16)
   x = jnp.zeros((2, 64, 64, 3))
 

@@ -85,7 +85,9 @@ def _conv_groups(jaxpr, out):
   return out
 
 
-def test_no_grouped_convolution_in_forward_or_backward():
+def test_no_grouped_convolution_in_forward_or_backward(monkeypatch):
+  # XLA's grouped convolutions are slow on CPU; oneDNN's are fast and used (test_layers.py).
+  monkeypatch.setenv("JSEG_CONV", "xla")
   m = xception.Xception65(width=0.125, middle_blocks=2)
   x = jnp.zeros((1, 32, 32, 3))
   v = _init_shapes(m, x)

@@ -3,7 +3,9 @@
 ``count_flops(fn, *args)`` traces ``fn`` (no compilation, any backend) and sums
 ``2 * multiply-adds`` of every ``conv_general_dilated`` and ``dot_general`` in
 it, entering calls, ``jit``, ``remat`` and custom-derivative rules, counting a
-``scan`` body ``length`` times and the largest branch of a ``cond``. This is the
+``scan`` body ``length`` times and the largest branch of a ``cond``. jseg's oneDNN
+convolutions (``ffi_call`` to ``JsegConv*``, ``jseg.models.conv``) count as the
+convolutions they compute. This is the
 convention of model-FLOP utilisation (and of ``torch.utils.flop_counter``):
 elementwise ops, reductions and data movement are left out.
 
@@ -28,24 +30,32 @@ except ImportError:  # pragma: no cover
   ClosedJaxpr, Jaxpr = jax_core.ClosedJaxpr, jax_core.Jaxpr
 
 
-def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
-  """FLOPs (2 x multiply-adds) of the convolutions and matmuls ``fn(*args)`` runs."""
+def count_flops(fn: Callable[..., Any], *args: Any, custom_calls_only: bool = False,
+                **kwargs: Any) -> float:
+  """FLOPs (2 x multiply-adds) of the convolutions and matmuls ``fn(*args)`` runs.
+
+  ``custom_calls_only``: count only jseg's oneDNN convolutions, the part XLA's
+  ``cost_analysis()`` cannot see (custom calls count 0 there).
+  """
   closed = jax.make_jaxpr(fn)(*args, **kwargs)
-  return jaxpr_flops(closed.jaxpr)
+  return jaxpr_flops(closed.jaxpr, custom_calls_only)
 
 
-def jaxpr_flops(jaxpr: Jaxpr) -> float:
+def jaxpr_flops(jaxpr: Jaxpr, custom_calls_only: bool = False) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "conv_general_dilated":
-      total += _conv_flops(eqn)
+      total += 0.0 if custom_calls_only else _conv_flops(eqn)
     elif name == "dot_general":
-      total += _dot_flops(eqn)
+      total += 0.0 if custom_calls_only else _dot_flops(eqn)
+    elif name == "ffi_call" and str(eqn.params.get("target_name", "")).startswith("JsegConv"):
+      total += _onednn_conv_flops(eqn)
     elif name == "cond":
-      total += max((jaxpr_flops(_unwrap(b)) for b in eqn.params["branches"]), default=0.0)
+      total += max((jaxpr_flops(_unwrap(b), custom_calls_only) for b in eqn.params["branches"]),
+                   default=0.0)
     else:
-      inner = sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
+      inner = sum(jaxpr_flops(j, custom_calls_only) for j in _sub_jaxprs(eqn.params))
       if name == "scan":
         inner *= eqn.params["length"]
       total += inner
@@ -75,6 +85,21 @@ def _conv_flops(eqn) -> float:
   window = math.prod(rhs.shape[d] for d in rhs_spec[2:])
   in_features = rhs.shape[rhs_spec[1]]
   return 2.0 * math.prod(out.shape) * window * in_features
+
+
+def _onednn_conv_flops(eqn) -> float:
+  """A oneDNN convolution (forward, input or kernel gradient): 2 x |dy| x KH x KW x C_in/G."""
+  target = eqn.params["target_name"]
+  ins, out = [v.aval for v in eqn.invars], eqn.outvars[0].aval
+  if target == "JsegConvFwd":
+    dy, k = out, ins[1]
+  elif target == "JsegConvBwdData":
+    dy, k = ins[0], ins[1]
+  elif target == "JsegConvBwdWeights":
+    dy, k = ins[1], out
+  else:
+    return 0.0
+  return 2.0 * math.prod(dy.shape) * k.shape[0] * k.shape[1] * k.shape[2]
 
 
 def _dot_flops(eqn) -> float:

@@ -185,7 +185,9 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   t0 = time.perf_counter()
   step = run.step_fn.lower(run.state, b, run.step_rng).compile()
   compile_s = time.perf_counter() - t0
-  train_flops = _flops(step)
+  # XLA counts custom calls as 0 FLOPs: add those of the oneDNN convolutions.
+  train_flops = _flops(step) + count_flops(run.step_fn, run.state, b, run.step_rng,
+                                           custom_calls_only=True)
   model_flops = count_flops(run.step_fn, run.state, b, run.step_rng)
   state = run.state
 
@@ -212,7 +214,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   t0 = time.perf_counter()
   infer = apply.lower(variables, x).compile()
   infer_compile_s = time.perf_counter() - t0
-  infer_flops = _flops(infer)
+  infer_flops = _flops(infer) + count_flops(apply, variables, x, custom_calls_only=True)
   infer_model_flops = count_flops(apply, variables, x)
   for _ in range(max(warmup, 1)):
     jax.block_until_ready(infer(variables, x))
@@ -239,11 +241,19 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "peak_rss_mb": round(max(rss_mb(), compile_rss), 1),
       "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "conv": _conv_backend(),
   }
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     out["device_peak_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
   return out
+
+
+def _conv_backend() -> str:
+  """Which convolutions the measured step used: "onednn" or "xla" (``jseg.models.conv``)."""
+  from jseg.models.conv import onednn_active  # noqa: PLC0415
+
+  return "onednn" if onednn_active() else "xla"
 
 
 def measure_peak_jax(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from jseg.models.conv import Conv
 from jseg.models.layers import (
     PixelTransposeConv, check_min_size, check_nhwc, max_pool_2x2, pad_same, resize_bilinear)
 from jseg.registry import MODELS
@@ -123,8 +124,8 @@ class CNNRNN(nn.Module):
     y = x.astype(self.dtype)
     for s, (f, n) in enumerate(zip(self.encoder_features, self.encoder_convs)):
       for c in range(n):
-        y = nn.Conv(f, (3, 3), padding=pad_same(3), kernel_init=_he, dtype=self.dtype,
-                    name=f"conv{s + 1}_{c + 1}")(y)
+        y = Conv(f, (3, 3), padding=pad_same(3), kernel_init=_he, dtype=self.dtype,
+                 name=f"conv{s + 1}_{c + 1}")(y)
         y = nn.relu(y)
       y = max_pool_2x2(y)
     for i, (h, p) in enumerate(zip(self.hidden, self.patches)):
@@ -133,7 +134,7 @@ class CNNRNN(nn.Module):
       y = PixelTransposeConv(self.up_features, 2, dtype=self.dtype, name=f"up{i + 1}")(y)
       y = nn.relu(y)
     y = resize_bilinear(y, size)
-    y = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
+    y = Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
     return y.astype(jnp.float32), {}
 
 

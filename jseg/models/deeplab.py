@@ -32,6 +32,7 @@ from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
 from jseg.models.backbones.xception import SeparableConv, Xception65
+from jseg.models.conv import Conv
 from jseg.models.layers import (
     max_pool_same,
     ConvBNReLU,
@@ -54,7 +55,7 @@ _he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def _classifier(num_classes: int, name: str, dtype: Dtype, kernel: int = 1, dilation: int = 1):
-  return nn.Conv(
+  return Conv(
       num_classes, (kernel, kernel), padding=pad_same(kernel, dilation),
       kernel_dilation=dilation, kernel_init=nn.initializers.normal(0.01), dtype=dtype, name=name,
   )
@@ -77,7 +78,7 @@ class DeepLabVGG(nn.Module):
     mult = (1, 2, 4, 8, 8)
     for s, ((convs, dil, pool), m) in enumerate(zip(_VGG_STAGES, mult)):
       for c in range(convs):
-        x = nn.Conv(
+        x = Conv(
             self.width * m, (3, 3), padding=pad_same(3, dil), kernel_dilation=dil,
             kernel_init=_he, dtype=self.dtype, name=f"conv{s + 1}_{c + 1}",
         )(x)
@@ -102,11 +103,11 @@ class DeepLabV1(nn.Module):
     check_min_size(x, 8, "deeplabv1")
     size = x.shape[1:3]
     y = DeepLabVGG(self.width, self.dtype, name="vgg")(x.astype(self.dtype))
-    y = nn.Conv(self.fc_features, (3, 3), padding=pad_same(3, self.fc6_dilation),
-                kernel_dilation=self.fc6_dilation, kernel_init=_he, dtype=self.dtype,
-                name="fc6")(y)
+    y = Conv(self.fc_features, (3, 3), padding=pad_same(3, self.fc6_dilation),
+             kernel_dilation=self.fc6_dilation, kernel_init=_he, dtype=self.dtype,
+             name="fc6")(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(y))
-    y = nn.Conv(self.fc_features, (1, 1), kernel_init=_he, dtype=self.dtype, name="fc7")(y)
+    y = Conv(self.fc_features, (1, 1), kernel_init=_he, dtype=self.dtype, name="fc7")(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(y))
     y = _classifier(self.num_classes, "fc8", self.dtype)(y)
     return resize_logits(y, size).astype(jnp.float32), {}
@@ -181,7 +182,7 @@ class Decoder(nn.Module):
         y = SeparableConv(self.features, relu_inside=True, dtype=dt, name=f"conv{i}")(y, train)
       else:
         y = ConvBNReLU(self.features, kernel=3, dtype=dt, name=f"conv{i}")(y, train)
-    return nn.Conv(self.num_classes, (1, 1), dtype=dt, name="classifier")(y)
+    return Conv(self.num_classes, (1, 1), dtype=dt, name="classifier")(y)
 
 
 def _check_os(value: int, field: str, allowed: Sequence[int]) -> int:
@@ -242,7 +243,7 @@ class DeepLabV3(nn.Module):
     rates = tuple(r * 16 // os_ for r in self.aspp_rates)
     y = ASPP(self.aspp_features, rates, dropout=self.dropout, dtype=self.dtype, name="aspp")(
         feats["layer4"], train)
-    y = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
+    y = Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
     return resize_logits(y, size).astype(jnp.float32), {}
 
 

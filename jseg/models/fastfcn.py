@@ -26,6 +26,7 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
+from jseg.models.conv import Conv
 from jseg.models.deeplab import ASPP
 from jseg.models.layers import (
     ConvBNReLU,
@@ -59,7 +60,7 @@ class JPUBranch(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = DepthwiseConv(3, dilation=self.dilation, dtype=self.dtype, name="depthwise")(x)
     x = _bn("depthwise_bn", train, self.dtype)(x)
-    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
+    x = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
     return nn.relu(_bn("bn", train, self.dtype)(x))
 
 
@@ -134,7 +135,7 @@ class FastFCN(nn.Module):
       stride = 8 if self.jpu else self.output_stride
       rates = tuple(r * 16 // stride for r in (6, 12, 18))
       y = ASPP(256, rates, dropout=self.dropout, dtype=dt, name="aspp")(top, train)
-      y = nn.Conv(self.num_classes, (1, 1), dtype=dt, name="classifier")(y)
+      y = Conv(self.num_classes, (1, 1), dtype=dt, name="classifier")(y)
     aux = {}
     if self.aux_head and (train or self.is_initializing()):
       # Created at initialisation even in eval mode so train-time variables exist.

@@ -29,6 +29,7 @@ import numpy as np
 from flax import linen as nn
 
 from jseg.models.backbones.vgg import VGG
+from jseg.models.conv import Conv
 from jseg.models.layers import check_nhwc
 from jseg.registry import MODELS
 
@@ -172,7 +173,7 @@ class FCN(nn.Module):
 
 def _score(k: int, name: str, dtype: Dtype) -> nn.Conv:
   # Score layers start at zero, as in the reference net surgery.
-  return nn.Conv(k, (1, 1), dtype=dtype, kernel_init=nn.initializers.zeros, name=name)
+  return Conv(k, (1, 1), dtype=dtype, kernel_init=nn.initializers.zeros, name=name)
 
 
 def _build(cfg: ml_collections.ConfigDict, variant: int) -> FCN:

@@ -18,6 +18,7 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
+from jseg.models.conv import Conv
 from jseg.models.layers import (
     ConvBNReLU,
     adaptive_avg_pool,
@@ -61,7 +62,7 @@ class FCNHead(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = ConvBNReLU(self.features, dtype=self.dtype, name="conv")(x, train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
+    return Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
 
 
 class PSPNet(nn.Module):

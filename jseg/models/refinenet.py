@@ -35,6 +35,7 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
+from jseg.models.conv import Conv
 from jseg.models.layers import (
     check_min_size,
     check_nhwc,
@@ -49,7 +50,7 @@ Dtype = Any
 
 
 def _conv3(features: int, name: str, dtype: Dtype, bias: bool = False) -> nn.Conv:
-  return nn.Conv(features, (3, 3), padding=pad_same(3), use_bias=bias, dtype=dtype, name=name)
+  return Conv(features, (3, 3), padding=pad_same(3), use_bias=bias, dtype=dtype, name=name)
 
 
 class RCU(nn.Module):
@@ -157,7 +158,7 @@ class RefineNet(nn.Module):
       h = _conv3(w, f"{level}_reduce", dt)(h)
       y = RefineNetBlock(w, out_features=f if i < 3 else None, name=f"refine{4 - i}", **blk)(h, y)
     y = drop(y)
-    y = nn.Conv(self.num_classes, (3, 3), padding=pad_same(3), dtype=dt, name="classifier")(y)
+    y = Conv(self.num_classes, (3, 3), padding=pad_same(3), dtype=dt, name="classifier")(y)
     return resize_logits(y, size).astype(jnp.float32), {}
 
 

@@ -26,6 +26,7 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.vgg import VGG
+from jseg.models.conv import Conv
 from jseg.models.layers import check_min_size, check_nhwc
 from jseg.registry import MODELS
 
@@ -80,7 +81,7 @@ class ConvBNReLUBias(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.Conv(
+    x = Conv(
         self.features,
         (3, 3),
         padding=((1, 1), (1, 1)),
@@ -136,7 +137,7 @@ class SegNet(nn.Module):
         y = ConvBNReLUBias(self.width * mult, self.dtype, name=conv_name)(y, train)
       if stage in (5, 4, 3) and self.dropout > 0:
         y = nn.Dropout(self.dropout, deterministic=not stochastic, name=f"dec{stage}_drop")(y)
-    y = nn.Conv(
+    y = Conv(
         self.num_classes, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv1_1_D"
     )(y)
     return y, {}

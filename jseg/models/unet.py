@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from jseg.models.conv import Conv
 from jseg.models.layers import (
     PixelTransposeConv,
     check_min_size,
@@ -59,7 +60,7 @@ class DoubleConv(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     pad = ((1, 1), (1, 1)) if self.padding == "same" else "VALID"
     for i in (1, 2):
-      x = nn.Conv(
+      x = Conv(
           self.features,
           (3, 3),
           padding=pad,
@@ -89,7 +90,7 @@ class Up(nn.Module):
     """Upsamples ``x`` 2x; ``size`` (>= 2x) is the target for the bilinear mode."""
     if self.mode == "transpose":
       return PixelTransposeConv(self.features, 2, dtype=self.dtype, name="up")(x)
-    x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="proj")(x)
+    x = Conv(self.features, (1, 1), dtype=self.dtype, name="proj")(x)
     return resize_bilinear(x, size)
 
 
@@ -179,7 +180,7 @@ class UNet(nn.Module):
       x = DoubleConv(
           self.width * 2**level, self.padding, self.batch_norm, self.dtype, name=f"dec{level}"
       )(x, train)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
+    x = Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
     return x[:, :h, :w], {}
 
 

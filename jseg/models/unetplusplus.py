@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from jseg.models.conv import Conv
 from jseg.models.layers import PixelTransposeConv, check_min_size, check_nhwc, max_pool_2x2
 from jseg.models.unet import DoubleConv, match_size
 from jseg.registry import MODELS
@@ -94,7 +95,7 @@ class UNetPlusPlus(nn.Module):
         nodes[i, j] = block(i, j, jnp.concatenate([nodes[i, k] for k in range(j)] + [up], axis=-1))
 
     def head(j: int) -> jax.Array:
-      return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name=f"head{j}")(nodes[0, j])
+      return Conv(self.num_classes, (1, 1), dtype=self.dtype, name=f"head{j}")(nodes[0, j])
 
     if not self.deep_supervision:
       return head(L), {}

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jseg.models.conv import Conv
 from jseg.models.layers import DepthwiseConv
 
 Dtype = Any
@@ -54,7 +55,7 @@ def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
 
 
 def _conv1x1(features: int, dtype: Dtype, name: str) -> nn.Conv:
-  return nn.Conv(
+  return Conv(
       features,
       (1, 1),
       use_bias=False,
@@ -108,7 +109,7 @@ class MobileNetV2(nn.Module):
     if self.output_stride not in (8, 16, 32):
       raise ValueError(f"MobileNetV2 output_stride must be 8, 16 or 32; got {self.output_stride}.")
     feats = {}
-    x = nn.Conv(
+    x = Conv(
         make_divisible(32 * self.width_mult),
         (3, 3),
         strides=2,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jseg.models.conv import Conv
 from jseg.models.layers import max_pool_3x3_s2, pad_same
 
 Dtype = Any
@@ -43,7 +44,7 @@ def _bn(name: str, train: bool, dtype: Dtype, zero_init: bool = False) -> nn.Bat
 
 
 def _conv(features: int, kernel: int, stride: int, dilation: int, name: str, dtype: Dtype):
-  return nn.Conv(
+  return Conv(
       features,
       (kernel, kernel),
       strides=stride,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jseg.models.conv import Conv
 from jseg.models.layers import check_min_size, max_pool_2x2
 
 Dtype = Any
@@ -98,7 +99,7 @@ class VGG(nn.Module):
     for s, (n_convs, ch) in enumerate(zip(STAGE_CONVS[self.depth], stage_channels(self.width))):
       for i in range(n_convs):
         pad = self.first_padding if (s, i) == (0, 0) else 1
-        x = nn.Conv(
+        x = Conv(
             ch,
             (3, 3),
             padding=((pad, pad), (pad, pad)),
@@ -123,7 +124,7 @@ class VGG(nn.Module):
       feats[f"pool{s + 1}"] = x
     if self.fc:
       for name, k in (("fc6", 7), ("fc7", 1)):
-        x = nn.Conv(
+        x = Conv(
             self.fc_features,
             (k, k),
             padding="VALID",

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jseg.models.conv import Conv
 from jseg.models.layers import DepthwiseConv
 
 Dtype = Any
@@ -62,7 +63,7 @@ class SeparableConv(nn.Module):
     x = _bn("depthwise_bn", train, self.dtype)(x)
     if self.relu_inside:
       x = nn.relu(x)
-    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
+    x = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
     x = _bn("pointwise_bn", train, self.dtype)(x)
     return nn.relu(x) if self.relu_inside else x
 
@@ -100,7 +101,7 @@ class XceptionModule(nn.Module):
       if i == 1:
         second = y
     if self.skip == "conv":
-      s = nn.Conv(
+      s = Conv(
           self.features[-1], (1, 1), strides=self.stride, use_bias=False, dtype=self.dtype,
           name="shortcut",
       )(x)
@@ -177,11 +178,11 @@ class Xception65(nn.Module):
     (s3, d3), (_, dm), (s4, d4), (_, d5) = _plan(self.output_stride)
     ch, dt = self.ch, self.dtype
     feats = {}
-    x = nn.Conv(ch(32), (3, 3), 2, padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
-                name="stem_conv1")(x)
+    x = Conv(ch(32), (3, 3), 2, padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
+             name="stem_conv1")(x)
     x = nn.relu(_bn("stem_bn1", train, dt)(x))
-    x = nn.Conv(ch(64), (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
-                name="stem_conv2")(x)
+    x = Conv(ch(64), (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
+             name="stem_conv2")(x)
     x = nn.relu(_bn("stem_bn2", train, dt)(x))
     feats["stem"] = x
     x, _ = XceptionModule((ch(128),) * 3, 2, dtype=dt, name="entry_block1")(x, train)

@@ -1,0 +1,182 @@
+"""The convolution every jseg network uses: oneDNN on CPU when available, else XLA's.
+
+``conv_general_dilated`` is a drop-in for ``jax.lax.conv_general_dilated``; ``Conv`` is
+``flax.linen.Conv`` wired to it (same parameters, same names, same checkpoints). A
+float32 2-D NHWC/HWIO convolution on the CPU backend goes to oneDNN's direct
+convolutions through an XLA custom call (``jseg.native``), with a ``custom_vjp`` whose
+backward pass is oneDNN's input- and kernel-gradient primitives. Everything else
+(bfloat16, GPU/TPU, input dilation, other layouts) is ``lax.conv_general_dilated``.
+
+Measured on the 2-core CPU (``experiments/performance/README.md``): one 3x3 layer
+4x256x256x32->32 forward+backward 184 -> 102 ms (torch 235), a depthwise 3x3 layer
+4x64x64x128 303 -> 3 ms (torch 9). Values agree with XLA's to float32 rounding
+(``tests/test_conv.py``).
+
+Which implementation is chosen is read when a function is traced: the environment
+variable ``JSEG_CONV`` = ``auto`` (default: oneDNN on CPU when it builds), ``onednn``
+(raise if it cannot be used) or ``xla`` (never use it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from jseg import native
+
+Padding = str | Sequence[tuple[int, int]]
+_MODES = ("auto", "onednn", "xla")
+
+
+def conv_mode() -> str:
+  """``JSEG_CONV`` (``auto`` | ``onednn`` | ``xla``), checked."""
+  mode = os.environ.get("JSEG_CONV", "auto").strip().lower() or "auto"
+  if mode not in _MODES:
+    raise ValueError(f"JSEG_CONV must be one of {_MODES}; got {mode!r}.")
+  return mode
+
+
+def onednn_active() -> bool:
+  """Whether float32 NHWC convolutions traced now go to oneDNN."""
+  mode = conv_mode()
+  if mode == "xla":
+    return False
+  if jax.default_backend() != "cpu":
+    if mode == "onednn":
+      raise RuntimeError(f"JSEG_CONV=onednn needs the CPU backend; this is {jax.default_backend()}.")
+    return False
+  if native.onednn() is None:
+    if mode == "onednn":
+      raise RuntimeError(f"JSEG_CONV=onednn, but the oneDNN extension is unavailable: "
+                         f"{native.onednn_error()}")
+    return False
+  return True
+
+
+def _require_onednn() -> None:
+  """Builds/registers the custom calls (once per process) or raises saying why not."""
+  if native.onednn() is None:
+    raise RuntimeError(f"The oneDNN extension is unavailable: {native.onednn_error()}")
+
+
+def _attrs(strides, dilation, padding, groups) -> dict[str, Any]:
+  return dict(
+      strides=np.asarray(strides, np.int64),
+      dilation=np.asarray(dilation, np.int64),
+      padding=np.asarray([p for pair in padding for p in pair], np.int64),
+      groups=np.int64(groups),
+  )
+
+
+def _out_hw(x_shape, k_shape, strides, dilation, padding) -> tuple[int, int]:
+  return tuple(
+      (x_shape[1 + i] + padding[i][0] + padding[i][1] - (k_shape[i] - 1) * dilation[i] - 1)
+      // strides[i] + 1
+      for i in range(2)
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
+                dilation: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]],
+                groups: int) -> jax.Array:
+  """NHWC x HWIO -> NHWC float32 convolution by oneDNN (explicit non-negative padding)."""
+  _require_onednn()
+  oh, ow = _out_hw(x.shape, k.shape, strides, dilation, padding)
+  out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, k.shape[3]), jnp.float32)
+  return jax.ffi.ffi_call("JsegConvFwd", out, vmap_method="sequential")(
+      x, k, **_attrs(strides, dilation, padding, groups))
+
+
+def _fwd(x, k, strides, dilation, padding, groups):
+  # symbolic_zeros: x.perturbed is False for an input no gradient flows to (the image
+  # entering the first layer); its input gradient is then not computed, as in torch.
+  y = onednn_conv(x.value, k.value, strides, dilation, padding, groups)
+  return y, (x.value, k.value, x.perturbed, k.perturbed)
+
+
+def _bwd(strides, dilation, padding, groups, res, dy):
+  x, k, need_dx, need_dk = res
+  if isinstance(dy, SymbolicZero):
+    return None, None
+  a = _attrs(strides, dilation, padding, groups)
+  dy = dy.astype(jnp.float32)
+  dx = dk = None
+  if need_dx:
+    dx = jax.ffi.ffi_call("JsegConvBwdData", jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          vmap_method="sequential")(dy, k, **a)
+  if need_dk:
+    dk = jax.ffi.ffi_call("JsegConvBwdWeights", jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                          vmap_method="sequential")(x, dy, **a)
+  return dx, dk
+
+
+onednn_conv.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+def _explicit_padding(padding: Padding, x_shape, k_shape, strides, dilation):
+  if isinstance(padding, str):
+    eff = [(k_shape[i] - 1) * dilation[i] + 1 for i in range(2)]
+    return tuple(tuple(int(v) for v in p)
+                 for p in lax.padtype_to_pads(x_shape[1:3], eff, strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
+  want = lax.conv_dimension_numbers(lhs_shape, rhs_shape, ("NHWC", "HWIO", "NHWC"))
+  if dimension_numbers is None:  # lax's default is NCHW/OIHW
+    return False
+  return lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) == want
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+  """``lax.conv_general_dilated``, by oneDNN where it applies (see the module docstring)."""
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+          feature_group_count, batch_group_count, precision, preferred_element_type)
+  ok = (
+      lhs.ndim == 4 and rhs.ndim == 4
+      and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+      and preferred_element_type in (None, jnp.float32, np.float32)
+      and batch_group_count == 1
+      and all(d == 1 for d in (lhs_dilation or (1, 1)))
+      and min(lhs.shape) > 0 and min(rhs.shape) > 0
+      and _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape)
+  )
+  if ok:
+    strides = tuple(int(s) for s in window_strides)
+    dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
+    pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides, dilation)
+    ok = min(p for pair in pads for p in pair) >= 0 and min(
+        _out_hw(lhs.shape, rhs.shape, strides, dilation, pads)) > 0
+  if ok and onednn_active():
+    if rhs.shape[:2] == (1, 1) and max(strides) > 1 and pads == ((0, 0), (0, 0)):
+      # A strided 1x1 convolution reads every s-th pixel: slice, then a stride-1 one.
+      # (oneDNN 3.2's strided 1x1 primitives corrupted the heap inside DeepLab v3+.)
+      lhs, strides = lhs[:, ::strides[0], ::strides[1]], (1, 1)
+    return onednn_conv(lhs, rhs, strides, dilation, pads, int(feature_group_count))
+  return lax.conv_general_dilated(*args)
+
+
+# flax.linen.Conv computing with ``conv_general_dilated``: same fields, params and names.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

@@ -1,0 +1,155 @@
+"""Compiled CPU kernels: oneDNN convolutions as XLA FFI custom calls, built on first use.
+
+XLA:CPU's convolutions (and the layout transposes it puts around kernel gradients) are
+the largest remaining cost of a jseg training step on CPU; oneDNN's direct convolutions,
+the ones torch uses, run the same layer 1.2-2.5x faster forward+backward and depthwise
+convolutions 30-100x faster (``experiments/performance/README.md``).
+
+``onednn()`` compiles ``onednn_conv.cc`` with the system C++ compiler against the
+headers and library of the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (both
+dependencies of jseg on Linux x86-64) into a per-user cache folder, loads it and
+registers its handlers with XLA. The build takes a few seconds once per source, jaxlib
+and oneDNN version; later processes load the cached library. When anything is missing
+it returns ``None`` and ``onednn_error()`` says why: convolutions then stay on XLA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("onednn_conv.cc")
+DEFAULT_CACHE_DIR = "~/.cache/jseg/native"
+TARGETS = ("JsegConvFwd", "JsegConvBwdData", "JsegConvBwdWeights")
+
+
+class NativeBuildError(RuntimeError):
+  """The oneDNN extension could not be found, compiled or loaded."""
+
+
+def _prefixes() -> list[Path]:
+  """Where pip puts the oneDNN wheels' ``include/`` and ``lib/`` data files."""
+  out = [Path(sys.prefix), Path(sys.base_prefix)]
+  user = getattr(site, "USER_BASE", None)
+  if user:
+    out.append(Path(user))
+  out += [Path("/usr/local"), Path("/usr")]
+  return out
+
+
+def find_onednn() -> tuple[Path, Path]:
+  """Returns ``(include_dir, lib_dir)`` of an installed oneDNN 3.x, or raises."""
+  for p in _prefixes():
+    inc, lib = p / "include", p / "lib"
+    if (inc / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and any(lib.glob("libdnnl.so*")):
+      return inc, lib
+  raise NativeBuildError(
+      "oneDNN headers/library not found (looked in "
+      + ", ".join(str(p) for p in _prefixes())
+      + "); install them with `pip install onednn-cpu-gomp==2023.2.0 "
+      "onednn-devel-cpu-gomp==2023.2.0`."
+  )
+
+
+def _cache_dir() -> Path:
+  return Path(os.environ.get("JSEG_NATIVE_CACHE", DEFAULT_CACHE_DIR)).expanduser()
+
+
+def build(out_dir: Path | None = None) -> Path:
+  """Compiles the extension (if not already built for this source and toolchain).
+
+  The library's name carries a hash of the source, the jaxlib and oneDNN versions and
+  the compiler command, so a stale build is never loaded. Written to a temporary file
+  and renamed, so concurrent processes (pytest-xdist workers) cannot see half a file.
+  """
+  import jax  # noqa: PLC0415 - keeps `import jseg.native` cheap
+
+  inc, lib = find_onednn()
+  want = os.environ.get("CXX") or "g++"
+  cxx = shutil.which(want) or (None if os.environ.get("CXX") else shutil.which("c++"))
+  if not cxx:
+    raise NativeBuildError(f"no C++ compiler ({want}) found to build the oneDNN extension")
+  flags = [
+      "-O2", "-std=c++17", "-shared", "-fPIC",
+      f"-I{inc}", f"-I{jax.ffi.include_dir()}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}",
+  ]
+  versions = []
+  for dist in ("jaxlib", "onednn-cpu-gomp"):
+    try:
+      versions.append(f"{dist}={metadata.version(dist)}")
+    except metadata.PackageNotFoundError:
+      versions.append(f"{dist}=?")
+  h = hashlib.sha256(SOURCE.read_bytes())
+  h.update(" ".join([cxx, *flags, *versions]).encode())
+  out_dir = Path(out_dir) if out_dir else _cache_dir()
+  target = out_dir / f"libjseg_onednn-{h.hexdigest()[:16]}.so"
+  if target.is_file():
+    return target
+  out_dir.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+  os.close(fd)
+  cmd = [cxx, str(SOURCE), "-o", tmp, *flags]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    raise NativeBuildError(
+        f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}"
+    )
+  os.replace(tmp, target)
+  return target
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+  """Builds, loads and registers once per process; returns (library, error)."""
+  if os.environ.get("JSEG_CONV", "auto") == "xla":
+    return None, "disabled by JSEG_CONV=xla"
+  try:
+    import jax  # noqa: PLC0415
+
+    lib = ctypes.CDLL(str(build()))
+    for name in TARGETS:
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    lib.jseg_onednn_impl.restype = ctypes.c_int
+    return lib, ""
+  except (NativeBuildError, OSError, AttributeError) as e:
+    return None, f"{type(e).__name__}: {e}"
+
+
+def onednn() -> ctypes.CDLL | None:
+  """The loaded extension, or ``None`` when it cannot be built here (see ``onednn_error``)."""
+  return _load()[0]
+
+
+def onednn_error() -> str:
+  """Why ``onednn()`` is ``None`` ("" when it loaded)."""
+  return _load()[1]
+
+
+def onednn_impl(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
+                groups: int) -> str:
+  """oneDNN's name for the implementation it picks for one convolution.
+
+  ``kind``: ``"f"`` forward, ``"d"`` input gradient, ``"w"`` kernel gradient. A name
+  starting with ``ref`` would mean oneDNN's slow reference code.
+  """
+  lib = onednn()
+  if lib is None:
+    raise NativeBuildError(onednn_error())
+  vals = [*x_shape, *k_shape, y_shape[1], y_shape[2], *strides, *dilation,
+          *[p for pair in padding for p in pair]]
+  dims = (ctypes.c_int64 * len(vals))(*vals)
+  buf = ctypes.create_string_buffer(256)
+  rc = lib.jseg_onednn_impl(dims, ctypes.c_int64(groups), ctypes.c_char(kind.encode()), buf, 256)
+  if rc:
+    raise NativeBuildError(f"oneDNN rejected the convolution: {buf.value.decode()}")
+  return buf.value.decode()

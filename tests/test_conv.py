@@ -1,0 +1,150 @@
+"""jseg.models.conv: oneDNN convolutions against lax.conv_general_dilated, and the dispatch.
+
+Every geometry the networks use (strides, dilation, groups incl. depthwise, 1x1, the 7x7/2
+stem, asymmetric and string padding, odd sizes) is compared in value and in both
+gradients, and the lowered program is checked to really contain the custom call, so a
+silent fallback to XLA cannot pass as a oneDNN test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax import lax
+
+from jseg import native
+from jseg.models import conv
+
+pytestmark = pytest.mark.skipif(
+    native.onednn() is None, reason=f"oneDNN extension unavailable: {native.onednn_error()}")
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _rand(shape, seed):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _value_and_grads(f, x, k, seed=7):
+  y_shape = jax.eval_shape(f, x, k).shape
+  r = jnp.asarray(_rand(y_shape, seed))
+
+  def run(x, k):
+    y, pull = jax.vjp(f, x, k)
+    return y, pull(r)
+
+  return jax.jit(run)(x, k)
+
+
+def _uses_onednn(f, *args) -> bool:
+  return "JsegConv" in jax.jit(f).lower(*args).as_text()
+
+
+# (input NHWC, kernel HWIO, strides, padding, dilation, groups)
+CASES = [
+    ((2, 9, 11, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    ((2, 9, 11, 8), (3, 3, 8, 16), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    ((2, 16, 16, 8), (3, 3, 8, 8), (1, 1), ((2, 2), (2, 2)), (2, 2), 1),
+    ((2, 16, 16, 8), (3, 3, 8, 8), (1, 1), ((4, 4), (4, 4)), (4, 4), 1),
+    ((2, 16, 16, 8), (3, 3, 1, 8), (1, 1), ((3, 3), (3, 3)), (3, 3), 8),  # depthwise, dilated
+    ((2, 15, 15, 8), (3, 3, 1, 8), (2, 2), ((0, 1), (1, 0)), (1, 1), 8),  # asymmetric padding
+    ((2, 16, 16, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), (1, 1), 1),  # ResNet stem
+    ((2, 16, 16, 8), (1, 1, 8, 12), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+    ((2, 16, 16, 8), (1, 1, 8, 12), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),  # sliced, see conv.py
+    ((2, 15, 13, 8), (1, 1, 8, 12), (2, 3), "VALID", (1, 1), 1),
+    ((1, 10, 10, 6), (3, 3, 2, 9), (1, 1), ((1, 1), (1, 1)), (1, 1), 3),  # grouped
+    ((3, 7, 5, 4), (3, 3, 4, 5), (1, 1), "SAME", (1, 1), 1),
+    ((2, 12, 12, 4), (3, 3, 4, 6), (2, 2), "SAME", (1, 1), 1),
+    ((2, 12, 12, 4), (3, 3, 4, 6), (1, 1), "VALID", (2, 2), 1),
+]
+
+
+@pytest.mark.parametrize("xs,ks,strides,padding,dilation,groups", CASES)
+def test_values_and_gradients_match_lax(xs, ks, strides, padding, dilation, groups):
+  x, k = _rand(xs, 0), _rand(ks, 1)
+
+  def ours(x, k):
+    return conv.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
+                                     dimension_numbers=DN, feature_group_count=groups)
+
+  def ref(x, k):
+    return lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=DN, feature_group_count=groups,
+                                    precision=lax.Precision.HIGHEST)
+
+  assert _uses_onednn(ours, x, k)
+  y, (dx, dk) = _value_and_grads(ours, x, k)
+  y_ref, (dx_ref, dk_ref) = _value_and_grads(ref, x, k)
+  assert y.shape == y_ref.shape and dx.shape == x.shape and dk.shape == k.shape
+  scale = float(jnp.max(jnp.abs(y_ref)))
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(dx_ref))))
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(dk_ref))))
+
+
+@pytest.mark.parametrize("kind", ["f", "d", "w"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]])
+def test_onednn_picks_an_optimised_implementation(kind, case):
+  xs, ks, strides, padding, dilation, groups = case
+  y = jax.eval_shape(lambda x, k: lax.conv_general_dilated(
+      x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=DN,
+      feature_group_count=groups), jnp.zeros(xs), jnp.zeros(ks)).shape
+  name = native.onednn_impl(kind, xs, ks, y, strides, dilation, padding, groups)
+  assert name and not name.startswith("ref"), name  # 'ref' is oneDNN's slow reference code
+
+
+def test_flax_conv_wrapper_has_flax_params_and_values():
+  x = _rand((2, 9, 9, 5), 2)
+  ours, stock = conv.Conv(7, (3, 3), strides=2, padding="SAME"), nn.Conv(7, (3, 3), strides=2,
+                                                                        padding="SAME")
+  v = stock.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, v)
+  np.testing.assert_allclose(jax.jit(ours.apply)(v, x), jax.jit(stock.apply)(v, x),
+                             rtol=1e-5, atol=1e-5)
+  assert _uses_onednn(ours.apply, v, x)
+
+
+@pytest.mark.parametrize("what", ["bf16", "lhs_dilation", "nchw", "env_xla"])
+def test_falls_back_to_lax_where_onednn_does_not_apply(what, monkeypatch):
+  x, k = _rand((1, 8, 8, 4), 3), _rand((3, 3, 4, 4), 4)
+  kw = dict(dimension_numbers=DN)
+  if what == "bf16":
+    x, k = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  if what == "lhs_dilation":
+    kw["lhs_dilation"] = (2, 2)
+  if what == "nchw":
+    x, k, kw = x.transpose(0, 3, 1, 2), k.transpose(3, 2, 0, 1), {}
+  if what == "env_xla":
+    monkeypatch.setenv("JSEG_CONV", "xla")
+
+  def ours(x, k):
+    return conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), **kw)
+
+  def ref(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), **kw)
+
+  assert not _uses_onednn(ours, x, k)
+  np.testing.assert_allclose(np.asarray(jax.jit(ours)(x, k), np.float32),
+                             np.asarray(jax.jit(ref)(x, k), np.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_mode_and_forced_unavailable_backend_are_clear_errors(monkeypatch):
+  monkeypatch.setenv("JSEG_CONV", "cudnn")
+  with pytest.raises(ValueError, match="JSEG_CONV must be one of"):
+    conv.conv_mode()
+  monkeypatch.setenv("JSEG_CONV", "onednn")
+  monkeypatch.setattr(native, "onednn", lambda: None)
+  monkeypatch.setattr(native, "onednn_error", lambda: "NativeBuildError: no compiler")
+  with pytest.raises(RuntimeError, match="no compiler"):
+    conv.onednn_active()
+  monkeypatch.setenv("JSEG_CONV", "auto")
+  assert conv.onednn_active() is False  # auto: quietly XLA
+
+
+def test_vmap_over_the_custom_call():
+  x, k = _rand((3, 2, 6, 6, 4), 5), _rand((3, 3, 4, 2), 6)
+  f = lambda x: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+  g = lambda x: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+  np.testing.assert_allclose(jax.jit(jax.vmap(f))(x), jax.jit(jax.vmap(g))(x),
+                             rtol=1e-5, atol=1e-5)
