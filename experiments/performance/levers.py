@@ -45,6 +45,9 @@ VARIANTS = {
     # Convolutions by XLA or by oneDNN through jseg's custom call (jseg.models.conv).
     "conv_xla": {"JSEG_CONV": "xla"},
     "conv_onednn": {"JSEG_CONV": "onednn"},
+    # oneDNN's OpenMP threads: sleep instead of spinning when idle / one thread per call.
+    "omp_passive": {"JSEG_CONV": "onednn", "OMP_WAIT_POLICY": "passive"},
+    "omp1": {"JSEG_CONV": "onednn", "OMP_NUM_THREADS": "1"},
 }
 
 

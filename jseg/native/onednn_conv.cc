@@ -83,6 +83,8 @@ struct Prims {
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::primitive prim;
   memory::desc wei;      // the kernel layout the primitive wants
+  bool reorder = false;  // whether it differs from the user's HWIO
+  dnnl::reorder to_wei, from_wei;  // HWIO -> wei (forward, input gradient), wei -> HWIO
   memory::desc scratch;  // its scratchpad
   std::string impl;      // oneDNN's name for the implementation it picked
 };
@@ -136,6 +138,15 @@ std::shared_ptr<Prims> Get(const Geom& g, char kind) {
     p->wei = pd.diff_weights_desc();
     p->scratch = pd.scratchpad_desc();
     p->impl = pd.impl_info_str();
+  }
+  p->reorder = p->wei != g.WeiUser();
+  if (p->reorder) {
+    if (kind == 'w')
+      p->from_wei = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), p->wei, Engine(),
+                                                                g.WeiUser()));
+    else
+      p->to_wei = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.WeiUser(), Engine(),
+                                                              p->wei));
   }
   std::lock_guard<std::mutex> l(cache_mu);
   cache.emplace(key, p);
@@ -197,9 +208,9 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
     dnnl::stream s(Engine());
     memory user_w(g.WeiUser(), Engine(), k.typed_data());
     memory w = user_w;
-    if (p->wei != g.WeiUser()) {
+    if (p->reorder) {
       w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
-      dnnl::reorder(user_w, w).execute(s, user_w, w);
+      p->to_wei.execute(s, user_w, w);
     }
     memory src(g.Src(), Engine(), x.typed_data());
     memory dst(g.Dst(), Engine(), y->typed_data());
@@ -225,9 +236,9 @@ ffi::Error ConvBwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
     dnnl::stream s(Engine());
     memory user_w(g.WeiUser(), Engine(), k.typed_data());
     memory w = user_w;
-    if (p->wei != g.WeiUser()) {
+    if (p->reorder) {
       w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
-      dnnl::reorder(user_w, w).execute(s, user_w, w);
+      p->to_wei.execute(s, user_w, w);
     }
     memory ddst(g.Dst(), Engine(), dy.typed_data());
     memory dsrc(g.Src(), Engine(), dx->typed_data());
@@ -253,15 +264,14 @@ ffi::Error ConvBwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     dnnl::stream s(Engine());
     memory user_w(g.WeiUser(), Engine(), dk->typed_data());
     memory w = user_w;
-    bool reorder = p->wei != g.WeiUser();
-    if (reorder) w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
+    if (p->reorder) w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
     memory src(g.Src(), Engine(), x.typed_data());
     memory ddst(g.Dst(), Engine(), dy.typed_data());
     p->prim.execute(s, {{DNNL_ARG_SRC, src},
                         {DNNL_ARG_DIFF_DST, ddst},
                         {DNNL_ARG_DIFF_WEIGHTS, w},
                         {DNNL_ARG_SCRATCHPAD, Scratch(*p)}});
-    if (reorder) dnnl::reorder(w, user_w).execute(s, w, user_w);
+    if (p->reorder) p->from_wei.execute(s, w, user_w);
     s.wait();
   });
 }
