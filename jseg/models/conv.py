@@ -7,10 +7,10 @@ convolutions through an XLA custom call (``jseg.native``), with a ``custom_vjp``
 backward pass is oneDNN's input- and kernel-gradient primitives. Everything else
 (bfloat16, GPU/TPU, input dilation, other layouts) is ``lax.conv_general_dilated``.
 
-Measured on the 2-core CPU (``experiments/performance/README.md``): one 3x3 layer
-4x256x256x32->32 forward+backward 184 -> 102 ms (torch 235), a depthwise 3x3 layer
-4x64x64x128 303 -> 3 ms (torch 9). Values agree with XLA's to float32 rounding
-(``tests/test_conv.py``).
+Measured on the 2-core CPU (``experiments/performance/onednn_layers.json``): one 3x3 layer
+4x256x256x32->32 forward+backward 231 -> 119 ms (torch 293), a depthwise 3x3 layer
+4x64x64x128 299 -> 3.7 ms (torch 11.4); whole training steps x1.29-1.80. Values agree with
+XLA's to float32 rounding (``tests/test_conv.py``).
 
 Which implementation is chosen is read when a function is traced: the environment
 variable ``JSEG_CONV`` = ``auto`` (default: oneDNN on CPU when it builds), ``onednn``

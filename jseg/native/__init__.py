@@ -1,9 +1,9 @@
 """Compiled CPU kernels: oneDNN convolutions as XLA FFI custom calls, built on first use.
 
-XLA:CPU's convolutions (and the layout transposes it puts around kernel gradients) are
-the largest remaining cost of a jseg training step on CPU; oneDNN's direct convolutions,
-the ones torch uses, run the same layer 1.2-2.5x faster forward+backward and depthwise
-convolutions 30-100x faster (``experiments/performance/README.md``).
+XLA:CPU's convolutions (and the layout transposes it puts around kernel gradients) were
+the largest cost of a jseg training step on CPU; oneDNN's direct convolutions, the ones
+torch uses, run a layer's forward+backward 1.2-2.3x faster and depthwise ones 23-81x
+faster than XLA's grouped convolution (``experiments/performance/onednn_layers.json``).
 
 ``onednn()`` compiles ``onednn_conv.cc`` with the system C++ compiler against the
 headers and library of the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (both

@@ -10,8 +10,8 @@ multiple of 8, as in the paper's code). Like DeepLab v3's MobileNetV2,
 Returns ``stem`` (stride 2), ``layer1`` (4, 24 ch), ``layer2`` (8, 32 ch),
 ``layer3`` (16, 96 ch), ``layer4`` (32, 320 ch) and, with ``last_features``,
 ``last`` (the 1x1 conv to 1280 channels of the classifier network). Depthwise
-convolutions use ``DepthwiseConv`` (shifted products; grouped convs are slow on
-XLA:CPU, see PERF_NOTES).
+convolutions use ``DepthwiseConv`` (oneDNN's grouped convolution on CPU, else shifted
+products; XLA's grouped convs are slow on XLA:CPU, see PERF_NOTES).
 """
 
 from __future__ import annotations

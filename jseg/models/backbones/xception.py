@@ -16,8 +16,9 @@ as in the paper and the reference TF implementation (tensorflow/models
 ``research/deeplab/core/xception.py``). Output stride 8 or 16 replaces the
 remaining strides by atrous rates inside the separable convs.
 
-Depthwise convs use ``jseg.models.layers.DepthwiseConv`` (a sum of shifted
-products), never ``feature_group_count`` (slow on XLA:CPU). The 16 middle-flow
+Depthwise convs use ``jseg.models.layers.DepthwiseConv`` (oneDNN's grouped convolution
+on CPU, else a sum of shifted products), never XLA's ``feature_group_count`` (slow on
+XLA:CPU). The 16 middle-flow
 modules are run with ``nn.scan`` (their parameters are stacked along a leading
 axis of length ``middle_blocks``), which keeps compile time independent of depth.
 ``width`` scales every channel count (1.0 is the paper's) for tiny CPU variants.
