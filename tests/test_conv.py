@@ -139,7 +139,15 @@ def test_bad_mode_and_forced_unavailable_backend_are_clear_errors(monkeypatch):
   with pytest.raises(RuntimeError, match="no compiler"):
     conv.onednn_active()
   monkeypatch.setenv("JSEG_CONV", "auto")
-  assert conv.onednn_active() is False  # auto: quietly XLA
+  assert conv.onednn_active() is False  # auto: XLA, and the log line says why
+  assert conv.conv_backend_summary() == "XLA (oneDNN extension unavailable: " \
+      "NativeBuildError: no compiler)"
+
+
+def test_backend_summary_names_the_choice(monkeypatch):
+  assert conv.conv_backend_summary().startswith("oneDNN")
+  monkeypatch.setenv("JSEG_CONV", "xla")
+  assert conv.conv_backend_summary() == "XLA (JSEG_CONV=xla)"
 
 
 def test_vmap_over_the_custom_call():

@@ -62,6 +62,17 @@ def onednn_active() -> bool:
   return True
 
 
+def conv_backend_summary() -> str:
+  """One line for logs: which convolutions float32 CPU steps use here, and why."""
+  if onednn_active():
+    return "oneDNN (jseg.native custom call)"
+  if conv_mode() == "xla":
+    return "XLA (JSEG_CONV=xla)"
+  if jax.default_backend() != "cpu":
+    return f"XLA ({jax.default_backend()} backend)"
+  return f"XLA (oneDNN extension unavailable: {native.onednn_error()})"
+
+
 def _require_onednn() -> None:
   """Builds/registers the custom calls (once per process) or raises saying why not."""
   if native.onednn() is None:
