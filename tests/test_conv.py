@@ -146,6 +146,12 @@ def test_bad_mode_and_forced_unavailable_backend_are_clear_errors(monkeypatch):
 
 def test_backend_summary_names_the_choice(monkeypatch):
   assert conv.conv_backend_summary().startswith("oneDNN")
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  # auto: several devices would each run the whole (gathered) batch through the custom call.
+  assert not conv.onednn_active()
+  assert conv.conv_backend_summary().startswith("XLA (2 devices")
+  monkeypatch.setenv("JSEG_CONV", "onednn")
+  assert conv.onednn_active()  # the user's explicit choice is kept
   monkeypatch.setenv("JSEG_CONV", "xla")
   assert conv.conv_backend_summary() == "XLA (JSEG_CONV=xla)"
 

@@ -13,8 +13,8 @@ Measured on the 2-core CPU (``experiments/performance/onednn_layers.json``): one
 XLA's to float32 rounding (``tests/test_conv.py``).
 
 Which implementation is chosen is read when a function is traced: the environment
-variable ``JSEG_CONV`` = ``auto`` (default: oneDNN on CPU when it builds), ``onednn``
-(raise if it cannot be used) or ``xla`` (never use it).
+variable ``JSEG_CONV`` = ``auto`` (default: oneDNN on a single CPU device when it
+builds), ``onednn`` (raise if it cannot be used) or ``xla`` (never use it).
 """
 
 from __future__ import annotations
@@ -46,9 +46,15 @@ def conv_mode() -> str:
 
 
 def onednn_active() -> bool:
-  """Whether float32 NHWC convolutions traced now go to oneDNN."""
+  """Whether float32 NHWC convolutions traced now go to oneDNN.
+
+  ``auto`` uses it only with a single device: XLA's SPMD partitioner does not split a
+  custom call, so with a batch sharded over several devices (or hosts) it gathers the
+  whole batch onto every device and each runs the full convolution (checked in the
+  compiled HLO: an ``all-gather`` before every call). ``onednn`` uses it anyway.
+  """
   mode = conv_mode()
-  if mode == "xla":
+  if mode == "xla" or (mode == "auto" and jax.device_count() > 1):
     return False
   if jax.default_backend() != "cpu":
     if mode == "onednn":
@@ -68,6 +74,8 @@ def conv_backend_summary() -> str:
     return "oneDNN (jseg.native custom call)"
   if conv_mode() == "xla":
     return "XLA (JSEG_CONV=xla)"
+  if jax.device_count() > 1:
+    return f"XLA ({jax.device_count()} devices: the oneDNN custom call is not partitioned)"
   if jax.default_backend() != "cpu":
     return f"XLA ({jax.default_backend()} backend)"
   return f"XLA (oneDNN extension unavailable: {native.onednn_error()})"
