@@ -80,7 +80,6 @@ ffi::Error MakeGeom(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
 
 // Primitives are built once per geometry (oneDNN JIT-compiles them) and reused.
 struct Prims {
-  dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::primitive prim;
   memory::desc wei;      // the kernel layout the primitive wants
   bool reorder = false;  // whether it differs from the user's HWIO
@@ -113,7 +112,6 @@ std::shared_ptr<Prims> Get(const Geom& g, char kind) {
   }
   auto fwd_pd = FwdPd(g);
   auto p = std::make_shared<Prims>();
-  p->fwd_pd = fwd_pd;
   if (kind == 'f') {
     auto pd = dnnl::convolution_forward::primitive_desc(
         Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
@@ -192,6 +190,37 @@ memory Scratch(const Prims& p) {
   return memory(p.scratch, Engine(), scratch_buf.Get(p.scratch.get_size()));
 }
 
+// Runs one cached primitive on XLA's buffers. 'f': a = x, b = k, out = y; 'd': a = dy,
+// b = k, out = dx; 'w': a = x, b = dy, out = dk.
+void Run(const Geom& g, char kind, void* a, void* b, void* out) {
+  auto p = Get(g, kind);
+  dnnl::stream s(Engine());
+  const bool kernel_in = kind != 'w';
+  memory user_w(g.WeiUser(), Engine(), kernel_in ? b : out);
+  memory w = user_w;
+  if (p->reorder) {
+    w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
+    if (kernel_in) p->to_wei.execute(s, user_w, w);
+  }
+  std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, Scratch(*p)}};
+  if (kind == 'f') {
+    args[DNNL_ARG_SRC] = memory(g.Src(), Engine(), a);
+    args[DNNL_ARG_WEIGHTS] = w;
+    args[DNNL_ARG_DST] = memory(g.Dst(), Engine(), out);
+  } else if (kind == 'd') {
+    args[DNNL_ARG_DIFF_DST] = memory(g.Dst(), Engine(), a);
+    args[DNNL_ARG_WEIGHTS] = w;
+    args[DNNL_ARG_DIFF_SRC] = memory(g.Src(), Engine(), out);
+  } else {
+    args[DNNL_ARG_SRC] = memory(g.Src(), Engine(), a);
+    args[DNNL_ARG_DIFF_DST] = memory(g.Dst(), Engine(), b);
+    args[DNNL_ARG_DIFF_WEIGHTS] = w;
+  }
+  p->prim.execute(s, args);
+  if (!kernel_in && p->reorder) p->from_wei.execute(s, w, user_w);
+  s.wait();
+}
+
 }  // namespace
 
 // y = conv(x, k)
@@ -203,23 +232,7 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   auto err = MakeGeom(x.dimensions(), k.dimensions(), y->dimensions(), strides, dilation,
                       padding, groups, &g);
   if (!err.success()) return err;
-  return Guard([&] {
-    auto p = Get(g, 'f');
-    dnnl::stream s(Engine());
-    memory user_w(g.WeiUser(), Engine(), k.typed_data());
-    memory w = user_w;
-    if (p->reorder) {
-      w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
-      p->to_wei.execute(s, user_w, w);
-    }
-    memory src(g.Src(), Engine(), x.typed_data());
-    memory dst(g.Dst(), Engine(), y->typed_data());
-    p->prim.execute(s, {{DNNL_ARG_SRC, src},
-                        {DNNL_ARG_WEIGHTS, w},
-                        {DNNL_ARG_DST, dst},
-                        {DNNL_ARG_SCRATCHPAD, Scratch(*p)}});
-    s.wait();
-  });
+  return Guard([&] { Run(g, 'f', x.typed_data(), k.typed_data(), y->typed_data()); });
 }
 
 // dx = conv_transpose(dy, k): the input gradient.
@@ -231,23 +244,7 @@ ffi::Error ConvBwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
   auto err = MakeGeom(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, dilation,
                       padding, groups, &g);
   if (!err.success()) return err;
-  return Guard([&] {
-    auto p = Get(g, 'd');
-    dnnl::stream s(Engine());
-    memory user_w(g.WeiUser(), Engine(), k.typed_data());
-    memory w = user_w;
-    if (p->reorder) {
-      w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
-      p->to_wei.execute(s, user_w, w);
-    }
-    memory ddst(g.Dst(), Engine(), dy.typed_data());
-    memory dsrc(g.Src(), Engine(), dx->typed_data());
-    p->prim.execute(s, {{DNNL_ARG_DIFF_DST, ddst},
-                        {DNNL_ARG_WEIGHTS, w},
-                        {DNNL_ARG_DIFF_SRC, dsrc},
-                        {DNNL_ARG_SCRATCHPAD, Scratch(*p)}});
-    s.wait();
-  });
+  return Guard([&] { Run(g, 'd', dy.typed_data(), k.typed_data(), dx->typed_data()); });
 }
 
 // dk = correlation of x with dy: the kernel gradient.
@@ -259,21 +256,7 @@ ffi::Error ConvBwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   auto err = MakeGeom(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, dilation,
                       padding, groups, &g);
   if (!err.success()) return err;
-  return Guard([&] {
-    auto p = Get(g, 'w');
-    dnnl::stream s(Engine());
-    memory user_w(g.WeiUser(), Engine(), dk->typed_data());
-    memory w = user_w;
-    if (p->reorder) w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
-    memory src(g.Src(), Engine(), x.typed_data());
-    memory ddst(g.Dst(), Engine(), dy.typed_data());
-    p->prim.execute(s, {{DNNL_ARG_SRC, src},
-                        {DNNL_ARG_DIFF_DST, ddst},
-                        {DNNL_ARG_DIFF_WEIGHTS, w},
-                        {DNNL_ARG_SCRATCHPAD, Scratch(*p)}});
-    if (p->reorder) p->from_wei.execute(s, w, user_w);
-    s.wait();
-  });
+  return Guard([&] { Run(g, 'w', x.typed_data(), dy.typed_data(), dk->typed_data()); });
 }
 
 #define JSEG_CONV_ATTRS                               \
