@@ -82,9 +82,11 @@ def main() -> None:
     row["torch_fwd_ms"] = round(median_ms(tf), 2)
     row["torch_fwd_bwd_ms"] = round(median_ms(tb), 2)
     rows.append(row)
-    print(f"{name:22s} fwd xla {row['xla_fwd_ms']:7.1f} onednn {row['onednn_fwd_ms']:7.1f} "
+    print(f"{name:22s} fwd xla {row['xla_fwd_ms']:7.1f} "
+          f"onednn {row['onednn_fwd_ms']:7.1f} "
           f"torch {row['torch_fwd_ms']:7.1f} | fwd+bwd xla {row['xla_fwd_bwd_ms']:7.1f} "
-          f"onednn {row['onednn_fwd_bwd_ms']:7.1f} torch {row['torch_fwd_bwd_ms']:7.1f}", flush=True)
+          f"onednn {row['onednn_fwd_bwd_ms']:7.1f} torch {row['torch_fwd_bwd_ms']:7.1f}",
+          flush=True)
   if a.out:
     with open(a.out, "w") as f:
       json.dump({"command": " ".join(sys.argv), "threads": a.threads, "rows": rows}, f, indent=2)

@@ -169,7 +169,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   import numpy as np
 
   from jseg import parallel, runtime, trainer
-  from jseg.bench.flops import count_flops
+  from jseg.bench.flops import jaxpr_flops
 
   jax.devices()
   import_rss = cur_rss_mb()
@@ -186,9 +186,9 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   step = run.step_fn.lower(run.state, b, run.step_rng).compile()
   compile_s = time.perf_counter() - t0
   # XLA counts custom calls as 0 FLOPs: add those of the oneDNN convolutions.
-  train_flops = _flops(step) + count_flops(run.step_fn, run.state, b, run.step_rng,
-                                           custom_calls_only=True)
-  model_flops = count_flops(run.step_fn, run.state, b, run.step_rng)
+  step_jaxpr = jax.make_jaxpr(run.step_fn)(run.state, b, run.step_rng).jaxpr
+  train_flops = _flops(step) + jaxpr_flops(step_jaxpr, custom_calls_only=True)
+  model_flops = jaxpr_flops(step_jaxpr)
   state = run.state
 
   def one_step():
@@ -214,8 +214,9 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   t0 = time.perf_counter()
   infer = apply.lower(variables, x).compile()
   infer_compile_s = time.perf_counter() - t0
-  infer_flops = _flops(infer) + count_flops(apply, variables, x, custom_calls_only=True)
-  infer_model_flops = count_flops(apply, variables, x)
+  infer_jaxpr = jax.make_jaxpr(apply)(variables, x).jaxpr
+  infer_flops = _flops(infer) + jaxpr_flops(infer_jaxpr, custom_calls_only=True)
+  infer_model_flops = jaxpr_flops(infer_jaxpr)
   for _ in range(max(warmup, 1)):
     jax.block_until_ready(infer(variables, x))
   infer_s, _ = _median_time(lambda: infer(variables, x), repeats)

@@ -58,7 +58,8 @@ def onednn_active() -> bool:
     return False
   if jax.default_backend() != "cpu":
     if mode == "onednn":
-      raise RuntimeError(f"JSEG_CONV=onednn needs the CPU backend; this is {jax.default_backend()}.")
+      raise RuntimeError(
+          f"JSEG_CONV=onednn needs the CPU backend; this is {jax.default_backend()}.")
     return False
   if native.onednn() is None:
     if mode == "onednn":
@@ -104,11 +105,27 @@ def _out_hw(x_shape, k_shape, strides, dilation, padding) -> tuple[int, int]:
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
                 dilation: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]],
                 groups: int) -> jax.Array:
-  """NHWC x HWIO -> NHWC float32 convolution by oneDNN (explicit non-negative padding)."""
+  """NHWC x HWIO -> NHWC float32 convolution by oneDNN (explicit non-negative padding).
+
+  A strided 1x1 convolution without padding reads every s-th pixel: it is computed as
+  that slice followed by a stride-1 convolution, because oneDNN 3.2's backward of strided
+  1x1 convolutions corrupts the heap
+  (``experiments/performance/onednn_strided_1x1.py`` reproduces it).
+  """
+  strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  if k.shape[:2] == (1, 1) and max(strides) > 1 and padding == ((0, 0), (0, 0)):
+    x, strides = x[:, ::strides[0], ::strides[1]], (1, 1)
+  return _onednn_conv(x, k, strides, tuple(dilation), padding, int(groups))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
+                 dilation: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]],
+                 groups: int) -> jax.Array:
+  """The custom call itself, with its custom VJP (no geometry workarounds)."""
   _require_onednn()
   oh, ow = _out_hw(x.shape, k.shape, strides, dilation, padding)
   out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, k.shape[3]), jnp.float32)
@@ -119,7 +136,7 @@ def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
 def _fwd(x, k, strides, dilation, padding, groups):
   # symbolic_zeros: x.perturbed is False for an input no gradient flows to (the image
   # entering the first layer); its input gradient is then not computed, as in torch.
-  y = onednn_conv(x.value, k.value, strides, dilation, padding, groups)
+  y = _onednn_conv(x.value, k.value, strides, dilation, padding, groups)
   return y, (x.value, k.value, x.perturbed, k.perturbed)
 
 
@@ -139,7 +156,7 @@ def _bwd(strides, dilation, padding, groups, res, dy):
   return dx, dk
 
 
-onednn_conv.defvjp(_fwd, _bwd, symbolic_zeros=True)
+_onednn_conv.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def _explicit_padding(padding: Padding, x_shape, k_shape, strides, dilation):
@@ -189,10 +206,6 @@ def conv_general_dilated(
     ok = min(p for pair in pads for p in pair) >= 0 and min(
         _out_hw(lhs.shape, rhs.shape, strides, dilation, pads)) > 0
   if ok and onednn_active():
-    if rhs.shape[:2] == (1, 1) and max(strides) > 1 and pads == ((0, 0), (0, 0)):
-      # A strided 1x1 convolution reads every s-th pixel: slice, then a stride-1 one.
-      # (oneDNN 3.2's strided 1x1 primitives corrupted the heap inside DeepLab v3+.)
-      lhs, strides = lhs[:, ::strides[0], ::strides[1]], (1, 1)
     return onednn_conv(lhs, rhs, strides, dilation, pads, int(feature_group_count))
   return lax.conv_general_dilated(*args)
 

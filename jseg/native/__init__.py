@@ -111,8 +111,6 @@ def build(out_dir: Path | None = None) -> Path:
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
   """Builds, loads and registers once per process; returns (library, error)."""
-  if os.environ.get("JSEG_CONV", "auto") == "xla":
-    return None, "disabled by JSEG_CONV=xla"
   try:
     import jax  # noqa: PLC0415
 
