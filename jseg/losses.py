@@ -146,19 +146,31 @@ def _pixel_weights(safe: jax.Array, valid: jax.Array, weights: np.ndarray | None
 def _true_class_log_prob(logits: jax.Array, safe: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(log p_y, mean_c log p_c)`` per pixel, from float32 NHWC logits.
 
-  Computed with the class axis moved next to the batch axis, so the reductions over
-  classes run across whole rows of pixels, and the true class is picked with a one-hot
-  select, whose gradient is elementwise (``take_along_axis`` differentiates into a
-  scatter). With ``layers.resize_logits`` (logits already class-major) the loss end of a
-  step at 4x256x256x11 fell from 38 to 25 ms on XLA:CPU (``experiments/performance``).
-  Values equal ``log_softmax`` + ``take_along_axis``.
+  Computed with the class axis moved next to the batch axis (``layers.resize_logits``
+  leaves logits class-major, so the move is free), as elementwise operations over the K
+  class planes: max, sum of exponentials, the true class by a per-plane select (whose
+  gradient is elementwise; ``take_along_axis`` differentiates into a scatter). Unrolled
+  for K <= 32: XLA:CPU's reductions over the class axis cost 10x more at 2x512x512x11
+  than at 4x256x256x11; the loss end there (forward + backward) takes 65-73 ms unrolled,
+  152-163 ms with axis reductions and 73-79 ms in the original ``log_softmax`` form
+  (``experiments/performance/loss_tail.py``). Values equal ``log_softmax`` +
+  ``take_along_axis``.
   """
   k = logits.shape[-1]
   z = jnp.moveaxis(logits, -1, 1)                                    # (N, K, H, W)
-  lse = jax.nn.logsumexp(z, axis=1)
-  onehot = safe[:, None] == jnp.arange(k, dtype=safe.dtype).reshape((1, k) + (1,) * (safe.ndim - 1))
-  z_y = jnp.sum(jnp.where(onehot, z, 0.0), axis=1)
-  return z_y - lse, jnp.mean(z, axis=1) - lse
+  if k > 32:  # many classes: one reduction beats a long chain of planes
+    lse = jax.nn.logsumexp(z, axis=1)
+    onehot = safe[:, None] == jnp.arange(k, dtype=safe.dtype).reshape(
+        (1, k) + (1,) * (safe.ndim - 1))
+    return jnp.sum(jnp.where(onehot, z, 0.0), axis=1) - lse, jnp.mean(z, axis=1) - lse
+  planes = [z[:, i] for i in range(k)]
+  m = planes[0]
+  for p in planes[1:]:
+    m = jnp.maximum(m, p)
+  m = jax.lax.stop_gradient(m)  # as in logsumexp: the shift only keeps exp finite
+  lse = m + jnp.log(sum(jnp.exp(p - m) for p in planes))
+  z_y = sum(jnp.where(safe == i, p, 0.0) for i, p in enumerate(planes))
+  return z_y - lse, sum(planes) / k - lse
 
 
 def _reduce(pixel_loss: jax.Array, pixel_weight: jax.Array, avg_non_ignore: bool) -> jax.Array:

@@ -264,3 +264,19 @@ def test_errors_name_bad_values(batch):
     losses.build_loss(cfg(class_weight_mode="sqrt"))
   with pytest.raises(ValueError, match="loss.terms"):
     losses.build_loss(cfg(name="combo"))
+
+
+@pytest.mark.parametrize("k", [5, 40])  # unrolled over class planes / one reduction (K > 32)
+def test_true_class_log_prob_equals_log_softmax_both_forms(k):
+  rng = np.random.default_rng(k)
+  logits = jnp.asarray(rng.standard_normal((2, 7, 9, k)) * 3, jnp.float32)
+  safe = jnp.asarray(rng.integers(0, k, (2, 7, 9)), jnp.int32)
+  log_p_y, mean_log_p = losses._true_class_log_prob(logits, safe)
+  ref = jax.nn.log_softmax(logits, axis=-1)
+  np.testing.assert_allclose(log_p_y, jnp.take_along_axis(ref, safe[..., None], -1)[..., 0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mean_log_p, ref.mean(-1), rtol=1e-5, atol=1e-5)
+  g = jax.grad(lambda z: losses._true_class_log_prob(z, safe)[0].sum())(logits)
+  g_ref = jax.grad(lambda z: jnp.take_along_axis(
+      jax.nn.log_softmax(z, -1), safe[..., None], -1).sum())(logits)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
