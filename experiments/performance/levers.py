@@ -42,6 +42,8 @@ VARIANTS = {
     "ynn_off_concurrency": {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type= "
                                          "--xla_cpu_enable_concurrency_optimized_scheduler=true"},
     "single_thread_eigen": {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
+    # XLA:CPU's legacy (LLVM IR) fusion emitters instead of the MLIR ones: less compile memory.
+    "fusion_emitters_off": {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false"},
     # Convolutions by XLA or by oneDNN through jseg's custom call (jseg.models.conv).
     "conv_xla": {"JSEG_CONV": "xla"},
     "conv_onednn": {"JSEG_CONV": "onednn"},

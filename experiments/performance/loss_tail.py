@@ -4,8 +4,11 @@ Compares the forms jseg used before 2026-11-30 (``jax.image.resize`` then
 ``log_softmax`` + ``take_along_axis`` over the last axis) with the current ones
 (``layers.resize_logits``: two matmuls leaving the logits class-major; the loss reduces
 over classes in that layout and picks the true class with a one-hot select), and two
-forms that were tried and not kept (a custom VJP ``softmax - onehot``; reductions
-unrolled over the classes). Values and gradients are checked equal first.
+forms that were tried and not kept (a custom VJP ``softmax - onehot`` over axis
+reductions; reductions unrolled over the classes with autodiff's backward), and the
+unrolled forward with the elementwise custom-VJP backward that ``losses`` uses since
+2026-11-30 (so "now" and the last column time the same form). Values and gradients are
+checked equal first.
 
   python experiments/performance/loss_tail.py [--batch=4] [--size=256] [--classes=11]
 """
@@ -77,6 +80,30 @@ def unrolled_ce(logits, labels, ignore_index=255):
   return losses._reduce(m + jnp.log(s) - zy, losses._pixel_weights(safe, valid, None), True)
 
 
+@jax.custom_vjp
+def _nll_unrolled_vjp(z, safe):
+  return _nll_unrolled_fwd(z, safe)[0]
+
+
+def _nll_unrolled_fwd(z, safe):
+  k = z.shape[1]
+  m = z[:, 0]
+  for i in range(1, k):
+    m = jnp.maximum(m, z[:, i])
+  lse = m + jnp.log(sum(jnp.exp(z[:, i] - m) for i in range(k)))
+  zy = sum(jnp.where(safe == i, z[:, i], 0.0) for i in range(k))
+  return lse - zy, (z, lse, safe)
+
+
+_nll_unrolled_vjp.defvjp(_nll_unrolled_fwd, _nll_bwd)
+
+
+def unrolled_vjp_ce(logits, labels, ignore_index=255):
+  z = jnp.moveaxis(logits.astype(jnp.float32), -1, 1)
+  valid, safe = losses._valid_and_safe(labels, z.shape[1], ignore_index)
+  return losses._reduce(_nll_unrolled_vjp(z, safe), losses._pixel_weights(safe, valid, None), True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=4)
@@ -98,6 +125,7 @@ def main() -> None:
       "now (resize_logits + losses.cross_entropy)": (layers.resize_logits, losses.cross_entropy),
       "now, custom-VJP loss (not kept)": (layers.resize_logits, custom_vjp_ce),
       "now, reductions unrolled over classes (not kept)": (layers.resize_logits, unrolled_ce),
+      "unrolled forward, elementwise custom-VJP backward": (layers.resize_logits, unrolled_vjp_ce),
   }
   fns = {k: jax.jit(jax.value_and_grad(lambda x, y, r=r, l=l: l(r(x, size), y))) for k, (r, l) in variants.items()}
   ref = None

@@ -29,6 +29,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--top_ops", type=int, default=30)
+  p.add_argument("--kind", default="", help="list the largest ops of this kind only")
+  p.add_argument("--overlap", default="", help="list the ops that ran at the same time as this op")
   a = p.parse_args()
   import jax
   import checks
@@ -71,13 +73,25 @@ def main() -> None:
     count[kind] += 1
     by_op[op] += e["dur"]
   total = sum(by_kind.values())
+  if a.overlap:
+    ops_ev = [e for e in events if e.get("ph") == "X" and "dur" in e
+              and re.match(r"^[a-z_\-]+(\.\d+)*$", (e.get("args") or {}).get("hlo_op") or e.get("name", ""))]
+    for t in [e for e in ops_ev if ((e.get("args") or {}).get("hlo_op") or e["name"]) == a.overlap]:
+      t0, t1 = t["ts"], t["ts"] + t["dur"]
+      print(f"{a.overlap}: {t['dur']/1e3:.2f} ms on thread {t.get('tid')}; overlapping:")
+      for e in ops_ev:
+        if e is not t and e["ts"] < t1 and e["ts"] + e["dur"] > t0:
+          ov = min(t1, e["ts"] + e["dur"]) - max(t0, e["ts"])
+          print(f"    {((e.get('args') or {}).get('hlo_op') or e['name']):34s} tid {e.get('tid')} "
+                f"overlap {ov/1e3:.2f} ms of {e['dur']/1e3:.2f}")
   print(f"{a.model} b{a.batch} s{a.size}: {a.steps} steps, summed op time {total/1e3/a.steps:.1f} ms/step "
         f"(ops on both threads summed); step wall time without the profiler: median "
         f"{1e3 * sorted(wall)[len(wall) // 2]:.1f} ms")
   for k, v in by_kind.most_common(a.top):
     print(f"  {k:40s} {v/1e3/a.steps:9.1f} ms/step  {100*v/total:5.1f}%  n={count[k]//a.steps}")
   print("largest single ops (HLO root shape, source op_name):")
-  for k, v in by_op.most_common(a.top_ops):
+  ops = [(k, v) for k, v in by_op.most_common() if not a.kind or re.sub(r"(\.\d+)+$", "", k) == a.kind]
+  for k, v in ops[:a.top_ops]:
     m = re.search(r"^\s*(?:ROOT )?%?" + re.escape(k) + r" = ([^ ]+) .*$", hlo, re.M)
     line = m.group(0) if m else ""
     shape = m.group(1) if m else "?"

@@ -1,0 +1,84 @@
+"""Where jseg's resident memory goes, stage by stage, for one bench model (CPU).
+
+  python experiments/performance/mem_stages.py --model=pspnet [--batch=4 --size=256] [--out=F.json]
+
+Prints (and writes) ``VmRSS``/``VmHWM``/``RssAnon``/``RssFile`` in MiB after: importing
+JAX, building the train state (init compiled and run), ``malloc_trim``, lowering the
+step, compiling it, ``malloc_trim`` again, three steps, and a last trim; plus XLA's
+own buffer sizes for the step (``memory_analysis``: temporaries = the activations
+kept for the backward and scratch). Run with ``XLA_FLAGS``/``JSEG_CONV`` set to
+compare settings. Anonymous memory is the heap; file memory is library code paged in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def status() -> dict[str, int]:
+  d = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      k, v = line.split(":", 1)
+      if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+        d[k] = int(v.split()[0]) // 1024
+  return d
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="pspnet")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--size", type=int, default=256)
+  p.add_argument("--out", default="")
+  a = p.parse_args()
+  import jax
+  import numpy as np
+
+  from jseg import parallel, runtime, trainer
+  from jseg.bench.models import bench_config
+  from jseg.bench.procstats import reset_peak_rss
+
+  out = {"model": a.model, "batch": a.batch, "size": a.size,
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jseg_conv": os.environ.get("JSEG_CONV", "auto")}
+  jax.devices()
+  out["import"] = status()
+  run = trainer.setup(bench_config(a.model, a.size, a.batch))
+  jax.block_until_ready(run.state)
+  out["setup"] = status()
+  runtime.release_free_memory()
+  out["setup_trim"] = status()
+  reset_peak_rss()
+  rng = np.random.default_rng(0)
+  host = {"image": rng.standard_normal((a.batch, a.size, a.size, 3), np.float32),
+          "label": rng.integers(0, 11, (a.batch, a.size, a.size)).astype(np.int32)}
+  b = parallel.shard_batch(host, run.mesh)
+  lowered = run.step_fn.lower(run.state, b, run.step_rng)
+  out["lower"] = status()
+  step = lowered.compile()
+  out["compile"] = status()
+  ma = step.memory_analysis()
+  out["xla_buffers_mb"] = {k.replace("_size_in_bytes", ""): round(getattr(ma, k) / 2**20, 1)
+                           for k in ("temp_size_in_bytes", "argument_size_in_bytes",
+                                     "output_size_in_bytes", "alias_size_in_bytes")
+                           if hasattr(ma, k)}
+  runtime.release_free_memory()
+  out["compile_trim"] = status()
+  reset_peak_rss()
+  state = run.state
+  for i in range(3):
+    state, m = step(state, b, run.step_rng)
+    float(m["loss"])
+    out[f"step{i}"] = status()
+  runtime.release_free_memory()
+  out["steps_trim"] = status()
+  for k, v in out.items():
+    print(f"{k:16s} {v}")
+  if a.out:
+    with open(a.out, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
