@@ -30,6 +30,7 @@ def main() -> None:
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--top_ops", type=int, default=30)
   p.add_argument("--kind", default="", help="list the largest ops of this kind only")
+  p.add_argument("--infer", action="store_true", help="profile the eval forward (train=False) instead")
   p.add_argument("--overlap", default="", help="list the ops that ran at the same time as this op")
   a = p.parse_args()
   import jax
@@ -37,23 +38,44 @@ def main() -> None:
   from jseg import parallel
   run, host_batch = checks._setup(a.model, a.batch, a.size)
   state = run.state
+  if a.infer:  # the bench's eval forward: jitted apply with running statistics
+    from jseg import trainer
+    model = run.model
+    variables = trainer.variables(state.params, state.batch_stats)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+    x = jax.device_put(host_batch()["image"])
+    fn, args = apply, (variables, x)
+  else:
+    fn, args = None, None
   for _ in range(2):
-    state, m = run.step_fn(state, parallel.shard_batch(host_batch(), run.mesh), run.step_rng)
+    if a.infer:
+      m = fn(*args)
+    else:
+      state, m = run.step_fn(state, parallel.shard_batch(host_batch(), run.mesh), run.step_rng)
   jax.block_until_ready(m)
-  hlo = run.step_fn.lower(state, parallel.shard_batch(host_batch(), run.mesh), run.step_rng).compile().as_text()
+  if a.infer:
+    hlo = fn.lower(*args).compile().as_text()
+  else:
+    hlo = run.step_fn.lower(state, parallel.shard_batch(host_batch(), run.mesh), run.step_rng).compile().as_text()
   import time
   wall = []
   for _ in range(a.steps):
     b = parallel.shard_batch(host_batch(), run.mesh)
     t0 = time.perf_counter()
-    state, m = run.step_fn(state, b, run.step_rng)
+    if a.infer:
+      m = fn(*args)
+    else:
+      state, m = run.step_fn(state, b, run.step_rng)
     jax.block_until_ready(m)
     wall.append(time.perf_counter() - t0)
   d = tempfile.mkdtemp()
   batches = [parallel.shard_batch(host_batch(), run.mesh) for _ in range(a.steps)]
   with jax.profiler.trace(d, create_perfetto_trace=True):
     for b in batches:
-      state, m = run.step_fn(state, b, run.step_rng)
+      if a.infer:
+        m = fn(*args)
+      else:
+        state, m = run.step_fn(state, b, run.step_rng)
     jax.block_until_ready(m)
   path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
   events = json.load(gzip.open(path))

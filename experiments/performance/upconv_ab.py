@@ -1,0 +1,103 @@
+"""In-process alternated A/B of ``PixelTransposeConv``: einsum form vs 1x1 conv + depth-to-space.
+
+  python experiments/performance/upconv_ab.py --model=unet --size=512 --batch=1 [--train]
+
+Both executables are compiled in one process (the layer's ``__call__`` swapped while
+tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
+both alike. Prints each form's median over all rounds and the outputs' max difference.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def einsum_class():
+  """``PixelTransposeConv`` in the form used before 2026-11-30 (a per-pixel einsum)."""
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  from jseg.models import layers
+
+  class EinsumPixelTransposeConv(layers.PixelTransposeConv):
+    @nn.compact
+    def __call__(self, x):
+      return einsum_call(self, x)
+
+  return EinsumPixelTransposeConv
+
+
+def einsum_call(self, x):
+  import jax.numpy as jnp
+  from flax import linen as nn
+  s = self.stride
+  n, h, w, c = x.shape
+  kernel = self.param("kernel", nn.initializers.lecun_normal(), (s, s, c, self.features), jnp.float32)
+  y = jnp.einsum("nhwc,abco->nhawbo", x, kernel.astype(self.dtype)).reshape(n, h * s, w * s, self.features)
+  if self.use_bias:
+    y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+  return y
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="unet")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--size", type=int, default=512)
+  p.add_argument("--train", action="store_true")
+  p.add_argument("--rounds", type=int, default=6)
+  p.add_argument("--repeats", type=int, default=3)
+  a = p.parse_args()
+  import jax
+  import numpy as np
+  from flax import linen as nn
+
+  import checks
+  from jseg import parallel, trainer
+  from jseg.models import cnn_rnn, layers, unet, unetplusplus
+  run, host_batch = checks._setup(a.model, a.batch, a.size)
+  mods = (cnn_rnn, unet, unetplusplus)
+  batch = host_batch()  # one batch for both (host_batch draws a new one per call)
+  fns = {}
+  for name, cls in (("einsum", einsum_class()), ("conv1x1", layers.PixelTransposeConv)):
+    for m in mods:  # the networks look the layer up in their own module at call time
+      m.PixelTransposeConv = cls
+    if a.train:
+      from jseg import losses
+      from jseg.bench.models import bench_config
+      import functools
+      step = jax.jit(functools.partial(trainer.train_step, loss_fn=losses.build_loss(bench_config(a.model, a.size, a.batch))))
+      b = parallel.shard_batch(batch, run.mesh)
+      args = (run.state, b, run.step_rng)
+      fns[name] = (step.lower(*args).compile(), args)
+    else:
+      model = run.model
+      v = trainer.variables(run.state.params, run.state.batch_stats)
+      x = jax.device_put(batch["image"])
+      f = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+      fns[name] = (f.lower(v, x).compile(), (v, x))
+  for m in mods:
+    m.PixelTransposeConv = layers.PixelTransposeConv
+  outs = {k: f(*args) for k, (f, args) in fns.items()}
+  leaf = lambda o: jax.tree_util.tree_leaves(o)[-1] if a.train else o
+  ref = np.asarray(leaf(outs["einsum"]))
+  diff = float(np.abs(ref - np.asarray(leaf(outs["conv1x1"]))).max()) / max(float(np.abs(ref).max()), 1e-30)
+  times = {k: [] for k in fns}
+  for _ in range(a.rounds):
+    for k, (f, args) in fns.items():
+      for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times[k].append(time.perf_counter() - t0)
+  what = "train step" if a.train else "inference"
+  print(f"{a.model} {what} b{a.batch} {a.size}^2: max diff {diff:.1e} (relative to the largest output); " + ", ".join(
+      f"{k} median {1e3 * statistics.median(t):.1f} ms (min {1e3 * min(t):.1f})" for k, t in times.items()))
+
+
+if __name__ == "__main__":
+  main()
