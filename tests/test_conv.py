@@ -197,3 +197,18 @@ def test_whole_network_loss_and_gradients_equal_under_xla_and_onednn(name, kw, m
   scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(g0))
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("dilation,expect_onednn", [(1, True), (6, False), (18, False)])
+def test_depthwise_goes_to_onednn_only_where_it_has_depthwise_kernels(dilation, expect_onednn,
+                                                                      monkeypatch):
+  from jseg.models import layers
+  monkeypatch.setenv("JSEG_CONV", "onednn")
+  x = _rand((2, 16, 16, 32), 5)
+  assert conv.onednn_has_depthwise_kernels(x.shape, 3, 1, dilation, dilation) is expect_onednn
+  m = layers.DepthwiseConv(3, 1, dilation)
+  v = m.init(jax.random.key(0), x)
+  assert _uses_onednn(m.apply, v, x) is expect_onednn
+  ref = nn.Conv(32, (3, 3), padding=((dilation, dilation),) * 2, kernel_dilation=dilation,
+                feature_group_count=32, use_bias=False)
+  np.testing.assert_allclose(m.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)

@@ -50,6 +50,9 @@ VARIANTS = {
     # oneDNN's OpenMP threads: sleep instead of spinning when idle / one thread per call.
     "omp_passive": {"JSEG_CONV": "onednn", "OMP_WAIT_POLICY": "passive"},
     "omp1": {"JSEG_CONV": "onednn", "OMP_NUM_THREADS": "1"},
+    # How long GNU OpenMP's idle threads spin before sleeping (default 300000 spins).
+    "gomp_spin_10k": {"GOMP_SPINCOUNT": "10000"},
+    "gomp_spin_100k": {"GOMP_SPINCOUNT": "100000"},
 }
 
 

@@ -69,6 +69,31 @@ def onednn_active() -> bool:
   return True
 
 
+@functools.lru_cache(maxsize=256)
+def onednn_has_depthwise_kernels(x_shape: tuple[int, ...], kernel: int, stride: int,
+                                 dilation: int, padding: int) -> bool:
+  """Whether oneDNN runs this depthwise convolution and both its gradients with its
+  depthwise kernels (implementation names with ``dw``) rather than its generic or GEMM
+  fallbacks.
+
+  For dilated depthwise convolutions oneDNN 3.2 has no depthwise backward kernel: at
+  8x16x16x256, forward + both gradients took 4.3-4.7 ms at rates 2 and 6, 10.5 ms at 12
+  and 25.4 ms at 18, against 0.95-4.3 ms for XLA's shifted products; with dilation 1 it
+  is 1.5-15x faster than them (``experiments/performance/depthwise_paths.py``).
+  """
+  n, h, w, c = x_shape
+  oh = (h + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+  ow = (w + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+  try:
+    names = [native.onednn_impl(kind, x_shape, (kernel, kernel, 1, c), (n, oh, ow, c),
+                                (stride, stride), (dilation, dilation),
+                                ((padding, padding), (padding, padding)), c)
+             for kind in "fdw"]
+  except native.NativeBuildError:
+    return False
+  return all("dw" in name for name in names)
+
+
 def conv_backend_summary() -> str:
   """One line for logs: which convolutions float32 CPU steps use here, and why."""
   if onednn_active():

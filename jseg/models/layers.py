@@ -18,7 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from jseg.inference import interp_matrix
-from jseg.models.conv import Conv, conv_general_dilated, onednn_active
+from jseg.models.conv import Conv, conv_general_dilated, onednn_active, onednn_has_depthwise_kernels
 
 Dtype = Any
 
@@ -209,7 +209,9 @@ class DepthwiseConv(nn.Module):
   ``nn.Conv(C, (k, k), feature_group_count=C)`` with symmetric padding
   ``dilation*(k-1)//2``; 4-8x faster than the grouped convolution on XLA:CPU. When
   convolutions go to oneDNN (``jseg.models.conv``) it is that grouped convolution, which
-  oneDNN runs another 30-100x faster.
+  oneDNN runs another 30-100x faster, wherever oneDNN has depthwise kernels for the
+  geometry and both gradients (``conv.onednn_has_depthwise_kernels``: not for dilated
+  ones, which stay shifted products).
   """
 
   kernel: int = 3
@@ -225,7 +227,8 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
     kernel = kernel.astype(self.dtype)
     p = d * (k - 1) // 2
-    if x.dtype == kernel.dtype == jnp.float32 and onednn_active():
+    if (x.dtype == kernel.dtype == jnp.float32 and onednn_active()
+        and onednn_has_depthwise_kernels(tuple(x.shape), k, s, d, p)):
       out = conv_general_dilated(
           x, kernel, (s, s), ((p, p), (p, p)), rhs_dilation=(d, d),
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)

@@ -1,8 +1,14 @@
-"""In-process alternated A/B of ``PixelTransposeConv``: einsum form vs 1x1 conv + depth-to-space.
+"""In-process alternated A/B of a code change: the previous form (patched in) vs the current one.
 
-  python experiments/performance/upconv_ab.py --model=unet --size=512 --batch=1 [--train]
+  python experiments/performance/inproc_ab.py --change=upconv --model=unet --size=512 --batch=1 [--train]
 
-Both executables are compiled in one process (the layer's ``__call__`` swapped while
+Changes (``--change``):
+- ``upconv``: ``PixelTransposeConv`` as the per-pixel einsum (before) vs a 1x1 convolution
+  + depth-to-space (now);
+- ``dw_routing``: every ``DepthwiseConv`` as oneDNN's grouped convolution (before) vs
+  only where oneDNN has depthwise kernels for it and its gradients (now).
+
+Both executables are compiled in one process (the previous form patched in while
 tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
 both alike. Prints each form's median over all rounds and the outputs' max difference.
 """
@@ -46,6 +52,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing"])
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
@@ -62,11 +69,19 @@ def main() -> None:
   from jseg.models import cnn_rnn, layers, unet, unetplusplus
   run, host_batch = checks._setup(a.model, a.batch, a.size)
   mods = (cnn_rnn, unet, unetplusplus)
+  routed = layers.onednn_has_depthwise_kernels
+
+  def patch(before: bool) -> None:
+    if a.change == "upconv":
+      for m in mods:  # the networks look the layer up in their own module at call time
+        m.PixelTransposeConv = einsum_class() if before else layers.PixelTransposeConv
+    else:
+      layers.onednn_has_depthwise_kernels = (lambda *args: True) if before else routed
+
   batch = host_batch()  # one batch for both (host_batch draws a new one per call)
   fns = {}
-  for name, cls in (("einsum", einsum_class()), ("conv1x1", layers.PixelTransposeConv)):
-    for m in mods:  # the networks look the layer up in their own module at call time
-      m.PixelTransposeConv = cls
+  for name in ("before", "now"):
+    patch(name == "before")
     if a.train:
       from jseg import losses
       from jseg.bench.models import bench_config
@@ -81,12 +96,11 @@ def main() -> None:
       x = jax.device_put(batch["image"])
       f = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
       fns[name] = (f.lower(v, x).compile(), (v, x))
-  for m in mods:
-    m.PixelTransposeConv = layers.PixelTransposeConv
+  patch(False)
   outs = {k: f(*args) for k, (f, args) in fns.items()}
-  leaf = lambda o: jax.tree_util.tree_leaves(o)[-1] if a.train else o
-  ref = np.asarray(leaf(outs["einsum"]))
-  diff = float(np.abs(ref - np.asarray(leaf(outs["conv1x1"]))).max()) / max(float(np.abs(ref).max()), 1e-30)
+  leaf = lambda o: o[1]["loss"] if a.train else o
+  ref = np.asarray(leaf(outs["before"]))
+  diff = float(np.abs(ref - np.asarray(leaf(outs["now"]))).max()) / max(float(np.abs(ref).max()), 1e-30)
   times = {k: [] for k in fns}
   for _ in range(a.rounds):
     for k, (f, args) in fns.items():
@@ -95,7 +109,7 @@ def main() -> None:
         jax.block_until_ready(f(*args))
         times[k].append(time.perf_counter() - t0)
   what = "train step" if a.train else "inference"
-  print(f"{a.model} {what} b{a.batch} {a.size}^2: max diff {diff:.1e} (relative to the largest output); " + ", ".join(
+  print(f"{a.change}: {a.model} {what} b{a.batch} {a.size}^2: max diff {diff:.1e} (relative to the largest output); " + ", ".join(
       f"{k} median {1e3 * statistics.median(t):.1f} ms (min {1e3 * min(t):.1f})" for k, t in times.items()))
 
 
