@@ -199,8 +199,8 @@ def test_whole_network_loss_and_gradients_equal_under_xla_and_onednn(name, kw, m
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("dilation,expect_onednn", [(1, True), (6, False), (18, False)])
-def test_depthwise_goes_to_onednn_only_where_it_has_depthwise_kernels(dilation, expect_onednn,
+@pytest.mark.parametrize("dilation,expect_onednn", [(1, True), (6, True), (12, False), (18, False)])
+def test_depthwise_goes_to_onednn_only_where_it_has_no_gemm_fallback(dilation, expect_onednn,
                                                                       monkeypatch):
   from jseg.models import layers
   monkeypatch.setenv("JSEG_CONV", "onednn")

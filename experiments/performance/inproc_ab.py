@@ -6,7 +6,9 @@ Changes (``--change``):
 - ``upconv``: ``PixelTransposeConv`` as the per-pixel einsum (before) vs a 1x1 convolution
   + depth-to-space (now);
 - ``dw_routing``: every ``DepthwiseConv`` as oneDNN's grouped convolution (before) vs
-  only where oneDNN has depthwise kernels for it and its gradients (now).
+  only where oneDNN has depthwise kernels for it and its gradients (now);
+- ``loss_vjp``: the class log-probabilities unrolled over the class planes with autodiff's
+  backward (before) vs the closed-form custom VJP (now).
 
 Both executables are compiled in one process (the previous form patched in while
 tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
@@ -38,6 +40,22 @@ def einsum_class():
   return EinsumPixelTransposeConv
 
 
+def autodiff_class_log_prob(logits, safe):
+  """``losses._true_class_log_prob`` before 2026-11-30 (later): unrolled, autodiff backward."""
+  import jax
+  import jax.numpy as jnp
+  k = logits.shape[-1]
+  z = jnp.moveaxis(logits, -1, 1)
+  planes = [z[:, i] for i in range(k)]
+  m = planes[0]
+  for p in planes[1:]:
+    m = jnp.maximum(m, p)
+  m = jax.lax.stop_gradient(m)
+  lse = m + jnp.log(sum(jnp.exp(p - m) for p in planes))
+  z_y = sum(jnp.where(safe == i, p, 0.0) for i, p in enumerate(planes))
+  return z_y - lse, sum(planes) / k - lse
+
+
 def einsum_call(self, x):
   import jax.numpy as jnp
   from flax import linen as nn
@@ -52,7 +70,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp"])
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
@@ -66,7 +84,9 @@ def main() -> None:
 
   import checks
   from jseg import parallel, trainer
+  from jseg import losses
   from jseg.models import cnn_rnn, layers, unet, unetplusplus
+  closed_form = losses._true_class_log_prob
   run, host_batch = checks._setup(a.model, a.batch, a.size)
   mods = (cnn_rnn, unet, unetplusplus)
   routed = layers.onednn_has_depthwise_kernels
@@ -75,8 +95,10 @@ def main() -> None:
     if a.change == "upconv":
       for m in mods:  # the networks look the layer up in their own module at call time
         m.PixelTransposeConv = einsum_class() if before else layers.PixelTransposeConv
-    else:
+    elif a.change == "dw_routing":
       layers.onednn_has_depthwise_kernels = (lambda *args: True) if before else routed
+    else:
+      losses._true_class_log_prob = autodiff_class_log_prob if before else closed_form
 
   batch = host_batch()  # one batch for both (host_batch draws a new one per call)
   fns = {}
@@ -109,6 +131,8 @@ def main() -> None:
         jax.block_until_ready(f(*args))
         times[k].append(time.perf_counter() - t0)
   what = "train step" if a.train else "inference"
+  temp = {k: f.memory_analysis().temp_size_in_bytes / 2**20 for k, (f, _) in fns.items()}
+  print("XLA temporaries (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in temp.items()))
   print(f"{a.change}: {a.model} {what} b{a.batch} {a.size}^2: max diff {diff:.1e} (relative to the largest output); " + ", ".join(
       f"{k} median {1e3 * statistics.median(t):.1f} ms (min {1e3 * min(t):.1f})" for k, t in times.items()))
 

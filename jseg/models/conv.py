@@ -72,14 +72,14 @@ def onednn_active() -> bool:
 @functools.lru_cache(maxsize=256)
 def onednn_has_depthwise_kernels(x_shape: tuple[int, ...], kernel: int, stride: int,
                                  dilation: int, padding: int) -> bool:
-  """Whether oneDNN runs this depthwise convolution and both its gradients with its
-  depthwise kernels (implementation names with ``dw``) rather than its generic or GEMM
-  fallbacks.
+  """Whether oneDNN runs this depthwise convolution and both its gradients without falling
+  back to its GEMM implementation (``gemm`` in an implementation's name).
 
-  For dilated depthwise convolutions oneDNN 3.2 has no depthwise backward kernel: at
-  8x16x16x256, forward + both gradients took 4.3-4.7 ms at rates 2 and 6, 10.5 ms at 12
-  and 25.4 ms at 18, against 0.95-4.3 ms for XLA's shifted products; with dilation 1 it
-  is 1.5-15x faster than them (``experiments/performance/depthwise_paths.py``).
+  oneDNN 3.2 has depthwise kernels (``jit_dw``) for every direction only at dilation 1;
+  at rates 2 and 6 its gradients use the generic direct kernels (as fast as XLA's shifted
+  products, and they keep less for the backward), at 12 and 18 GEMMs: at 8x16x16x256,
+  forward + both gradients took 10.5 ms at rate 12 and 25.4 ms at 18 against 4.0-5.8 and
+  1.0-1.5 ms for the shifted products (``experiments/performance/depthwise_paths.py``).
   """
   n, h, w, c = x_shape
   oh = (h + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
@@ -91,7 +91,7 @@ def onednn_has_depthwise_kernels(x_shape: tuple[int, ...], kernel: int, stride: 
              for kind in "fdw"]
   except native.NativeBuildError:
     return False
-  return all("dw" in name for name in names)
+  return not any("gemm" in name or name.startswith("ref") for name in names)
 
 
 def conv_backend_summary() -> str:

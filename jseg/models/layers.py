@@ -209,9 +209,9 @@ class DepthwiseConv(nn.Module):
   ``nn.Conv(C, (k, k), feature_group_count=C)`` with symmetric padding
   ``dilation*(k-1)//2``; 4-8x faster than the grouped convolution on XLA:CPU. When
   convolutions go to oneDNN (``jseg.models.conv``) it is that grouped convolution, which
-  oneDNN runs another 30-100x faster, wherever oneDNN has depthwise kernels for the
-  geometry and both gradients (``conv.onednn_has_depthwise_kernels``: not for dilated
-  ones, which stay shifted products).
+  oneDNN runs another 30-100x faster, wherever oneDNN has no GEMM fallback for the
+  geometry or its gradients (``conv.onednn_has_depthwise_kernels``: large dilations stay
+  shifted products).
   """
 
   kernel: int = 3
