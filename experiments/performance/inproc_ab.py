@@ -8,7 +8,10 @@ Changes (``--change``):
 - ``dw_routing``: every ``DepthwiseConv`` as oneDNN's grouped convolution (before) vs
   only where oneDNN has depthwise kernels for it and its gradients (now);
 - ``loss_vjp``: the class log-probabilities unrolled over the class planes with autodiff's
-  backward (before) vs the closed-form custom VJP (now).
+  backward (before) vs the closed-form custom VJP (now);
+- ``bn_affine``: ``flax.linen.BatchNorm``, normalising as ``(x - mean) * mul + bias``
+  (before) vs ``jseg.models.norm.BatchNorm``, one affine ``x * mul + (bias - mean * mul)``
+  (now).
 
 Both executables are compiled in one process (the previous form patched in while
 tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
@@ -70,7 +73,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine"])
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
@@ -87,6 +90,9 @@ def main() -> None:
   from jseg import losses
   from jseg.models import cnn_rnn, layers, unet, unetplusplus
   closed_form = losses._true_class_log_prob
+  from jseg.models import fastfcn, norm, segnet
+  from jseg.models.backbones import mobilenet, resnet, vgg, xception
+  bn_modules = (fastfcn, layers, segnet, unet, mobilenet, resnet, vgg, xception)
   run, host_batch = checks._setup(a.model, a.batch, a.size)
   mods = (cnn_rnn, unet, unetplusplus)
   routed = layers.onednn_has_depthwise_kernels
@@ -97,8 +103,11 @@ def main() -> None:
         m.PixelTransposeConv = einsum_class() if before else layers.PixelTransposeConv
     elif a.change == "dw_routing":
       layers.onednn_has_depthwise_kernels = (lambda *args: True) if before else routed
-    else:
+    elif a.change == "loss_vjp":
       losses._true_class_log_prob = autodiff_class_log_prob if before else closed_form
+    else:  # every module that builds BatchNorm layers looks the name up at call time
+      for m in bn_modules:
+        m.BatchNorm = nn.BatchNorm if before else norm.BatchNorm
 
   batch = host_batch()  # one batch for both (host_batch draws a new one per call)
   fns = {}

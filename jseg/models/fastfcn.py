@@ -38,14 +38,15 @@ from jseg.models.layers import (
 )
 from jseg.models.pspnet import FCNHead, PyramidPooling
 from jseg.registry import MODELS
+from jseg.models.norm import BatchNorm
 
 Dtype = Any
 
 HEADS = ("fcn", "psp", "aspp")
 
 
-def _bn(name: str, train: bool, dtype: Dtype) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+def _bn(name: str, train: bool, dtype: Dtype) -> BatchNorm:
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                       name=name)
 
 

@@ -19,6 +19,7 @@ from flax import linen as nn
 
 from jseg.inference import interp_matrix
 from jseg.models.conv import Conv, conv_general_dilated, onednn_active, onednn_has_depthwise_kernels
+from jseg.models.norm import BatchNorm
 
 Dtype = Any
 
@@ -159,7 +160,7 @@ class ConvBNReLU(nn.Module):
         dtype=self.dtype,
         name="conv",
     )(x)
-    x = nn.BatchNorm(
+    x = BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
     )(x)
     return nn.relu(x) if self.relu else x

@@ -29,6 +29,7 @@ from jseg.models.backbones.vgg import VGG
 from jseg.models.conv import Conv
 from jseg.models.layers import check_min_size, check_nhwc
 from jseg.registry import MODELS
+from jseg.models.norm import BatchNorm
 
 Dtype = Any
 
@@ -89,7 +90,7 @@ class ConvBNReLUBias(nn.Module):
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
         name="conv",
     )(x)
-    x = nn.BatchNorm(
+    x = BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
     )(x)
     return nn.relu(x)

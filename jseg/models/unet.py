@@ -41,6 +41,7 @@ from jseg.models.layers import (
     resize_bilinear,
 )
 from jseg.registry import MODELS
+from jseg.models.norm import BatchNorm
 
 Dtype = Any
 
@@ -70,7 +71,7 @@ class DoubleConv(nn.Module):
           name=f"conv{i}",
       )(x)
       if self.batch_norm:
-        x = nn.BatchNorm(
+        x = BatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
             name=f"bn{i}",
         )(x)

@@ -24,6 +24,7 @@ from flax import linen as nn
 
 from jseg.models.conv import Conv
 from jseg.models.layers import DepthwiseConv
+from jseg.models.norm import BatchNorm
 
 Dtype = Any
 
@@ -48,8 +49,8 @@ def make_divisible(v: float, divisor: int = 8) -> int:
   return new
 
 
-def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(
+def _bn(train: bool, dtype: Dtype, name: str) -> BatchNorm:
+  return BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
   )
 

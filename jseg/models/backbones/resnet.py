@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from jseg.models.conv import Conv
 from jseg.models.layers import max_pool_3x3_s2, pad_same
+from jseg.models.norm import BatchNorm
 
 Dtype = Any
 
@@ -32,8 +33,8 @@ STAGES = {
 }
 
 
-def _bn(name: str, train: bool, dtype: Dtype, zero_init: bool = False) -> nn.BatchNorm:
-  return nn.BatchNorm(
+def _bn(name: str, train: bool, dtype: Dtype, zero_init: bool = False) -> BatchNorm:
+  return BatchNorm(
       use_running_average=not train,
       momentum=0.9,
       epsilon=1e-5,

@@ -25,6 +25,7 @@ from flax import linen as nn
 
 from jseg.models.conv import Conv
 from jseg.models.layers import check_min_size, max_pool_2x2
+from jseg.models.norm import BatchNorm
 
 Dtype = Any
 
@@ -108,7 +109,7 @@ class VGG(nn.Module):
             name=f"conv{s + 1}_{i + 1}",
         )(x)
         if self.batch_norm:
-          x = nn.BatchNorm(
+          x = BatchNorm(
               use_running_average=not train,
               momentum=0.9,
               epsilon=1e-5,

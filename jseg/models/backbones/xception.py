@@ -34,12 +34,13 @@ from flax import linen as nn
 
 from jseg.models.conv import Conv
 from jseg.models.layers import DepthwiseConv
+from jseg.models.norm import BatchNorm
 
 Dtype = Any
 
 
-def _bn(name: str, train: bool, dtype: Dtype) -> nn.BatchNorm:
-  return nn.BatchNorm(
+def _bn(name: str, train: bool, dtype: Dtype) -> BatchNorm:
+  return BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=1e-3, dtype=dtype, name=name
   )
 
