@@ -63,18 +63,9 @@ def closed_form_batch_norm():
 
   bn_train.defvjp(_fwd, _bwd)
 
-  class BatchNorm(nn.Module):
-    use_running_average: bool | None = None
-    axis: int = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: object = None
-    param_dtype: object = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: object = nn.initializers.zeros
-    scale_init: object = nn.initializers.ones
+  from jseg.models import norm
 
+  class BatchNorm(norm.BatchNorm):  # the same fields (flax's BatchNorm API); only the maths differ
     @nn.compact
     def __call__(self, x, use_running_average=None):
       use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
@@ -105,7 +96,11 @@ def _setup(model: str, batch: int, size: int, remat: bool = False, donate: bool 
     import stacked_conv as conv_lib
     nn.Conv = conv_lib.Conv  # every jseg model looks it up as nn.Conv at call time
   if bn_closed_form:
-    nn.BatchNorm = closed_form_batch_norm()  # every jseg model looks it up as nn.BatchNorm at call time
+    from jseg.models import fastfcn, layers, segnet, unet
+    from jseg.models.backbones import mobilenet, resnet, vgg, xception
+    bn = closed_form_batch_norm()
+    for m in (fastfcn, layers, segnet, unet, mobilenet, resnet, vgg, xception):
+      m.BatchNorm = bn  # every module that builds BatchNorm layers looks the name up at call time
 
   from jseg import parallel, trainer
   from jseg.bench.models import bench_config
