@@ -205,7 +205,7 @@ def test_depthwise_goes_to_onednn_only_where_it_has_no_gemm_fallback(dilation, e
   from jseg.models import layers
   monkeypatch.setenv("JSEG_CONV", "onednn")
   x = _rand((2, 16, 16, 32), 5)
-  assert conv.onednn_has_depthwise_kernels(x.shape, 3, 1, dilation, dilation) is expect_onednn
+  assert conv.onednn_depthwise_without_gemm(x.shape, 3, 1, dilation, dilation) is expect_onednn
   m = layers.DepthwiseConv(3, 1, dilation)
   v = m.init(jax.random.key(0), x)
   assert _uses_onednn(m.apply, v, x) is expect_onednn

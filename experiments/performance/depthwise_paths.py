@@ -36,16 +36,16 @@ def main() -> None:
     v = m.init(jax.random.key(0), x)
     row = []
     outs = {}
-    routed = layers.onednn_has_depthwise_kernels
+    routed = layers.onednn_depthwise_without_gemm
     for mode in ("onednn", "xla"):
       os.environ["JSEG_CONV"] = mode  # read at trace time
       # "onednn": the grouped convolution for every geometry (jseg routes dilated ones to XLA).
-      layers.onednn_has_depthwise_kernels = (lambda *args: True) if mode == "onednn" else routed
+      layers.onednn_depthwise_without_gemm = (lambda *args: True) if mode == "onednn" else routed
       f = jax.jit(jax.value_and_grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1)))
       outs[mode] = f(v, x)
       row.append(f"{mode} {median_ms(f, v, x, n=a.repeats):7.2f} ms")
     os.environ.pop("JSEG_CONV")
-    layers.onednn_has_depthwise_kernels = routed
+    layers.onednn_depthwise_without_gemm = routed
     gx = [np.asarray(o[1][1]) for o in outs.values()]
     err = float(np.abs(gx[0] - gx[1]).max() / np.abs(gx[1]).max())
     pad = d

@@ -95,14 +95,14 @@ def main() -> None:
   bn_modules = (fastfcn, layers, segnet, unet, mobilenet, resnet, vgg, xception)
   run, host_batch = checks._setup(a.model, a.batch, a.size)
   mods = (cnn_rnn, unet, unetplusplus)
-  routed = layers.onednn_has_depthwise_kernels
+  routed = layers.onednn_depthwise_without_gemm
 
   def patch(before: bool) -> None:
     if a.change == "upconv":
       for m in mods:  # the networks look the layer up in their own module at call time
         m.PixelTransposeConv = einsum_class() if before else layers.PixelTransposeConv
     elif a.change == "dw_routing":
-      layers.onednn_has_depthwise_kernels = (lambda *args: True) if before else routed
+      layers.onednn_depthwise_without_gemm = (lambda *args: True) if before else routed
     elif a.change == "loss_vjp":
       losses._true_class_log_prob = autodiff_class_log_prob if before else closed_form
     else:  # every module that builds BatchNorm layers looks the name up at call time

@@ -70,7 +70,7 @@ def onednn_active() -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def onednn_has_depthwise_kernels(x_shape: tuple[int, ...], kernel: int, stride: int,
+def onednn_depthwise_without_gemm(x_shape: tuple[int, ...], kernel: int, stride: int,
                                  dilation: int, padding: int) -> bool:
   """Whether oneDNN runs this depthwise convolution and both its gradients without falling
   back to its GEMM implementation (``gemm`` in an implementation's name).
@@ -81,13 +81,12 @@ def onednn_has_depthwise_kernels(x_shape: tuple[int, ...], kernel: int, stride: 
   forward + both gradients took 10.5 ms at rate 12 and 25.4 ms at 18 against 4.0-5.8 and
   1.0-1.5 ms for the shifted products (``experiments/performance/depthwise_paths.py``).
   """
-  n, h, w, c = x_shape
-  oh = (h + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-  ow = (w + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+  n, c = x_shape[0], x_shape[-1]
+  k_shape, strides, dil = (kernel, kernel, 1, c), (stride, stride), (dilation, dilation)
+  pad = ((padding, padding), (padding, padding))
+  oh, ow = _out_hw(x_shape, k_shape, strides, dil, pad)
   try:
-    names = [native.onednn_impl(kind, x_shape, (kernel, kernel, 1, c), (n, oh, ow, c),
-                                (stride, stride), (dilation, dilation),
-                                ((padding, padding), (padding, padding)), c)
+    names = [native.onednn_impl(kind, x_shape, k_shape, (n, oh, ow, c), strides, dil, pad, c)
              for kind in "fdw"]
   except native.NativeBuildError:
     return False

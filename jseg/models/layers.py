@@ -18,7 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from jseg.inference import interp_matrix
-from jseg.models.conv import Conv, conv_general_dilated, onednn_active, onednn_has_depthwise_kernels
+from jseg.models.conv import Conv, conv_general_dilated, onednn_active, onednn_depthwise_without_gemm
 from jseg.models.norm import BatchNorm
 
 Dtype = Any
@@ -211,7 +211,7 @@ class DepthwiseConv(nn.Module):
   ``dilation*(k-1)//2``; 4-8x faster than the grouped convolution on XLA:CPU. When
   convolutions go to oneDNN (``jseg.models.conv``) it is that grouped convolution, which
   oneDNN runs another 30-100x faster, wherever oneDNN has no GEMM fallback for the
-  geometry or its gradients (``conv.onednn_has_depthwise_kernels``: large dilations stay
+  geometry or its gradients (``conv.onednn_depthwise_without_gemm``: large dilations stay
   shifted products).
   """
 
@@ -229,7 +229,7 @@ class DepthwiseConv(nn.Module):
     kernel = kernel.astype(self.dtype)
     p = d * (k - 1) // 2
     if (x.dtype == kernel.dtype == jnp.float32 and onednn_active()
-        and onednn_has_depthwise_kernels(tuple(x.shape), k, s, d, p)):
+        and onednn_depthwise_without_gemm(tuple(x.shape), k, s, d, p)):
       out = conv_general_dilated(
           x, kernel, (s, s), ((p, p), (p, p)), rhs_dilation=(d, d),
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
