@@ -173,6 +173,34 @@ def snapshot_steps(config: ml_collections.ConfigDict, total_steps: int | None = 
 # ----------------------------------------------------------------------------- optimisers
 
 
+def global_norm(tree: Any) -> jax.Array:
+  """L2 norm of all leaves of ``tree`` together, in float32 (``optax.tree.norm``'s value).
+
+  Computed as one reduction over the leaves concatenated, not one reduction per leaf plus
+  a sum: XLA:CPU compiles every fusion into its own kernel, and per leaf that was ~130 of
+  the PSPNet step's 726 kernels, ~75 MB of the compiler's peak memory and 3 s of compile
+  time (``experiments/performance/README.md``, "Sixth pass"). XLA fuses the concatenate
+  into the reduction, so nothing is copied.
+  """
+  leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  flat = jnp.concatenate(leaves) if len(leaves) > 1 else leaves[0]
+  return jnp.sqrt(jnp.sum(flat * flat))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``optax.clip_by_global_norm`` (same values and empty state) with ``global_norm``."""
+  def update(updates, state, params=None):
+    del params
+    norm = global_norm(updates)
+    keep = norm < max_norm
+    clipped = lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clipped, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def decay_mask(params: Any) -> Any:
   """True for leaves that get weight decay: conv/dense kernels (ndim >= 2).
 
@@ -300,7 +328,7 @@ def build_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTr
   if clip < 0:
     raise ValueError(f"optimizer.grad_clip_norm must be >= 0 (0 = off); got {clip}.")
   if clip:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    tx = optax.chain(clip_by_global_norm(clip), tx)
   k = int(_get(oc, "lookahead_k", 0))
   if k:
     tx = lookahead(tx, k, float(_get(oc, "lookahead_alpha", 0.5)))

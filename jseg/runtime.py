@@ -19,11 +19,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from pathlib import Path
 
 import jax
 
 DEFAULT_CACHE_DIR = "~/.cache/jseg/xla"
+MIN_COMPILE_TIME_S = 0.1  # cache every program that took this long to compile
 
 
 def enable_compilation_cache(path: str | None = DEFAULT_CACHE_DIR) -> Path | None:
@@ -47,6 +49,12 @@ def enable_compilation_cache(path: str | None = DEFAULT_CACHE_DIR) -> Path | Non
     print(f"Compilation cache disabled: cannot create {p} ({e}).", flush=True)
     return None
   jax.config.update("jax_compilation_cache_dir", str(p))
+  if ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ
+      and jax.config.jax_persistent_cache_min_compile_time_secs > MIN_COMPILE_TIME_S):
+    # JAX stores only programs that took >= 1 s to compile; a network's inference
+    # forward often takes 0.4-1.0 s and was compiled again (with its compile-memory
+    # peak) on every warm start.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
   return p
 
 

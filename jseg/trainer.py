@@ -74,7 +74,7 @@ def train_step(
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   out = {f"loss_{k}": v for k, v in parts.items()}
-  out.update(loss=loss, grad_norm=optax.tree.norm(grads))
+  out.update(loss=loss, grad_norm=optim.global_norm(grads))
   return state, out
 
 

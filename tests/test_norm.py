@@ -83,3 +83,58 @@ def test_bfloat16_output_with_float32_statistics():
 def test_running_average_must_be_given():
   with pytest.raises(ValueError):
     BatchNorm().init(jax.random.key(0), _x())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("constant_channel", [False, True])
+def test_training_vjp_equals_autodiff_of_its_forward(dtype, constant_channel):
+  """The written-out backward of the training forward (all three outputs: y, mean, var)
+  against JAX's autodiff of the same forward, incl. a constant channel (variance exactly
+  0: jnp.maximum's tie, where autodiff takes half)."""
+  from jseg.models import norm
+
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 6)).astype(np.float32) * 2 + 1
+  if constant_channel:
+    x[..., 2] = 2.0  # sums 64 and 128 over 32 pixels are exact: var_raw == 0
+  x = jnp.asarray(x, dtype)
+  rng = np.random.default_rng(1)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(6), jnp.float32)
+  cts = (jnp.asarray(rng.standard_normal(x.shape), dtype),
+         jnp.asarray(rng.standard_normal(6), jnp.float32),
+         jnp.asarray(rng.standard_normal(6), jnp.float32))
+  if constant_channel:
+    assert float(norm._moments(x)[1][2]) == 0.0
+  fwd = lambda x, s, b: norm._batch_norm_train_fwd(x, s, b, 1e-5, dtype)[0]
+  custom = lambda x, s, b: norm._batch_norm_train(x, s, b, 1e-5, dtype)
+  out, vjp = jax.vjp(custom, x, scale, bias)
+  out_ref, vjp_ref = jax.vjp(fwd, x, scale, bias)
+  for a, e in zip(out, out_ref):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(e, np.float32))
+  # bfloat16: autodiff adds the input's three cotangent terms in bfloat16, ours in float32
+  # then rounds once, so they differ by a few bfloat16 steps of the largest value.
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, e in zip(vjp(cts), vjp_ref(cts)):
+    assert a.dtype == e.dtype
+    e = np.asarray(e, np.float32)
+    np.testing.assert_allclose(np.asarray(a, np.float32), e, rtol=tol,
+                               atol=tol * max(1.0, float(np.abs(e).max())))
+
+
+@pytest.mark.parametrize("use_scale,use_bias", [(False, True), (True, False), (False, False)])
+def test_without_scale_or_bias_matches_flax(use_scale, use_bias):
+  x = _x()
+  kw = dict(KW, use_running_average=False, use_scale=use_scale, use_bias=use_bias)
+  v = nn.BatchNorm(**kw).init(jax.random.key(0), x)
+  assert jax.tree.structure(BatchNorm(**kw).init(jax.random.key(0), x)) == jax.tree.structure(v)
+  w = _x(x.shape, seed=3)
+
+  def loss(m, x):
+    out, upd = m.apply(v, x, mutable=["batch_stats"])
+    return jnp.sum(jnp.tanh(out) * w), upd
+
+  (l, upd), g = jax.value_and_grad(loss, argnums=1, has_aux=True)(BatchNorm(**kw), x)
+  (l_ref, upd_ref), g_ref = jax.value_and_grad(loss, argnums=1, has_aux=True)(nn.BatchNorm(**kw), x)
+  np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), upd, upd_ref)

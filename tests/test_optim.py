@@ -246,3 +246,31 @@ def test_flax_train_state_contract_with_lookahead_and_ema():
   assert jax.tree.structure(ev) == jax.tree.structure(state.params)
   assert not np.allclose(ev["Conv_0"]["kernel"], state.params["Conv_0"]["kernel"])
   model.apply({"params": ev, "batch_stats": stats}, x, train=False)
+
+
+def test_global_norm_equals_optax_tree_norm():
+  rng = np.random.default_rng(0)
+  tree = {"a": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32),
+          "b": {"c": jnp.asarray(rng.standard_normal((8,)), jnp.bfloat16),
+                "d": jnp.asarray(rng.standard_normal(()), jnp.float32)}}
+  got = optim.global_norm(tree)
+  assert got.dtype == jnp.float32
+  want = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  # optax squares the bfloat16 leaf in bfloat16; ours upcasts first (closer to float64).
+  np.testing.assert_allclose(float(got), float(optax.tree.norm(tree)), rtol=1e-5)
+  assert float(optim.global_norm({})) == 0.0
+  assert float(optim.global_norm({"w": jnp.array([3.0, 4.0])})) == 5.0
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])  # below and above the threshold
+def test_clip_by_global_norm_matches_optax(scale):
+  rng = np.random.default_rng(1)
+  g = {"k": jnp.asarray(rng.standard_normal((3, 3, 2, 4)) * scale, jnp.float32),
+       "b": jnp.asarray(rng.standard_normal((4,)) * scale, jnp.float32)}
+  ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  u, s = ours.update(g, ours.init(g))
+  v, _ = theirs.update(g, theirs.init(g))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), u, v)
+  assert isinstance(s, optax.EmptyState)
+  assert float(optim.global_norm(u)) == pytest.approx(min(1.0, float(optax.tree.norm(g))), rel=1e-5)

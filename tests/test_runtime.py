@@ -50,6 +50,20 @@ def test_compilation_cache_is_reused_by_a_later_process(tmp_path):
   assert second["y"] == first["y"]  # the same executable: the same bits
 
 
+def test_compilation_cache_stores_programs_from_a_tenth_of_a_second(tmp_path):
+  """JAX's default stores only programs that took >= 1 s to compile (inference forwards
+  often take less, and were compiled again on every warm start); a lower setting stays."""
+  code = ("import sys, jax; from jseg import runtime; {pre}runtime.enable_compilation_cache(sys.argv[1]); "
+          "print(jax.config.jax_persistent_cache_min_compile_time_secs)")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+  for pre, want in (("", runtime.MIN_COMPILE_TIME_S),
+                    ("jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0); ", 0.0)):
+    out = subprocess.run([sys.executable, "-c", code.format(pre=pre), str(tmp_path / "c")], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    assert float(out.strip().splitlines()[-1]) == want
+
+
 def test_compilation_cache_keeps_the_directory_jax_already_has(tmp_path):
   # conftest sets JAX_COMPILATION_CACHE_DIR for the test session.
   current = os.environ["JAX_COMPILATION_CACHE_DIR"]

@@ -11,7 +11,9 @@ Changes (``--change``):
   backward (before) vs the closed-form custom VJP (now);
 - ``bn_affine``: ``flax.linen.BatchNorm``, normalising as ``(x - mean) * mul + bias``
   (before) vs ``jseg.models.norm.BatchNorm``, one affine ``x * mul + (bias - mean * mul)``
-  (now).
+  (now);
+- ``bn_vjp``: that BatchNorm's training forward differentiated by autodiff (before) vs its
+  written-out VJP (now, ``norm._batch_norm_train``).
 
 Both executables are compiled in one process (the previous form patched in while
 tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
@@ -73,7 +75,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp"])
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
@@ -96,6 +98,8 @@ def main() -> None:
   run, host_batch = checks._setup(a.model, a.batch, a.size)
   mods = (cnn_rnn, unet, unetplusplus)
   routed = layers.onednn_depthwise_without_gemm
+  custom_vjp_bn = norm._batch_norm_train
+  autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
 
   def patch(before: bool) -> None:
     if a.change == "upconv":
@@ -103,6 +107,8 @@ def main() -> None:
         m.PixelTransposeConv = einsum_class() if before else layers.PixelTransposeConv
     elif a.change == "dw_routing":
       layers.onednn_depthwise_without_gemm = (lambda *args: True) if before else routed
+    elif a.change == "bn_vjp":
+      norm._batch_norm_train = autodiff_bn if before else custom_vjp_bn
     elif a.change == "loss_vjp":
       losses._true_class_log_prob = autodiff_class_log_prob if before else closed_form
     else:  # every module that builds BatchNorm layers looks the name up at call time
@@ -141,7 +147,9 @@ def main() -> None:
         times[k].append(time.perf_counter() - t0)
   what = "train step" if a.train else "inference"
   temp = {k: f.memory_analysis().temp_size_in_bytes / 2**20 for k, (f, _) in fns.items()}
-  print("XLA temporaries (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in temp.items()))
+  kernels = {k: f.as_text().split("ENTRY")[1].count(" fusion(") for k, (f, _) in fns.items()}
+  print("XLA temporaries (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in temp.items())
+        + "; fusions: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
   print(f"{a.change}: {a.model} {what} b{a.batch} {a.size}^2: max diff {diff:.1e} (relative to the largest output); " + ", ".join(
       f"{k} median {1e3 * statistics.median(t):.1f} ms (min {1e3 * min(t):.1f})" for k, t in times.items()))
 

@@ -4,10 +4,12 @@
 
 Prints (and writes) ``VmRSS``/``VmHWM``/``RssAnon``/``RssFile`` in MiB after: importing
 JAX, building the train state (init compiled and run), ``malloc_trim``, lowering the
-step, compiling it, ``malloc_trim`` again, three steps, and a last trim; plus XLA's
+step, compiling it, ``malloc_trim`` again, three steps, a last trim, compiling and
+running the batch-1 inference forward (as ``jseg.bench``); plus XLA's
 own buffer sizes for the step (``memory_analysis``: temporaries = the activations
 kept for the backward and scratch). Run with ``XLA_FLAGS``/``JSEG_CONV`` set to
-compare settings. Anonymous memory is the heap; file memory is library code paged in.
+compare settings; ``--cache=DIR`` turns on the persistent compilation cache (run twice:
+the second run loads every executable instead of compiling it). Anonymous memory is the heap; file memory is library code paged in.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--out", default="")
+  p.add_argument("--cache", default="", help="persistent compilation cache folder (warm runs)")
   a = p.parse_args()
   import jax
   import numpy as np
@@ -42,6 +45,8 @@ def main() -> None:
 
   out = {"model": a.model, "batch": a.batch, "size": a.size,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jseg_conv": os.environ.get("JSEG_CONV", "auto")}
+  if a.cache:
+    runtime.enable_compilation_cache(a.cache)
   jax.devices()
   out["import"] = status()
   run = trainer.setup(bench_config(a.model, a.size, a.batch))
@@ -73,6 +78,16 @@ def main() -> None:
     out[f"step{i}"] = status()
   runtime.release_free_memory()
   out["steps_trim"] = status()
+  reset_peak_rss()
+  model = run.model
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  variables = trainer.variables(state.params, state.batch_stats)
+  x = jax.device_put(host["image"][:1])
+  infer = apply.lower(variables, x).compile()
+  out["infer_compile"] = status()
+  for _ in range(3):
+    jax.block_until_ready(infer(variables, x))
+  out["infer_run"] = status()
   for k, v in out.items():
     print(f"{k:16s} {v}")
   if a.out:

@@ -418,6 +418,7 @@ def main(argv: list[str]) -> dict[str, Any]:
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # cold compiles unless asked for
   if args.compilation_cache:
     env["JAX_COMPILATION_CACHE_DIR"] = str(Path(args.compilation_cache).expanduser())
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")  # as jseg.runtime
   common = ["--batch", str(args.batch), "--size", str(args.size), "--infer_batch", str(args.infer_batch),
             "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
   me = [sys.executable, "-m", "jseg.bench", "models"]
