@@ -81,3 +81,26 @@ def test_deadline_skips_the_models_not_started(tmp_path):
   written = json.loads(out.read_text())
   assert [r["model"] for r in written["results"]] == ["unet", "pspnet"]
   assert all("past --deadline_s" in r["skipped"] and "jseg" not in r for r in written["results"])
+
+
+def test_median_result_over_rounds():
+  rounds = [{"train_images_per_s": 10.0, "infer_ms_per_image": 5.0, "peak_rss_mb": 500.0, "params": 7},
+            {"error": "exit 1: killed"},
+            {"train_images_per_s": 14.0, "infer_ms_per_image": 3.0, "peak_rss_mb": 520.0, "params": 7},
+            {"train_images_per_s": 12.0, "infer_ms_per_image": 9.0, "peak_rss_mb": 510.0, "params": 7}]
+  m = bench_models.median_result(rounds)
+  assert (m["train_images_per_s"], m["infer_ms_per_image"], m["peak_rss_mb"]) == (12.0, 5.0, 510.0)
+  assert m["per_round"]["infer_ms_per_image"] == [5.0, 3.0, 9.0]
+  assert m["rounds"] == 3 and m["failed_rounds"] == ["exit 1: killed"] and m["params"] == 7
+  assert bench_models.median_result(rounds[:1]) == rounds[0]  # one round: as measured
+  assert bench_models.median_result([{"error": "x"}, {"error": "y"}]) == {"error": "x"}
+
+
+def test_rounds_alternate_processes_and_keep_each_round(tmp_path):
+  out = tmp_path / "bench.json"
+  rep = bench_models.main(["--models=unet", "--batch=2", "--size=32", "--warmup=1", "--repeats=1",
+                           "--set=depth=2", "--set=width=4", "--peak_gflops=100", "--torch=no",
+                           "--rounds=2", f"--out={out}"])
+  j = rep["results"][0]["jseg"]
+  assert j["rounds"] == 2 and len(j["per_round"]["train_images_per_s"]) == 2
+  assert json.loads(out.read_text())["settings"]["rounds"] == 2

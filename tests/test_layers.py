@@ -132,9 +132,33 @@ def test_resize_logits_matches_jax_image_resize_values_and_gradients(src, dst):
   np.testing.assert_allclose(g_ours, g_stock, rtol=1e-5, atol=1e-4)
 
 
-def test_resize_logits_keeps_bfloat16():
+@pytest.mark.parametrize("src,dst", [((32, 32), (256, 256)), ((64, 64), (256, 256)), ((5, 7), (15, 21)),
+                                     ((3, 8), (12, 4)), ((1, 4), (5, 8)), ((2, 2), (2, 6)),
+                                     ((5, 8), (7, 24))])
+def test_resize_logits_inference_form_matches_jax_image_resize(src, dst):
+  """train=False: the two-tap row upsampling (integer height factors) or the matmul form
+  (the last case, 5 -> 7 rows); values equal jax.image.resize's."""
+  x = _rand((2, *src, 11))
+  got = jax.jit(functools.partial(layers.resize_logits, size=dst, train=False))(x)
+  want = jax.image.resize(x, (2, *dst, 11), "bilinear", antialias=False)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(got, layers.resize_logits(x, dst), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("s", [2, 3, 4, 8])
+def test_upsample_rows_matches_numpy_half_pixel(s):
+  x = _rand((1, 6, 3, 2))
+  np.testing.assert_allclose(layers.upsample_rows(x, s), _np_resize_bilinear(x, (6 * s, 3)),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_resize_logits_keeps_bfloat16(train):
   x = _rand((1, 4, 4, 2)).astype(jnp.bfloat16)
-  assert layers.resize_logits(x, (8, 8)).dtype == jnp.bfloat16
+  y = layers.resize_logits(x, (8, 8), train)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), layers.resize_logits(x.astype(jnp.float32), (8, 8)),
+                             atol=0.05)
 
 
 def test_pad_same():

@@ -13,7 +13,9 @@ Changes (``--change``):
   (before) vs ``jseg.models.norm.BatchNorm``, one affine ``x * mul + (bias - mean * mul)``
   (now);
 - ``bn_vjp``: that BatchNorm's training forward differentiated by autodiff (before) vs its
-  written-out VJP (now, ``norm._batch_norm_train``).
+  written-out VJP (now, ``norm._batch_norm_train``);
+- ``resize_eval``: the output logits upsampled in inference by the training form (two dense
+  matmuls + a transpose, before) vs a width matmul + ``layers.upsample_rows`` (now).
 
 Both executables are compiled in one process (the previous form patched in while
 tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
@@ -75,7 +77,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval"])
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
@@ -99,6 +101,8 @@ def main() -> None:
   mods = (cnn_rnn, unet, unetplusplus)
   routed = layers.onednn_depthwise_without_gemm
   custom_vjp_bn = norm._batch_norm_train
+  from jseg.models import deeplab, pspnet, refinenet
+  resize = layers.resize_logits
   autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
 
   def patch(before: bool) -> None:
@@ -107,6 +111,9 @@ def main() -> None:
         m.PixelTransposeConv = einsum_class() if before else layers.PixelTransposeConv
     elif a.change == "dw_routing":
       layers.onednn_depthwise_without_gemm = (lambda *args: True) if before else routed
+    elif a.change == "resize_eval":
+      for m in (deeplab, fastfcn, pspnet, refinenet):
+        m.resize_logits = (lambda x, size, train=True: resize(x, size, True)) if before else resize
     elif a.change == "bn_vjp":
       norm._batch_norm_train = autodiff_bn if before else custom_vjp_bn
     elif a.change == "loss_vjp":

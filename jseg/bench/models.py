@@ -37,7 +37,10 @@ right after the jseg one, with the same input size, batch, classes (11), loss
 momentum 0.9 and weight decay 1e-4 on kernels only, and the same CPU cores
 (``--threads``: both processes are pinned to that many cores with
 ``sched_setaffinity``; torch also gets ``set_num_threads``). The table shows
-jseg/torch ratios (> 1: jseg faster or smaller).
+jseg/torch ratios (> 1: jseg faster or smaller). ``--rounds=R`` runs the jseg and torch
+processes of each model R times, alternated, and reports medians (with every round's
+values under ``per_round`` and every round's ratios under ``round_ratios``): on a shared
+machine one run's ratio moves by 20-35% with the load.
 
 ``--xla_flags`` appends to ``XLA_FLAGS`` for the jseg processes (the levers
 measured in ``experiments/performance/README.md``).
@@ -316,6 +319,38 @@ def _spawn(cmd: list[str], env: dict[str, str], timeout: float, cwd: str | None 
   return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
 
 
+MEDIAN_KEYS = ("train_images_per_s", "infer_ms_per_image", "step_s", "compile_s", "init_s",
+               "peak_rss_mb", "train_peak_rss_mb", "device_peak_mb")
+
+
+def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
+  """One framework's result over ``--rounds`` processes: the first successful round's
+  record with the timings and memory in ``MEDIAN_KEYS`` replaced by their medians, and
+  every round's values kept under ``per_round``. One round: returned as it is."""
+  ok = [r for r in results if "error" not in r]
+  if len(results) == 1 or not ok:
+    return results[0]
+  out = dict(ok[0])
+  out["per_round"] = {k: [r.get(k) for r in ok] for k in MEDIAN_KEYS if k in ok[0]}
+  for k, vals in out["per_round"].items():
+    nums = [v for v in vals if isinstance(v, (int, float))]
+    if nums:
+      out[k] = round(statistics.median(nums), 4)
+  out["rounds"] = len(ok)
+  if len(ok) < len(results):
+    out["failed_rounds"] = [r["error"] for r in results if "error" in r]
+  return out
+
+
+def _ratios(j: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
+  """jseg / torch ratios, each oriented so that above 1 means jseg is better."""
+  return {"train": _ratio(j["train_images_per_s"], t["train_images_per_s"]),
+          "infer": _ratio(j["infer_ms_per_image"], t["infer_ms_per_image"], False),
+          "memory": _ratio(j["peak_rss_mb"], t["peak_rss_mb"], False),
+          "train_memory": _ratio(j.get("train_peak_rss_mb"), t.get("train_peak_rss_mb"), False),
+          "compile": _ratio(j["compile_s"], t.get("compile_s"), False)}
+
+
 def _loadavg() -> list[float]:
   try:
     return [round(x, 2) for x in os.getloadavg()]
@@ -359,6 +394,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
       q = r["ratio"]
       print(f"{r['model']:14s} {'j/t':5s} {'':>9s} {'':>7s} {'':>9s} {_fmt(q['train'], '10.2f')}x "
             f"{_fmt(q['infer'], '11.2f')}x {'':>6s} {_fmt(q.get('device_memory', q['memory']), '7.2f')}x {_fmt(q.get('train_memory'), '7.2f')}x")
+    if r.get("round_ratios"):
+      each = lambda k: "/".join(_fmt(x.get(k), ".2f") for x in r["round_ratios"])
+      print(f"{r['model']:14s} rounds: train j/t {each('train')}, infer j/t {each('infer')}, "
+            f"peak mem j/t {each('memory')}")
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -389,6 +428,10 @@ def main(argv: list[str]) -> dict[str, Any]:
                       help="add segmentation_models.pytorch's model of the same name (reference row)")
   parser.add_argument("--deadline_s", type=float, default=0.0,
                       help="start no model after this many seconds (0: no deadline)")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="run each model's jseg and torch processes this many times, alternated; "
+                           "report medians and every round's ratios (this machine's load swings "
+                           "single-run ratios by 20-35%%)")
   parser.add_argument("--out", default="")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--peak_dtype", default="float32", help=argparse.SUPPRESS)
@@ -455,22 +498,32 @@ def main(argv: list[str]) -> dict[str, Any]:
       rows.append(row)
       continue
     set_args = [f"--set={s}" for s in args.set]
-    spec = None
-    if args.jseg == "yes":
-      row["jseg"] = _spawn(me + ["--child", m, "--preset", args.preset] + set_args + common, env, args.timeout)
-      model_config = row["jseg"].get("model_config")
-    else:  # torch side only (e.g. a second torch setting on a leased machine)
-      model_config = json.loads(bench_config(m, args.size, args.batch, args.preset, sets)
-                                .model.to_json_best_effort())
-    if model_config:
-      spec = json.dumps({"model": m, "model_config": model_config,
-                         "aux_weight": float(load_config(str(REPO_ROOT / "configs" / f"{m}.py")).loss.aux_weight)})
-    if use_torch and spec:
-      cmd = [sys.executable, str(TORCH_RUNNER), "--spec", spec] + common + torch_args
-      row["torch"] = _spawn(cmd + (["--channels_last"] if args.channels_last else []), env, args.timeout)
-    if use_smp and spec:
-      cmd = [sys.executable, str(TORCH_RUNNER), "--smp", "--spec", spec] + common + torch_args
-      row["smp"] = _spawn(cmd + (["--channels_last"] if args.channels_last else []), env, args.timeout)
+    per_round: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(max(1, args.rounds)):
+      spec = None
+      if args.jseg == "yes":
+        res = _spawn(me + ["--child", m, "--preset", args.preset] + set_args + common, env, args.timeout)
+        per_round.setdefault("jseg", []).append(res)
+        model_config = res.get("model_config")
+      else:  # torch side only (e.g. a second torch setting on a leased machine)
+        model_config = json.loads(bench_config(m, args.size, args.batch, args.preset, sets)
+                                  .model.to_json_best_effort())
+      if model_config:
+        spec = json.dumps({"model": m, "model_config": model_config,
+                           "aux_weight": float(load_config(str(REPO_ROOT / "configs" / f"{m}.py")).loss.aux_weight)})
+      if use_torch and spec:
+        cmd = [sys.executable, str(TORCH_RUNNER), "--spec", spec] + common + torch_args
+        per_round.setdefault("torch", []).append(
+            _spawn(cmd + (["--channels_last"] if args.channels_last else []), env, args.timeout))
+      if use_smp and spec:
+        cmd = [sys.executable, str(TORCH_RUNNER), "--smp", "--spec", spec] + common + torch_args
+        per_round.setdefault("smp", []).append(
+            _spawn(cmd + (["--channels_last"] if args.channels_last else []), env, args.timeout))
+    for fw, results in per_round.items():
+      row[fw] = median_result(results)
+    if args.rounds > 1 and "jseg" in per_round and "torch" in per_round:
+      row["round_ratios"] = [_ratios(j, t) for j, t in zip(per_round["jseg"], per_round["torch"])
+                             if "error" not in j and "error" not in t]
     if "smp" in row and "error" not in row["smp"]:
       row["smp"]["mfu_own_flops"] = (round(row["smp"]["torch_gflops_per_image"] * row["smp"]["train_images_per_s"]
                                            / best, 4) if best else None)
@@ -482,11 +535,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     if ("torch" in row and "jseg" in row and "error" not in row["torch"]
         and "error" not in row["jseg"]):
       j, t = row["jseg"], row["torch"]
-      row["ratio"] = {"train": _ratio(j["train_images_per_s"], t["train_images_per_s"]),
-                      "infer": _ratio(j["infer_ms_per_image"], t["infer_ms_per_image"], False),
-                      "memory": _ratio(j["peak_rss_mb"], t["peak_rss_mb"], False),
-                      "train_memory": _ratio(j.get("train_peak_rss_mb"), t.get("train_peak_rss_mb"), False),
-                      "compile": _ratio(j["compile_s"], t.get("compile_s"), False)}
+      row["ratio"] = _ratios(j, t)
       if j.get("device_peak_mb") and t.get("device_peak_mb"):
         row["ratio"]["device_memory"] = _ratio(j["device_peak_mb"], t["device_peak_mb"], False)
       if j["params"] != t["params"]:
@@ -511,6 +560,7 @@ def _report(args, argv, env, peak, rows, torch_device) -> dict[str, Any]:
       "suite": "models",
       "command": "python -m jseg.bench models " + " ".join(argv),
       "settings": {"batch": args.batch, "size": args.size, "infer_batch": args.infer_batch,
+                   "rounds": args.rounds,
                    "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
                    "preset": args.preset, "set": args.set, "num_classes": NUM_CLASSES,
                    "optimizer": "sgd momentum 0.9, weight decay 1e-4 on kernels, lr 0.01",

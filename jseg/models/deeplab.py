@@ -110,7 +110,7 @@ class DeepLabV1(nn.Module):
     y = Conv(self.fc_features, (1, 1), kernel_init=_he, dtype=self.dtype, name="fc7")(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(y))
     y = _classifier(self.num_classes, "fc8", self.dtype)(y)
-    return resize_logits(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size, train).astype(jnp.float32), {}
 
 
 class ASPPSum(nn.Module):
@@ -209,7 +209,7 @@ class DeepLabV2(nn.Module):
     feats = ResNet(depth=self.depth, width=self.width, output_stride=self.output_stride,
                    dtype=self.dtype, name="backbone")(x.astype(self.dtype), train)
     y = ASPPSum(self.num_classes, tuple(self.rates), self.dtype, name="aspp")(feats["layer4"])
-    return resize_logits(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size, train).astype(jnp.float32), {}
 
 
 class DeepLabV3(nn.Module):
@@ -244,7 +244,7 @@ class DeepLabV3(nn.Module):
     y = ASPP(self.aspp_features, rates, dropout=self.dropout, dtype=self.dtype, name="aspp")(
         feats["layer4"], train)
     y = Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
-    return resize_logits(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size, train).astype(jnp.float32), {}
 
 
 class DeepLabV3Plus(nn.Module):
@@ -301,7 +301,7 @@ class DeepLabV3Plus(nn.Module):
              dtype=self.dtype, name="aspp")(top, train)
     y = Decoder(self.num_classes, self.low_level_features, self.decoder_features,
                 self.separable, self.dtype, name="decoder")(y, low, train)
-    return resize_logits(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size, train).astype(jnp.float32), {}
 
 
 def _dtype(cfg: ml_collections.ConfigDict):

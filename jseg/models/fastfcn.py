@@ -143,8 +143,8 @@ class FastFCN(nn.Module):
       a = FCNHead(self.num_classes, self.aux_features, self.dropout, dt, name="aux_head")(
           feats["layer3"], train)
       if train:
-        aux["aux"] = resize_logits(a, size).astype(jnp.float32)
-    return resize_logits(y, size).astype(jnp.float32), aux
+        aux["aux"] = resize_logits(a, size, train).astype(jnp.float32)
+    return resize_logits(y, size, train).astype(jnp.float32), aux
 
 
 @MODELS.register("fastfcn")

@@ -37,16 +37,22 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jax.image.resize(x, (n, size[0], size[1], c), "bilinear", antialias=False)
 
 
-def resize_logits(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+def resize_logits(x: jax.Array, size: tuple[int, int], train: bool = True) -> jax.Array:
   """``resize_bilinear`` for a network's output logits (same values).
 
-  Written as two matmuls with fixed interpolation matrices that leave the result
+  ``train=True``: two matmuls with fixed interpolation matrices that leave the result
   class-major (``N, K, H, W``) under its NHWC view. The losses reduce over classes in
   that layout (``losses._true_class_log_prob``), so the full-size logits and their
   gradient are never transposed; both gradients are matmuls. Measured on XLA:CPU
   (``experiments/performance/loss_tail.py``, 2 threads): upsampling 4x32x32x11 to 256^2
   plus cross-entropy, forward and backward, 38 ms with ``jax.image.resize`` and
   ``log_softmax``/``take_along_axis``, 25 ms this way.
+
+  ``train=False`` (no gradient wanted), when the height grows by an integer factor:
+  the width by a matmul in NHWC and the height by ``upsample_rows`` (two taps per row,
+  no dense matrix, no transposes). The dense matrices cost ``in_size`` multiply-adds per
+  output pixel: at 1024^2 from 256^2, 48 ms of DeepLab v3+'s 161 ms inference went to one
+  of them (``experiments/performance/README.md``, "Sixth pass").
   """
   n, h, w, c = x.shape
   oh, ow = int(size[0]), int(size[1])
@@ -55,11 +61,45 @@ def resize_logits(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   if h == 1 and w == 1:
     return jnp.broadcast_to(x, (n, oh, ow, c))
   hi = jax.lax.Precision.HIGHEST
+  if not train and oh % h == 0 and oh >= h:
+    if ow != w:
+      aw = jnp.asarray(interp_matrix(w, ow).T, x.dtype)
+      x = jnp.einsum("nhwc,wW->nhWc", x, aw, precision=hi)
+    return upsample_rows(x, oh // h)
   ah = jnp.asarray(interp_matrix(h, oh).T, x.dtype)  # (h, oh): jax.image.resize's weights
   aw = jnp.asarray(interp_matrix(w, ow).T, x.dtype)
   t = jnp.einsum("nhwc,hH->ncHw", x, ah, precision=hi)
   t = jnp.einsum("ncHw,wW->ncHW", t, aw, precision=hi)
   return jnp.transpose(t, (0, 2, 3, 1))
+
+
+def upsample_rows(x: jax.Array, s: int) -> jax.Array:
+  """Bilinear upsampling of NHWC ``x`` along the height by the integer factor ``s``
+  (half-pixel centres: ``jax.image.resize``'s and torch's ``align_corners=False`` values).
+
+  Output row ``i * s + p`` mixes input rows ``i - 1, i, i + 1`` with weights that depend
+  on the phase ``p`` only; the rows outside the image get weight 0 and the edge rows are
+  renormalised, as ``jax.image.resize`` does. One elementwise pass over the output, for
+  inference (its gradient would be a reduction over the phases: use the matmul form).
+  """
+  if s == 1:
+    return x
+  n, h = x.shape[0], x.shape[1]
+  coef = np.zeros((3, s), np.float32)  # tap k reads input row i + k - 1
+  for p in range(s):
+    src = (p + 0.5) / s - 0.5
+    i0 = int(np.floor(src))
+    coef[1 + i0, p] += 1.0 - (src - i0)
+    coef[2 + i0, p] += src - i0
+  norm = np.ones((h * s,), np.float32)  # 1 / (weight on rows inside the image)
+  for o in [*range(min(s, h * s)), *range(max(0, h * s - s), h * s)]:
+    i, p = divmod(o, s)
+    norm[o] = 1.0 / sum(coef[k, p] for k in range(3) if 0 <= i + k - 1 < h)
+  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (1, 1, 0), (0, 0, 0), (0, 0, 0)])
+  y = sum(xp[:, k:k + h, None] * jnp.asarray(coef[k].reshape(1, 1, s, 1, 1), x.dtype)
+          for k in range(3) if coef[k].any())
+  y = y.reshape((n, h * s) + x.shape[2:])
+  return y * jnp.asarray(norm.reshape(1, h * s, 1, 1), x.dtype)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -103,13 +103,13 @@ class PSPNet(nn.Module):
       a = FCNHead(
           self.num_classes, self.aux_features, self.dropout, self.dtype, name="aux_head"
       )(feats["layer3"], train)
-      aux["aux"] = resize_logits(a, size)
+      aux["aux"] = resize_logits(a, size, train)
     elif self.aux_head and self.is_initializing():
       # Create the auxiliary head's parameters even when initialised in eval mode.
       FCNHead(self.num_classes, self.aux_features, self.dropout, self.dtype, name="aux_head")(
           feats["layer3"], False
       )
-    return resize_logits(y, size), aux
+    return resize_logits(y, size, train), aux
 
 
 @MODELS.register("pspnet")

@@ -159,7 +159,7 @@ class RefineNet(nn.Module):
       y = RefineNetBlock(w, out_features=f if i < 3 else None, name=f"refine{4 - i}", **blk)(h, y)
     y = drop(y)
     y = Conv(self.num_classes, (3, 3), padding=pad_same(3), dtype=dt, name="classifier")(y)
-    return resize_logits(y, size).astype(jnp.float32), {}
+    return resize_logits(y, size, train).astype(jnp.float32), {}
 
 
 @MODELS.register("refinenet")
