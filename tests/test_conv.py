@@ -212,3 +212,46 @@ def test_depthwise_goes_to_onednn_only_where_it_has_no_gemm_fallback(dilation, e
   ref = nn.Conv(32, (3, 3), padding=((dilation, dilation),) * 2, kernel_dilation=dilation,
                 feature_group_count=32, use_bias=False)
   np.testing.assert_allclose(m.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,stride,dilation,want", [
+    (16, 1, 18, (1, 1)),   # ASPP rate 18 on a 16x16 map: only the centre tap is live
+    (16, 1, 12, (0, 2)),   # rate 12: every tap reads some of the map
+    (16, 1, 16, (1, 1)),   # rate equal to the size: the outer taps start/end in the padding
+    (9, 2, 5, (0, 2)),
+    (32, 1, 36, (1, 1)),
+])
+def test_live_taps(size, stride, dilation, want):
+  assert conv.live_taps(size, 3, stride, dilation, (dilation, dilation)) == want
+
+
+@pytest.mark.parametrize("hw,dilation,stride,taps", [
+    ((16, 16), 18, 1, (1, 1)), ((16, 20), 16, 1, (1, 3)), ((5, 5), 6, 1, (1, 1)),
+    ((32, 32), 36, 1, (1, 1)), ((9, 9), 5, 2, (3, 3)), ((7, 7), 7, 2, (1, 1))])
+def test_dead_taps_dropped_with_the_same_values_and_gradients(hw, dilation, stride, taps):
+  """trim_dead_taps is exact: a 3x3 atrous convolution whose outer taps read only padding
+  equals the trimmed one (oneDNN or XLA) in values and in both gradients, and the dropped
+  taps' kernel gradient is zero."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, *hw, 4)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 4, 3)), jnp.float32)
+  pads = ((dilation, dilation), (dilation, dilation))
+  dn = ("NHWC", "HWIO", "NHWC")
+  k2, _ = conv.trim_dead_taps(x.shape, k, (stride, stride), (dilation, dilation), pads)
+  assert k2.shape[:2] == taps
+
+  def loss(f, x, k):
+    return jnp.sum(jnp.tanh(f(x, k, (stride, stride), pads, None, (dilation, dilation), dn)))
+
+  ref = lambda x, k, *a: lax.conv_general_dilated(x, k, *a, precision=lax.Precision.HIGHEST)
+  np.testing.assert_allclose(conv.conv_general_dilated(x, k, (stride, stride), pads, None,
+                                                       (dilation, dilation), dn),
+                             ref(x, k, (stride, stride), pads, None, (dilation, dilation), dn),
+                             rtol=1e-5, atol=1e-5)
+  g = jax.grad(lambda x, k: loss(conv.conv_general_dilated, x, k), argnums=(0, 1))(x, k)
+  g_ref = jax.grad(lambda x, k: loss(ref, x, k), argnums=(0, 1))(x, k)
+  for a, e in zip(g, g_ref):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+  lo, hi = conv.live_taps(hw[0], 3, stride, dilation, pads[0])
+  dead_rows = [t for t in range(3) if not lo <= t <= hi]
+  assert all(float(jnp.abs(g[1][t]).max()) == 0.0 for t in dead_rows)

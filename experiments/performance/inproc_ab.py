@@ -15,7 +15,9 @@ Changes (``--change``):
 - ``bn_vjp``: that BatchNorm's training forward differentiated by autodiff (before) vs its
   written-out VJP (now, ``norm._batch_norm_train``);
 - ``resize_eval``: the output logits upsampled in inference by the training form (two dense
-  matmuls + a transpose, before) vs a width matmul + ``layers.upsample_rows`` (now).
+  matmuls + a transpose, before) vs a width matmul + ``layers.upsample_rows`` (now);
+- ``trim_taps``: every convolution with all its taps (before) vs without the taps that read
+  only padding (now, ``conv.trim_dead_taps``).
 
 Both executables are compiled in one process (the previous form patched in while
 tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
@@ -77,7 +79,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps"])
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
@@ -103,6 +105,8 @@ def main() -> None:
   custom_vjp_bn = norm._batch_norm_train
   from jseg.models import deeplab, pspnet, refinenet
   resize = layers.resize_logits
+  from jseg.models import conv as conv_mod
+  trim = conv_mod.trim_dead_taps
   autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
 
   def patch(before: bool) -> None:
@@ -111,6 +115,8 @@ def main() -> None:
         m.PixelTransposeConv = einsum_class() if before else layers.PixelTransposeConv
     elif a.change == "dw_routing":
       layers.onednn_depthwise_without_gemm = (lambda *args: True) if before else routed
+    elif a.change == "trim_taps":
+      conv_mod.trim_dead_taps = (lambda x_shape, k, strides, dilation, pads: (k, pads)) if before else trim
     elif a.change == "resize_eval":
       for m in (deeplab, fastfcn, pspnet, refinenet):
         m.resize_logits = (lambda x, size, train=True: resize(x, size, True)) if before else resize

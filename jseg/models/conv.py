@@ -229,9 +229,53 @@ def conv_general_dilated(
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides, dilation)
     ok = min(p for pair in pads for p in pair) >= 0 and min(
         _out_hw(lhs.shape, rhs.shape, strides, dilation, pads)) > 0
-  if ok and onednn_active():
-    return onednn_conv(lhs, rhs, strides, dilation, pads, int(feature_group_count))
+  if ok:
+    rhs, pads = trim_dead_taps(lhs.shape, rhs, strides, dilation, pads)
+    if onednn_active():
+      return onednn_conv(lhs, rhs, strides, dilation, pads, int(feature_group_count))
+    return lax.conv_general_dilated(lhs, rhs, strides, pads, None, dilation, dimension_numbers,
+                                    feature_group_count, 1, precision, preferred_element_type)
   return lax.conv_general_dilated(*args)
+
+
+def live_taps(size: int, kernel: int, stride: int, dilation: int,
+              pad: tuple[int, int]) -> tuple[int, int]:
+  """``[first, last]`` kernel taps along one axis that read at least one input sample.
+
+  Tap ``t`` reads input rows ``i * stride + t * dilation - pad[0]`` for the output rows ``i``;
+  a tap whose rows all fall in the padding multiplies zeros. Dead taps form a prefix and a
+  suffix (the rows a tap reads shift right as ``t`` grows), so the live ones are a range.
+  """
+  out = (size + pad[0] + pad[1] - (kernel - 1) * dilation - 1) // stride + 1
+  live = [t for t in range(kernel)
+          if t * dilation - pad[0] <= size - 1 and (out - 1) * stride + t * dilation - pad[0] >= 0]
+  return (live[0], live[-1]) if live else (0, kernel - 1)
+
+
+def trim_dead_taps(x_shape, k: jax.Array, strides, dilation, pads):
+  """Drops the kernel rows/columns that only ever read padding, adjusting the padding so
+  the output (shape and values) is unchanged.
+
+  An atrous convolution whose rate reaches the feature map's size reads zeros with its
+  outer taps: DeepLab's ASPP at rate 18 on the 16x16 map of a 256^2 crop (output stride 16)
+  is exactly a 1x1 convolution with the centre tap. oneDNN runs such a convolution with
+  its generic GEMM kernels, and every framework spends 9x the work on it. The kernel
+  gradient of a dropped tap is exactly zero, as autodiff of the slice gives.
+  """
+  new_k, new_pads = k, list(pads)
+  for axis in range(2):
+    lo, hi = live_taps(x_shape[1 + axis], k.shape[axis], strides[axis], dilation[axis], pads[axis])
+    if (lo, hi) == (0, k.shape[axis] - 1):
+      continue
+    size, d = x_shape[1 + axis], dilation[axis]
+    out = (size + pads[axis][0] + pads[axis][1] - (k.shape[axis] - 1) * d - 1) // strides[axis] + 1
+    p_lo = pads[axis][0] - lo * d
+    p_hi = (out - 1) * strides[axis] + (hi - lo) * d + 1 - size - p_lo
+    if p_lo < 0 or p_hi < 0:
+      continue
+    new_k = lax.slice_in_dim(new_k, lo, hi + 1, axis=axis)
+    new_pads[axis] = (p_lo, p_hi)
+  return new_k, tuple(new_pads)
 
 
 # flax.linen.Conv computing with ``conv_general_dilated``: same fields, params and names.
