@@ -255,3 +255,17 @@ def test_dead_taps_dropped_with_the_same_values_and_gradients(hw, dilation, stri
   lo, hi = conv.live_taps(hw[0], 3, stride, dilation, pads[0])
   dead_rows = [t for t in range(3) if not lo <= t <= hi]
   assert all(float(jnp.abs(g[1][t]).max()) == 0.0 for t in dead_rows)
+
+
+def test_dead_taps_dropped_on_the_xla_path_too():
+  """bfloat16 (and every non-oneDNN case with NHWC/HWIO geometry) gets the trimmed kernel."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((1, 16, 16, 8)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((3, 3, 8, 4)), jnp.bfloat16)
+  pads = ((18, 18), (18, 18))
+  f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), pads, None, (18, 18), DN)
+  convs = [e for e in jax.make_jaxpr(f)(x, k).eqns if e.primitive.name == "conv_general_dilated"]
+  assert [tuple(e.invars[1].aval.shape[:2]) for e in convs] == [(1, 1)]
+  ref = lax.conv_general_dilated(x, k, (1, 1), pads, None, (18, 18), DN,
+                                 preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(np.asarray(f(x, k), np.float32), np.asarray(ref), rtol=2e-2, atol=5e-2)

@@ -214,10 +214,8 @@ def conv_general_dilated(
   """``lax.conv_general_dilated``, by oneDNN where it applies (see the module docstring)."""
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           feature_group_count, batch_group_count, precision, preferred_element_type)
-  ok = (
+  ok = (  # an NHWC/HWIO convolution with explicit geometry: dead taps can be dropped
       lhs.ndim == 4 and rhs.ndim == 4
-      and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-      and preferred_element_type in (None, jnp.float32, np.float32)
       and batch_group_count == 1
       and all(d == 1 for d in (lhs_dilation or (1, 1)))
       and min(lhs.shape) > 0 and min(rhs.shape) > 0
@@ -231,7 +229,9 @@ def conv_general_dilated(
         _out_hw(lhs.shape, rhs.shape, strides, dilation, pads)) > 0
   if ok:
     rhs, pads = trim_dead_taps(lhs.shape, rhs, strides, dilation, pads)
-    if onednn_active():
+    float32 = (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+               and preferred_element_type in (None, jnp.float32, np.float32))
+    if float32 and onednn_active():
       return onednn_conv(lhs, rhs, strides, dilation, pads, int(feature_group_count))
     return lax.conv_general_dilated(lhs, rhs, strides, pads, None, dilation, dimension_numbers,
                                     feature_group_count, 1, precision, preferred_element_type)
