@@ -263,14 +263,14 @@ def trim_dead_taps(x_shape, k: jax.Array, strides, dilation, pads):
   gradient of a dropped tap is exactly zero, as autodiff of the slice gives.
   """
   new_k, new_pads = k, list(pads)
+  out_hw = _out_hw(x_shape, k.shape, strides, dilation, pads)
   for axis in range(2):
     lo, hi = live_taps(x_shape[1 + axis], k.shape[axis], strides[axis], dilation[axis], pads[axis])
     if (lo, hi) == (0, k.shape[axis] - 1):
       continue
     size, d = x_shape[1 + axis], dilation[axis]
-    out = (size + pads[axis][0] + pads[axis][1] - (k.shape[axis] - 1) * d - 1) // strides[axis] + 1
-    p_lo = pads[axis][0] - lo * d
-    p_hi = (out - 1) * strides[axis] + (hi - lo) * d + 1 - size - p_lo
+    p_lo = pads[axis][0] - lo * d  # the first live tap now starts the window
+    p_hi = (out_hw[axis] - 1) * strides[axis] + (hi - lo) * d + 1 - size - p_lo  # same output size
     if p_lo < 0 or p_hi < 0:
       continue
     new_k = lax.slice_in_dim(new_k, lo, hi + 1, axis=axis)
