@@ -65,24 +65,24 @@ class BatchNorm(nn.Module):
       b = -ra_mean.value * a
       b = b if bias is None else b + bias
       return jnp.asarray(x * a + b, dtype)
-    ones = jnp.ones((c,), jnp.float32)
-    y, mean, var = _batch_norm_train(x, ones if scale is None else scale,
-                                     ones * 0 if bias is None else bias, self.epsilon, dtype)
+    y, mean, var = _batch_norm_train(
+        x, jnp.ones((c,), jnp.float32) if scale is None else scale,
+        jnp.zeros((c,), jnp.float32) if bias is None else bias, self.epsilon, dtype)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y
 
 
-def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """float32 per-channel mean, ``E[x^2] - E[x]^2`` and that clipped at 0 (flax's
-  ``use_fast_variance``), and the count they average over."""
+  ``use_fast_variance``)."""
   xf = x.astype(jnp.promote_types(jnp.float32, x.dtype))
   axes = tuple(range(x.ndim - 1))
   n = x.size // x.shape[-1]
   mean = jnp.sum(xf, axes) / n
   var_raw = jnp.sum(xf * xf, axes) / n - mean * mean
-  return mean, var_raw, jnp.maximum(0.0, var_raw), n
+  return mean, var_raw, jnp.maximum(0.0, var_raw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -99,7 +99,7 @@ def _batch_norm_train(x, scale, bias, epsilon, dtype):
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon, dtype):
-  mean, var_raw, var, _ = _moments(x)
+  mean, var_raw, var = _moments(x)
   a = scale * jax.lax.rsqrt(var + epsilon)
   y = jnp.asarray(x * a + (bias - mean * a), dtype)
   return (y, mean, var), (x, scale, mean, var_raw)
