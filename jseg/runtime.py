@@ -12,15 +12,22 @@ preset, batch 4, 256x256, 2 CPU threads):
 - ``release_free_memory``: XLA frees hundreds of MB once a step is compiled,
   but glibc keeps the freed pages resident; ``malloc_trim(0)`` hands them back
   (857 -> 472 MB resident; peak while training 1075 -> 688 MB).
+- ``releasing_free_memory``: the same every 50 ms from a thread while a
+  compilation runs, so the pages the compiler frees between its passes are not
+  kept on top of what it still holds (PSPNet step compile, whole-process peak
+  696 -> 659 MB, mean of three runs each).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import jax
 
@@ -84,3 +91,35 @@ def release_free_memory() -> bool:
     return False
   libc.malloc_trim(0)
   return True
+
+
+@contextlib.contextmanager
+def releasing_free_memory(interval_s: float = 0.05) -> Iterator[None]:
+  """Calls ``release_free_memory`` on entry, every ``interval_s`` from a thread while
+  the body runs, and on exit.
+
+  Wrap a compilation in it: XLA's compiler frees memory between its passes while it
+  allocates more, and glibc keeps those freed pages resident, so the process's peak
+  is what the compiler holds plus what it has freed. ``malloc_trim`` never frees
+  memory in use, so this is safe around any code; it costs a few percent of the
+  compile time (each call walks the heap).
+  """
+  if interval_s <= 0:
+    raise ValueError(f"interval_s must be > 0; got {interval_s}.")
+  if not release_free_memory():
+    yield
+    return
+  stop = threading.Event()
+
+  def trim() -> None:
+    while not stop.wait(interval_s):
+      release_free_memory()
+
+  thread = threading.Thread(target=trim, name="jseg-malloc-trim", daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+    release_free_memory()

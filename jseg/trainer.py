@@ -57,10 +57,13 @@ def create_train_state(
   )
 
 
-def train_step(
+def grad_step(
     state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, loss_fn: Callable,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step; dropout noise is ``fold_in(rng, step)`` so resume needs no RNG state."""
+) -> tuple[Any, Any, dict[str, jax.Array]]:
+  """Gradients, new BatchNorm statistics and the step's metrics (no update).
+
+  Dropout noise is ``fold_in(rng, step)`` so resume needs no RNG state.
+  """
   step_rng = jax.random.fold_in(rng, state.step)
 
   def compute_loss(params):
@@ -72,10 +75,85 @@ def train_step(
     return loss, (parts, new_vars.get("batch_stats", {}))
 
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   out = {f"loss_{k}": v for k, v in parts.items()}
   out.update(loss=loss, grad_norm=optim.global_norm(grads))
-  return state, out
+  return grads, batch_stats, out
+
+
+def update_step(state: TrainState, grads: Any, batch_stats: Any) -> TrainState:
+  """The optimiser update (and the new BatchNorm statistics) applied to ``state``."""
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, loss_fn: Callable,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step as one function: ``grad_step`` then ``update_step``."""
+  grads, batch_stats, out = grad_step(state, batch, rng, loss_fn=loss_fn)
+  return update_step(state, grads, batch_stats), out
+
+
+class SplitStep:
+  """``train_step`` as two jitted programs: ``grad_step``, then ``update_step``.
+
+  Same values as the single program (``tests/test_train.py``). Why two: XLA:CPU's
+  compiler holds the IR of every kernel of a program until the program is compiled
+  (~0.3-0.7 MB per kernel), and the optimiser update and the BatchNorm statistics add
+  one kernel per output array (230 of PSPNet's 558). Compiled apart, the compile peak is
+  the larger program's: PSPNet batch 4, 256², whole-process peak 653-662 -> 552-570 MB
+  (``experiments/performance/README.md``, "Seventh pass"). ``config.split_update=False``
+  gives the single program. Called, lowered and compiled like a ``jax.jit`` function.
+  """
+
+  def __init__(self, grads_fn: Any, update_fn: Any):
+    self.grads_fn, self.update_fn = grads_fn, update_fn
+
+  def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
+    grads, batch_stats, out = self.grads_fn(state, batch, rng)
+    return self.update_fn(state, grads, batch_stats), out
+
+  def lower(self, state: Any, batch: Any, rng: Any) -> "SplitStep":
+    grads, batch_stats, _ = jax.eval_shape(self.grads_fn, state, batch, rng)
+    return SplitStep(self.grads_fn.lower(state, batch, rng),
+                     self.update_fn.lower(state, grads, batch_stats))
+
+  def compile(self) -> "SplitStep":
+    """Both programs compiled (call on a lowered step), releasing freed heap pages."""
+    with runtime.releasing_free_memory():
+      grads_fn = self.grads_fn.compile()
+    with runtime.releasing_free_memory():
+      update_fn = self.update_fn.compile()
+    return SplitStep(grads_fn, update_fn)
+
+  def cost_analysis(self) -> dict[str, float]:
+    """XLA's cost analysis of both compiled programs, summed."""
+    total: dict[str, float] = {}
+    for fn in (self.grads_fn, self.update_fn):
+      cost = fn.cost_analysis()
+      cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+      for k, v in cost.items():
+        total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+  def as_text(self) -> str:
+    """Both programs' HLO text (lowered or compiled), one after the other."""
+    return self.grads_fn.as_text() + "\n" + self.update_fn.as_text()
+
+
+def make_step(config: ml_collections.ConfigDict, loss_fn: Callable, mesh) -> Any:
+  """The jitted training step over ``mesh``: a ``SplitStep`` unless ``config.split_update``
+  is False (then one ``jax.jit`` program). The state is donated to the update."""
+  repl = parallel.replicated(mesh)
+  if not config.get("split_update", True):
+    return jax.jit(functools.partial(train_step, loss_fn=loss_fn),
+                   in_shardings=(repl, parallel.batch_sharded(mesh), repl),
+                   out_shardings=(repl, repl), donate_argnums=(0,))
+  grads_fn = jax.jit(functools.partial(grad_step, loss_fn=loss_fn),
+                     in_shardings=(repl, parallel.batch_sharded(mesh), repl),
+                     out_shardings=(repl, repl, repl))
+  update_fn = jax.jit(update_step, in_shardings=(repl, repl, repl), out_shardings=repl,
+                      donate_argnums=(0,))
+  return SplitStep(grads_fn, update_fn)
 
 
 def eval_step(
@@ -262,12 +340,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   init = jax.jit(
       functools.partial(create_train_state, config, model, tx, channels=info.channels),
       out_shardings=repl)
-  step_fn = jax.jit(
-      functools.partial(train_step, loss_fn=loss_fn),
-      in_shardings=(repl, parallel.batch_sharded(mesh), repl),
-      out_shardings=(repl, repl),
-      donate_argnums=(0,),
-  )
+  step_fn = make_step(config, loss_fn, mesh)
   return Setup(config, mesh, info, model, schedule, init, init_rng, step_fn, step_rng)
 
 
@@ -368,9 +441,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = parallel.shard_batch(next(train_iter), mesh)
-      state, step_metrics = step_fn(state, batch, step_rng)
-      if step == start + 1:
-        runtime.release_free_memory()  # the compiler's freed working memory
+      if step == start + 1:  # compiles the step: hand the compiler's freed memory back
+        with runtime.releasing_free_memory():
+          state, step_metrics = step_fn(state, batch, step_rng)
+      else:
+        state, step_metrics = step_fn(state, batch, step_rng)
       pending.append((step, step_metrics["loss"]))
       n_log += 1
       if step % config.log_every == 0 or step == config.total_steps:
@@ -385,10 +460,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       is_eval = step % config.eval_every == 0 or step == config.total_steps
       eval_metrics = None
       if is_eval:
-        first_eval = summary is None
-        summary = evaluate(state)
-        if first_eval:
-          runtime.release_free_memory()
+        if summary is None:  # the first evaluation compiles the forward
+          with runtime.releasing_free_memory():
+            summary = evaluate(state)
+        else:
+          summary = evaluate(state)
         eval_metrics = summary_for_log(summary, info.class_names)
         writer.write(step, "eval", eval_metrics)
         progress.write(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -91,3 +92,33 @@ def test_release_free_memory_returns_freed_heap_pages():
   libc.free(blocks[-1])
   assert before > held - 32, "free() already returned the pages; the test shows nothing"
   assert before - after > 64, f"only {before - after:.0f} MB of 128 MB returned"
+
+
+@pytest.mark.skipif(runtime._libc() is None, reason="needs glibc's malloc_trim")
+def test_releasing_free_memory_trims_while_the_body_runs():
+  libc = runtime._libc()
+  libc.malloc.restype = ctypes.c_void_p
+  libc.malloc.argtypes = [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+  size, count = 32 * 1024, 4096
+  with runtime.releasing_free_memory(interval_s=0.02):
+    blocks = [libc.malloc(size) for _ in range(count)]
+    for b in blocks:
+      ctypes.memset(b, 1, size)
+    held = cur_rss_mb()
+    for b in blocks[:-1]:
+      libc.free(b)
+    freed = cur_rss_mb()
+    deadline = time.monotonic() + 5.0
+    while cur_rss_mb() > held - 64 and time.monotonic() < deadline:
+      time.sleep(0.02)  # the trimming thread runs meanwhile; nothing else frees memory
+    during = cur_rss_mb()
+    libc.free(blocks[-1])
+  assert freed > held - 32, "free() already returned the pages; the test shows nothing"
+  assert held - during > 64, f"only {held - during:.0f} MB of 128 MB returned while the body ran"
+
+
+def test_releasing_free_memory_rejects_a_bad_interval():
+  with pytest.raises(ValueError, match="interval_s"):
+    with runtime.releasing_free_memory(interval_s=0):
+      pass

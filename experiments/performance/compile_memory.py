@@ -75,12 +75,26 @@ def main() -> None:
   def forward_only(state, batch, rng):
     return loss(state.params, state, batch)[0]
 
+  def vjp_fwd(state, batch, rng):
+    value, vjp, new = jax.vjp(lambda p: loss(p, state, batch), state.params, has_aux=True)
+    return value, vjp, new
+
+  def vjp_bwd(value, vjp, new):
+    return vjp(jnp.ones_like(value))[0]
+
   fns = {"step": functools.partial(trainer.train_step, loss_fn=loss_fn),
-         "no_grad_norm": no_grad_norm, "grads_only": grads_only, "forward_only": forward_only}
+         "no_grad_norm": no_grad_norm, "grads_only": grads_only, "forward_only": forward_only,
+         "vjp_fwd": vjp_fwd}
   for v in a.variants.split(","):
     gc.collect()
     runtime.release_free_memory()
-    lowered = jax.jit(fns[v]).lower(state, batch, run.step_rng)
+    if v == "vjp_bwd":
+      residuals = jax.block_until_ready(jax.jit(vjp_fwd)(state, batch, run.step_rng))
+      leaves = jax.tree.leaves(residuals[1])
+      print(f"residuals: {len(leaves)} arrays, {sum(x.nbytes for x in leaves) / 2**20:.1f} MB")
+      lowered = jax.jit(vjp_bwd).lower(*residuals)
+    else:
+      lowered = jax.jit(fns[v]).lower(state, batch, run.step_rng)
     samples: list[float] = []
     done = threading.Event()
 
@@ -100,7 +114,8 @@ def main() -> None:
     entry = compiled.as_text().split("ENTRY")[1]
     times = []
     for _ in range(5):
-      args = (jax.block_until_ready(jax.tree.map(jnp.copy, state)), batch, run.step_rng)
+      args = residuals if v == "vjp_bwd" else (
+          jax.block_until_ready(jax.tree.map(jnp.copy, state)), batch, run.step_rng)
       t1 = time.perf_counter()
       jax.block_until_ready(compiled(*args))
       times.append(time.perf_counter() - t1)

@@ -18,6 +18,8 @@ Changes (``--change``):
   matmuls + a transpose, before) vs a width matmul + ``layers.upsample_rows`` (now);
 - ``trim_taps``: every convolution with all its taps (before) vs without the taps that read
   only padding (now, ``conv.trim_dead_taps``).
+- ``split_update`` (with ``--train``): the step as one program (before) vs gradients and
+  optimiser update as two (now, ``trainer.SplitStep``); fusions and temporaries summed.
 
 Both executables are compiled in one process (the previous form patched in while
 tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
@@ -79,7 +81,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update"])
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
@@ -124,6 +126,8 @@ def main() -> None:
       norm._batch_norm_train = autodiff_bn if before else custom_vjp_bn
     elif a.change == "loss_vjp":
       losses._true_class_log_prob = autodiff_class_log_prob if before else closed_form
+    elif a.change == "split_update":
+      pass  # the step itself differs (below)
     else:  # every module that builds BatchNorm layers looks the name up at call time
       for m in bn_modules:
         m.BatchNorm = nn.BatchNorm if before else norm.BatchNorm
@@ -136,7 +140,11 @@ def main() -> None:
       from jseg import losses
       from jseg.bench.models import bench_config
       import functools
-      step = jax.jit(functools.partial(trainer.train_step, loss_fn=losses.build_loss(bench_config(a.model, a.size, a.batch))))
+      loss_fn = losses.build_loss(bench_config(a.model, a.size, a.batch))
+      step = jax.jit(functools.partial(trainer.train_step, loss_fn=loss_fn))
+      if a.change == "split_update" and name == "now":
+        step = trainer.SplitStep(jax.jit(functools.partial(trainer.grad_step, loss_fn=loss_fn)),
+                                 jax.jit(trainer.update_step))
       b = parallel.shard_batch(batch, run.mesh)
       args = (run.state, b, run.step_rng)
       fns[name] = (step.lower(*args).compile(), args)
@@ -159,8 +167,9 @@ def main() -> None:
         jax.block_until_ready(f(*args))
         times[k].append(time.perf_counter() - t0)
   what = "train step" if a.train else "inference"
-  temp = {k: f.memory_analysis().temp_size_in_bytes / 2**20 for k, (f, _) in fns.items()}
-  kernels = {k: f.as_text().split("ENTRY")[1].count(" fusion(") for k, (f, _) in fns.items()}
+  parts = lambda f: (f.grads_fn, f.update_fn) if isinstance(f, trainer.SplitStep) else (f,)
+  temp = {k: sum(p.memory_analysis().temp_size_in_bytes for p in parts(f)) / 2**20 for k, (f, _) in fns.items()}
+  kernels = {k: sum(p.as_text().split("ENTRY")[1].count(" fusion(") for p in parts(f)) for k, (f, _) in fns.items()}
   print("XLA temporaries (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in temp.items())
         + "; fusions: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
   print(f"{a.change}: {a.model} {what} b{a.batch} {a.size}^2: max diff {diff:.1e} (relative to the largest output); " + ", ".join(

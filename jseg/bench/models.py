@@ -2,9 +2,10 @@
 
 For each model, in a fresh subprocess (so that peak memory is the model's own),
 builds the real training setup (``jseg.trainer.setup``: the jitted, donated
-``train_step`` over the device mesh) on synthetic batches and measures:
+training step over the device mesh, two programs unless ``split_update`` is off:
+``jseg.trainer.SplitStep``) on synthetic batches and measures:
 
-- ``compile_s``: lowering + XLA compilation of the training step;
+- ``compile_s``: lowering + XLA compilation of the training step (both programs);
 - ``train_images_per_s``: batch / median step time over ``--repeats`` steps,
   after ``--warmup`` steps;
 - ``infer_ms_per_image``: median latency of the jitted eval forward
@@ -22,8 +23,8 @@ builds the real training setup (``jseg.trainer.setup``: the jitted, donated
   high-water mark is reset after compilation; torch: before its first step),
   ``runtime_rss_mb``, the resident memory once the framework is imported and
   its CPU backend is up (before any model), and ``base_rss_mb`` at start.
-  After compiling, the freed compiler memory is handed back to the OS
-  (``jseg.runtime.release_free_memory``, as the trainer does after its first
+  While and after compiling, the freed compiler memory is handed back to the OS
+  (``jseg.runtime.releasing_free_memory``, as the trainer does around its first
   step; ``after_release_rss_mb``). Compilation is cold unless
   ``--compilation_cache=DIR`` is given: a second run with the same folder
   measures a warm start (re-runs and resumes with ``config.compilation_cache_dir``).
@@ -186,7 +187,8 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
           "label": rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)}
   b = parallel.shard_batch(host, run.mesh)
   t0 = time.perf_counter()
-  step = run.step_fn.lower(run.state, b, run.step_rng).compile()
+  with runtime.releasing_free_memory():  # as the trainer's first step does
+    step = run.step_fn.lower(run.state, b, run.step_rng).compile()
   compile_s = time.perf_counter() - t0
   # XLA counts custom calls as 0 FLOPs: add those of the oneDNN convolutions.
   step_jaxpr = jax.make_jaxpr(run.step_fn)(run.state, b, run.step_rng).jaxpr
@@ -215,7 +217,8 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   variables = trainer.variables(state.params, state.batch_stats)
   x = jax.device_put(host["image"][:1].repeat(infer_batch, 0))
   t0 = time.perf_counter()
-  infer = apply.lower(variables, x).compile()
+  with runtime.releasing_free_memory():
+    infer = apply.lower(variables, x).compile()
   infer_compile_s = time.perf_counter() - t0
   infer_jaxpr = jax.make_jaxpr(apply)(variables, x).jaxpr
   infer_flops = _flops(infer) + jaxpr_flops(infer_jaxpr, custom_calls_only=True)

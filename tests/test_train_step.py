@@ -1,0 +1,85 @@
+"""The training step as two programs (``trainer.SplitStep``) against the single program."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jseg import parallel, trainer
+from tiny import tiny_pspnet_config
+
+
+def _batches(n: int) -> list[dict]:
+  rs = np.random.RandomState(0)
+  out = []
+  for _ in range(n):
+    b = {"image": rs.randn(4, 64, 64, 3).astype(np.float32),
+         "label": rs.randint(0, 11, (4, 64, 64)).astype(np.int32)}
+    b["label"][:, :8] = 255
+    out.append(b)
+  return out
+
+
+def _train(split: bool, compiled: bool = False):
+  config = tiny_pspnet_config(dropout=0.1, split_update=split,
+                              **{"optimizer.lookahead_k": 2, "optimizer.grad_clip_norm": 1.0})
+  run = trainer.setup(config)
+  assert isinstance(run.step_fn, trainer.SplitStep) == split
+  state, out = run.state, []
+  step = run.step_fn
+  for host in _batches(3):
+    batch = parallel.shard_batch(host, run.mesh)
+    if compiled and step is run.step_fn:
+      step = run.step_fn.lower(state, batch, run.step_rng).compile()
+    state, m = step(state, batch, run.step_rng)
+    out.append({k: float(v) for k, v in m.items()})
+  return state, out, step
+
+
+@pytest.fixture(scope="module")
+def single():
+  return _train(split=False)
+
+
+def _assert_same(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_split_step_equals_the_single_program(single):
+  state1, metrics1, _ = single
+  state2, metrics2, _ = _train(split=True)
+  assert int(state2.step) == 3
+  _assert_same((state1.params, state1.batch_stats, state1.opt_state),
+               (state2.params, state2.batch_stats, state2.opt_state))
+  for m1, m2 in zip(metrics1, metrics2):
+    assert m1.keys() == m2.keys()
+    for k in m1:
+      assert m2[k] == pytest.approx(m1[k], rel=1e-5), k
+  # the parameters moved: the comparison is not between two untouched states
+  assert metrics2[0]["loss"] != metrics2[-1]["loss"]
+
+
+def test_lowered_and_compiled_split_step(single):
+  state1, metrics1, _ = single
+  state2, metrics2, compiled = _train(split=True, compiled=True)
+  assert isinstance(compiled, trainer.SplitStep)
+  _assert_same(state1.params, state2.params)
+  assert metrics2[-1]["loss"] == pytest.approx(metrics1[-1]["loss"], rel=1e-5)
+  assert compiled.cost_analysis()["flops"] > 0
+  assert compiled.as_text().count("HloModule") == 2
+
+
+def test_update_program_donates_the_state():
+  config = tiny_pspnet_config()
+  run = trainer.setup(config)
+  state = run.state
+  batch = parallel.shard_batch(_batches(1)[0], run.mesh)
+  new, _ = run.step_fn(state, batch, run.step_rng)
+  jax.block_until_ready(new)
+  leaf = jax.tree.leaves(state.params)[0]
+  assert leaf.is_deleted(), "the old state's buffers should be reused for the new state"
+  assert not jax.tree.leaves(new.params)[0].is_deleted()
