@@ -2,7 +2,7 @@
 many kernels (fusions) the step has: parts of the step compiled one after the other.
 
   python experiments/performance/compile_memory.py --model=pspnet [--batch=4 --size=256] \
-      [--variants=step,no_grad_norm,grads_only,forward_only]
+      [--variants=step,no_grad_norm,grads_only,forward_only,vjp_fwd,vjp_bwd]
 
 Per variant: compile seconds, the peak of glibc's in-use heap during compilation above
 what was in use before (``mallinfo2``: ``uordblks + hblkhd``, sampled every 10 ms from a
@@ -10,7 +10,8 @@ thread; freed-but-kept pages are not counted, so this is memory the compiler rea
 held), the number of fusions and copies in the compiled entry computation, and the median
 of 5 runs. Variants: ``step`` (``trainer.train_step`` as shipped), ``no_grad_norm`` (the
 step without its ``grad_norm`` metric), ``grads_only`` (loss and gradients, no optimiser,
-no running statistics), ``forward_only`` (loss only).
+no running statistics), ``forward_only`` (loss only), ``vjp_fwd`` (the forward returning
+``jax.vjp``'s residuals as outputs) and ``vjp_bwd`` (the backward from those residuals).
 """
 from __future__ import annotations
 
