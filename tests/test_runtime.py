@@ -72,49 +72,49 @@ def test_compilation_cache_keeps_the_directory_jax_already_has(tmp_path):
   assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.skipif(runtime._libc() is None, reason="needs glibc's malloc_trim")
-def test_release_free_memory_returns_freed_heap_pages():
+def _free_all_but_last(size: int = 32 * 1024, count: int = 4096) -> tuple[float, int]:
+  """Allocates ``count`` blocks below glibc's mmap threshold (128 MB), makes them resident,
+  frees all but the last (which pins the heap top, so free() cannot trim); returns the
+  resident MB while all were held and the last block, for the caller to free."""
   libc = runtime._libc()
   libc.malloc.restype = ctypes.c_void_p
   libc.malloc.argtypes = [ctypes.c_size_t]
   libc.free.argtypes = [ctypes.c_void_p]
-  size, count = 32 * 1024, 4096  # 128 MB in blocks below glibc's mmap threshold
   blocks = [libc.malloc(size) for _ in range(count)]
   assert all(blocks)
   for b in blocks:
     ctypes.memset(b, 1, size)  # make the pages resident
   held = cur_rss_mb()
-  for b in blocks[:-1]:  # the last block pins the heap top, so free() cannot trim
+  for b in blocks[:-1]:
     libc.free(b)
+  return held, blocks[-1]
+
+
+@pytest.mark.skipif(runtime._libc() is None, reason="needs glibc's malloc_trim")
+def test_release_free_memory_returns_freed_heap_pages():
+  held, last = _free_all_but_last()
   before = cur_rss_mb()
   assert runtime.release_free_memory()
   after = cur_rss_mb()
-  libc.free(blocks[-1])
+  runtime._libc().free(last)
   assert before > held - 32, "free() already returned the pages; the test shows nothing"
   assert before - after > 64, f"only {before - after:.0f} MB of 128 MB returned"
 
 
 @pytest.mark.skipif(runtime._libc() is None, reason="needs glibc's malloc_trim")
-def test_releasing_free_memory_trims_while_the_body_runs():
-  libc = runtime._libc()
-  libc.malloc.restype = ctypes.c_void_p
-  libc.malloc.argtypes = [ctypes.c_size_t]
-  libc.free.argtypes = [ctypes.c_void_p]
-  size, count = 32 * 1024, 4096
+def test_releasing_free_memory_trims_while_the_body_runs(monkeypatch):
+  calls = []
+  trim = runtime.release_free_memory
+  monkeypatch.setattr(runtime, "release_free_memory", lambda: calls.append(1) or trim())
   with runtime.releasing_free_memory(interval_s=0.02):
-    blocks = [libc.malloc(size) for _ in range(count)]
-    for b in blocks:
-      ctypes.memset(b, 1, size)
-    held = cur_rss_mb()
-    for b in blocks[:-1]:
-      libc.free(b)
-    freed = cur_rss_mb()
+    entered = len(calls)
+    held, last = _free_all_but_last()
     deadline = time.monotonic() + 5.0
     while cur_rss_mb() > held - 64 and time.monotonic() < deadline:
-      time.sleep(0.02)  # the trimming thread runs meanwhile; nothing else frees memory
-    during = cur_rss_mb()
-    libc.free(blocks[-1])
-  assert freed > held - 32, "free() already returned the pages; the test shows nothing"
+      time.sleep(0.02)  # only the trimming thread can return the pages meanwhile
+    during, in_body = cur_rss_mb(), len(calls) - entered
+    runtime._libc().free(last)
+  assert entered == 1 and in_body >= 1, (entered, in_body)
   assert held - during > 64, f"only {held - during:.0f} MB of 128 MB returned while the body ran"
 
 
