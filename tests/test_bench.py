@@ -31,6 +31,7 @@ def test_models_suite_writes_positive_measurements(report):
                 "infer_model_gflops_per_image", "peak_rss_mb", "mfu"):
     assert j[field] > 0, field
   assert j["model_config"]["width"] == 4 and j["model_config"]["num_classes"] == 11
+  assert j["step_programs"] == 2 and written["settings"]["step_programs"] == 2  # the trainer's default
   # Training does more work than inference per image.
   assert j["train_gflops_per_image"] > j["infer_gflops_per_image"]
   assert rep["results"][0]["model"] == "unet"
@@ -52,6 +53,18 @@ def test_bad_names_are_reported():
     bench_models.bench_config("nope", 32, 2)
   with pytest.raises(ValueError, match="preset"):
     bench_models.bench_config("unet", 32, 2, preset="huge")
+  with pytest.raises(ValueError, match="step_programs"):
+    bench_models.bench_config("unet", 32, 2, step_programs=3)
+
+
+def test_step_as_one_program(tmp_path):
+  assert not bench_models.bench_config("unet", 32, 2, step_programs=1).split_update
+  rep = bench_models.main(["--models=unet", "--batch=2", "--size=32", "--warmup=1", "--repeats=1",
+                           "--set=depth=2", "--set=width=4", "--peak_gflops=100", "--torch=no",
+                           "--step_programs=1", f"--out={tmp_path / 'bench.json'}"])
+  j = rep["results"][0]["jseg"]
+  assert "error" not in j, j.get("error")
+  assert j["step_programs"] == 1 and j["train_images_per_s"] > 0 and j["train_gflops_per_image"] > 0
 
 
 @pytest.mark.parametrize("name", sorted(bench_models.PAPER_PRESETS))

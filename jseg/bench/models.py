@@ -43,7 +43,9 @@ processes of each model R times, alternated, and reports medians (with every rou
 values under ``per_round`` and every round's ratios under ``round_ratios``): on a shared
 machine one run's ratio moves by 20-35% with the load.
 
-``--xla_flags`` appends to ``XLA_FLAGS`` for the jseg processes (the levers
+``--step_programs=1`` measures jseg's step as one program (``config.split_update=False``)
+instead of the trainer's two (gradients, then the optimiser update; same values, lower
+compile-memory peak). ``--xla_flags`` appends to ``XLA_FLAGS`` for the jseg processes (the levers
 measured in ``experiments/performance/README.md``).
 
 On an accelerator (the peak child reports JAX's backend) the torch side runs on
@@ -114,7 +116,7 @@ PRESETS = {"bench": BENCH_PRESETS, "paper": PAPER_PRESETS, "config": {}}
 
 
 def bench_config(name: str, size: int, batch: int, preset: str = "bench",
-                 overrides: dict[str, Any] | None = None):
+                 overrides: dict[str, Any] | None = None, step_programs: int = 2):
   """The training config benchmarked for model ``name`` (uniform loss/optimiser, synthetic data)."""
   path = REPO_ROOT / "configs" / f"{name}.py"
   if not path.exists():
@@ -141,6 +143,9 @@ def bench_config(name: str, size: int, batch: int, preset: str = "bench",
   c.optimizer.weight_decay = 1e-4
   c.schedule.name = "constant"
   c.schedule.warmup_steps = 0
+  if step_programs not in (1, 2):
+    raise ValueError(f"--step_programs must be 1 or 2; got {step_programs}.")
+  c.split_update = step_programs == 2
   return c
 
 
@@ -166,7 +171,7 @@ def _flops(compiled) -> float:
 
 
 def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, repeats: int,
-             preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+             preset: str, overrides: dict[str, Any], step_programs: int = 2) -> dict[str, Any]:
   """Measures one model in this process (call in a fresh subprocess)."""
   base_rss = rss_mb()
   import jax
@@ -177,7 +182,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
 
   jax.devices()
   import_rss = cur_rss_mb()
-  config = bench_config(name, size, batch, preset, overrides)
+  config = bench_config(name, size, batch, preset, overrides, step_programs)
   t0 = time.perf_counter()
   run = trainer.setup(config)
   jax.block_until_ready(run.state)
@@ -229,6 +234,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   out = {
       "framework": "jseg", "model": name,
       "model_config": json.loads(config.model.to_json_best_effort()),
+      "step_programs": step_programs,
       "params": int(sum(p.size for p in jax.tree_util.tree_leaves(state.params))),
       "init_s": round(init_s, 3), "compile_s": round(compile_s, 3),
       "infer_compile_s": round(infer_compile_s, 3),
@@ -292,7 +298,7 @@ def _child(args) -> None:
            "peak_gflops": round(measure_peak_jax(n, dtype=args.peak_dtype), 2)}
   else:
     out = run_jseg(args.child, args.size, args.batch, args.infer_batch, args.warmup, args.repeats,
-                   args.preset, _parse_sets(args.set))
+                   args.preset, _parse_sets(args.set), args.step_programs)
   print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -435,6 +441,9 @@ def main(argv: list[str]) -> dict[str, Any]:
                       help="run each model's jseg and torch processes this many times, alternated; "
                            "report medians and every round's ratios (this machine's load swings "
                            "single-run ratios by 20-35%%)")
+  parser.add_argument("--step_programs", type=int, default=2, choices=(1, 2),
+                      help="jseg's training step as 2 programs (gradients, then the update: "
+                           "config.split_update, the trainer's default) or as 1")
   parser.add_argument("--out", default="")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--peak_dtype", default="float32", help=argparse.SUPPRESS)
@@ -505,7 +514,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     for _ in range(max(1, args.rounds)):
       spec = None
       if args.jseg == "yes":
-        res = _spawn(me + ["--child", m, "--preset", args.preset] + set_args + common, env, args.timeout)
+        res = _spawn(me + ["--child", m, "--preset", args.preset, "--step_programs", str(args.step_programs)]
+                     + set_args + common, env, args.timeout)
         per_round.setdefault("jseg", []).append(res)
         model_config = res.get("model_config")
       else:  # torch side only (e.g. a second torch setting on a leased machine)
@@ -563,7 +573,7 @@ def _report(args, argv, env, peak, rows, torch_device) -> dict[str, Any]:
       "suite": "models",
       "command": "python -m jseg.bench models " + " ".join(argv),
       "settings": {"batch": args.batch, "size": args.size, "infer_batch": args.infer_batch,
-                   "rounds": args.rounds,
+                   "rounds": args.rounds, "step_programs": args.step_programs,
                    "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
                    "preset": args.preset, "set": args.set, "num_classes": NUM_CLASSES,
                    "optimizer": "sgd momentum 0.9, weight decay 1e-4 on kernels, lr 0.01",
