@@ -14,8 +14,9 @@ preset, batch 4, 256x256, 2 CPU threads):
   (857 -> 472 MB resident; peak while training 1075 -> 688 MB).
 - ``releasing_free_memory``: the same every 50 ms from a thread while a
   compilation runs, so the pages the compiler frees between its passes are not
-  kept on top of what it still holds (PSPNet step compile, whole-process peak
-  696 -> 659 MB, mean of three runs each).
+  kept on top of what it still holds (PSPNet's step as one program, whole-process
+  peak 661 / 670 -> 647 / 660 MB in two alternated runs;
+  ``experiments/performance/step_programs.py``).
 """
 
 from __future__ import annotations

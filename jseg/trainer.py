@@ -6,6 +6,7 @@ The step functions are pure and jitted once over the device mesh; the loop in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -96,12 +97,13 @@ def train_step(
 class SplitStep:
   """``train_step`` as two jitted programs: ``grad_step``, then ``update_step``.
 
-  Same values as the single program (``tests/test_train.py``). Why two: XLA:CPU's
+  Same values as the single program (``tests/test_train_step.py``). Why two: XLA:CPU's
   compiler holds the IR of every kernel of a program until the program is compiled
   (~0.3-0.7 MB per kernel), and the optimiser update and the BatchNorm statistics add
   one kernel per output array (230 of PSPNet's 558). Compiled apart, the compile peak is
-  the larger program's: PSPNet batch 4, 256², whole-process peak 653-662 -> 552-570 MB
-  (``experiments/performance/README.md``, "Seventh pass"). ``config.split_update=False``
+  the larger program's: PSPNet batch 4, 256², whole-process peak 661 / 670 -> 599 / 581 MB
+  with ``runtime.releasing_free_memory`` (``experiments/performance/step_programs.py``;
+  README there, "Seventh pass"); the step time does not change. ``config.split_update=False``
   gives the single program. Called, lowered and compiled like a ``jax.jit`` function.
   """
 
@@ -118,20 +120,15 @@ class SplitStep:
                      self.update_fn.lower(state, grads, batch_stats))
 
   def compile(self) -> "SplitStep":
-    """Both programs compiled (call on a lowered step), releasing freed heap pages."""
-    with runtime.releasing_free_memory():
-      grads_fn = self.grads_fn.compile()
-    with runtime.releasing_free_memory():
-      update_fn = self.update_fn.compile()
-    return SplitStep(grads_fn, update_fn)
+    """Both programs compiled (call on a lowered step); wrap it in
+    ``runtime.releasing_free_memory`` as the trainer wraps its first step."""
+    return SplitStep(self.grads_fn.compile(), self.update_fn.compile())
 
   def cost_analysis(self) -> dict[str, float]:
     """XLA's cost analysis of both compiled programs, summed."""
     total: dict[str, float] = {}
     for fn in (self.grads_fn, self.update_fn):
-      cost = fn.cost_analysis()
-      cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
-      for k, v in cost.items():
+      for k, v in (fn.cost_analysis() or {}).items():
         total[k] = total.get(k, 0.0) + float(v)
     return total
 
@@ -441,10 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = parallel.shard_batch(next(train_iter), mesh)
-      if step == start + 1:  # compiles the step: hand the compiler's freed memory back
-        with runtime.releasing_free_memory():
-          state, step_metrics = step_fn(state, batch, step_rng)
-      else:
+      # The first call compiles the step: hand the compiler's freed memory back meanwhile.
+      with runtime.releasing_free_memory() if step == start + 1 else contextlib.nullcontext():
         state, step_metrics = step_fn(state, batch, step_rng)
       pending.append((step, step_metrics["loss"]))
       n_log += 1
@@ -460,11 +455,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       is_eval = step % config.eval_every == 0 or step == config.total_steps
       eval_metrics = None
       if is_eval:
-        if summary is None:  # the first evaluation compiles the forward
-          with runtime.releasing_free_memory():
-            summary = evaluate(state)
-        else:
-          summary = evaluate(state)
+        with runtime.releasing_free_memory() if summary is None else contextlib.nullcontext():
+          summary = evaluate(state)  # the first one compiles the forward
         eval_metrics = summary_for_log(summary, info.class_names)
         writer.write(step, "eval", eval_metrics)
         progress.write(
