@@ -10,7 +10,8 @@ thread; freed-but-kept pages are not counted, so this is memory the compiler rea
 held), the number of fusions and copies in the compiled entry computation, and the median
 of 5 runs. Variants: ``step`` (``trainer.train_step`` as shipped), ``no_grad_norm`` (the
 step without its ``grad_norm`` metric), ``grads_only`` (loss and gradients, no optimiser,
-no running statistics), ``forward_only`` (loss only), ``vjp_fwd`` (the forward returning
+no running statistics), ``grad_step`` and ``update_step`` (the two programs of
+``trainer.SplitStep``, the trainer's default), ``forward_only`` (loss only), ``vjp_fwd`` (the forward returning
 ``jax.vjp``'s residuals as outputs) and ``vjp_bwd`` (the backward from those residuals).
 """
 from __future__ import annotations
@@ -85,11 +86,16 @@ def main() -> None:
 
   fns = {"step": functools.partial(trainer.train_step, loss_fn=loss_fn),
          "no_grad_norm": no_grad_norm, "grads_only": grads_only, "forward_only": forward_only,
-         "vjp_fwd": vjp_fwd}
+         "vjp_fwd": vjp_fwd, "grad_step": functools.partial(trainer.grad_step, loss_fn=loss_fn),
+         "update_step": None}
   for v in a.variants.split(","):
     gc.collect()
     runtime.release_free_memory()
-    if v == "vjp_bwd":
+    if v == "update_step":  # the second program of trainer.SplitStep
+      grads = jax.block_until_ready(jax.jit(fns["grad_step"])(state, batch, run.step_rng))[:2]
+      residuals = (state, *grads)
+      lowered = jax.jit(trainer.update_step).lower(*residuals)
+    elif v == "vjp_bwd":
       residuals = jax.block_until_ready(jax.jit(vjp_fwd)(state, batch, run.step_rng))
       leaves = jax.tree.leaves(residuals[1])
       print(f"residuals: {len(leaves)} arrays, {sum(x.nbytes for x in leaves) / 2**20:.1f} MB")
@@ -115,7 +121,7 @@ def main() -> None:
     entry = compiled.as_text().split("ENTRY")[1]
     times = []
     for _ in range(5):
-      args = residuals if v == "vjp_bwd" else (
+      args = residuals if v in ("vjp_bwd", "update_step") else (
           jax.block_until_ready(jax.tree.map(jnp.copy, state)), batch, run.step_rng)
       t1 = time.perf_counter()
       jax.block_until_ready(compiled(*args))
