@@ -138,3 +138,186 @@ def test_without_scale_or_bias_matches_flax(use_scale, use_bias):
   np.testing.assert_allclose(l, l_ref, rtol=1e-5)
   np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
   jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), upd, upd_ref)
+
+
+# --- The native CPU kernels (JSEG_BN): the same values and gradients as the XLA form. ---
+
+def _needs_native():
+  from jseg.models import norm
+  try:
+    ok = norm.bn_native_active()
+  except RuntimeError:
+    ok = False
+  if not ok:
+    pytest.skip("jseg.native's kernels are not active here")
+
+
+def _bn_vjp(monkeypatch, mode, x, relu, cts, v, residual=None):
+  """(outputs, cotangents of x/scale/bias[/residual]) of one training BatchNorm under
+  JSEG_BN=mode."""
+  monkeypatch.setenv("JSEG_BN", mode)
+  m = BatchNorm(use_running_average=False, relu=relu, **KW)
+
+  def f(x, params, residual):
+    y, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                     residual=residual, mutable=["batch_stats"])
+    return y, upd["batch_stats"]["mean"], upd["batch_stats"]["var"]
+
+  out, vjp = jax.vjp(jax.jit(f), x, v["params"], residual)
+  return out, jax.tree.leaves(vjp(cts))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 8), (3, 7, 5, 13), (37, 5), (4, 1, 1, 70), (2, 33, 65, 64)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_native_kernels_equal_the_xla_form(monkeypatch, shape, relu, residual):
+  """All three outputs (y, new running mean and var) and the cotangents of x, scale and
+  bias (and of the residual added before the ReLU), with cotangents on every output (the
+  statistics' included), at odd channel counts, 2-D inputs and a shape large enough to run
+  on both threads."""
+  _needs_native()
+  x = _x(shape, offset=0.5)
+  v = _variables(shape)
+  rng = np.random.default_rng(2)
+  c = shape[-1]
+  cts = (jnp.asarray(rng.standard_normal(shape), jnp.float32),
+         jnp.asarray(rng.standard_normal(c), jnp.float32),
+         jnp.asarray(rng.standard_normal(c), jnp.float32))
+  r = _x(shape, seed=5) if residual else None
+  out, grads = _bn_vjp(monkeypatch, "native", x, relu, cts, v, r)
+  out_ref, grads_ref = _bn_vjp(monkeypatch, "xla", x, relu, cts, v, r)
+  assert len(grads) == len(grads_ref) == 3 + residual
+  for a, e in zip([*out, *grads], [*out_ref, *grads_ref]):
+    e = np.asarray(e)
+    np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(e).max())))
+  if relu:
+    assert float(jnp.min(out[0])) == 0.0 and float(jnp.mean(out[0] == 0)) > 0.2
+
+
+def test_native_kernels_at_a_constant_channel(monkeypatch):
+  """Variance exactly 0 (jnp.maximum's tie: half the variance's cotangent reaches var_raw)
+  and a channel whose ReLU output is all zero."""
+  _needs_native()
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 6)).astype(np.float32) * 2 + 1
+  x[..., 2] = 2.0
+  x = jnp.asarray(x)
+  v = _variables(x.shape)
+  v["params"]["bias"] = v["params"]["bias"].at[4].set(-100.0)  # channel 4: ReLU output all 0
+  rng = np.random.default_rng(3)
+  cts = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
+         jnp.asarray(rng.standard_normal(6), jnp.float32),
+         jnp.asarray(rng.standard_normal(6), jnp.float32))
+  out, grads = _bn_vjp(monkeypatch, "native", x, True, cts, v)
+  out_ref, grads_ref = _bn_vjp(monkeypatch, "xla", x, True, cts, v)
+  np.testing.assert_array_equal(out[0][..., 4], 0.0)
+  for a, e in zip([*out, *grads], [*out_ref, *grads_ref]):
+    e = np.asarray(e)
+    np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(e).max())))
+
+
+@pytest.mark.parametrize("mode", ["native", "xla"])
+def test_relu_option_equals_relu_after_batchnorm(monkeypatch, mode):
+  """``BatchNorm(relu=True)`` is ``nn.relu(BatchNorm())``: values, gradients, statistics, and
+  in evaluation."""
+  if mode == "native":
+    _needs_native()
+  monkeypatch.setenv("JSEG_BN", mode)
+  x, v = _x(offset=0.3), _variables((2, 5, 6, 8))
+  w = _x(x.shape, seed=4)
+
+  def loss(relu_inside, params, x):
+    m = BatchNorm(use_running_average=False, relu=relu_inside, **KW)
+    y, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
+    y = y if relu_inside else nn.relu(y)
+    return jnp.sum(y * w), (y, upd)
+
+  (l1, (y1, u1)), g1 = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(True, v["params"], x)
+  (l2, (y2, u2)), g2 = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(False, v["params"], x)
+  assert float(jnp.mean(y1 == 0)) > 0.2  # the ReLU is active on part of the output
+  for a, e in zip(jax.tree.leaves((l1, y1, u1, g1)), jax.tree.leaves((l2, y2, u2, g2))):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(e).max())))
+  y_eval = BatchNorm(relu=True, **KW).apply(v, x, use_running_average=True)
+  np.testing.assert_array_equal(y_eval, nn.relu(BatchNorm(**KW).apply(v, x, use_running_average=True)))
+
+
+def test_native_kernels_replace_the_fusions(monkeypatch):
+  """The native form compiles a BatchNorm layer's forward and backward into custom calls:
+  far fewer XLA kernels (each costs compiler memory) for a stack of three layers."""
+  _needs_native()
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(3):
+        x = BatchNorm(use_running_average=False, relu=True, **KW)(nn.Dense(8)(x))
+      return x
+
+  x = _x((2, 6, 6, 8))
+  v = Stack().init(jax.random.key(0), x)
+
+  def fusions(mode):
+    monkeypatch.setenv("JSEG_BN", mode)
+    f = lambda p: jnp.sum(Stack().apply({**v, "params": p}, x, mutable=["batch_stats"])[0] ** 2)
+    text = jax.jit(jax.grad(f)).lower(v["params"]).compile().as_text()
+    return text.count(" fusion("), text.count("JsegBnFwd"), text.count("JsegBnBwd")
+
+  xla, native = fusions("xla"), fusions("native")
+  assert xla[1:] == (0, 0) and native[1] >= 3 and native[2] >= 3
+  assert native[0] < xla[0] - 10, (native, xla)
+
+
+def test_bn_mode_is_checked(monkeypatch):
+  from jseg import native
+  from jseg.models import norm
+  monkeypatch.setenv("JSEG_BN", "cudnn")
+  with pytest.raises(ValueError, match="JSEG_BN must be one of"):
+    norm.bn_native_active()
+  monkeypatch.setenv("JSEG_BN", "xla")
+  assert norm.bn_native_active() is False
+  assert norm.bn_backend_summary() == "XLA (JSEG_BN=xla)"
+  monkeypatch.setenv("JSEG_BN", "native")
+  monkeypatch.setattr(native, "onednn", lambda: None)
+  monkeypatch.setattr(native, "onednn_error", lambda: "NativeBuildError: no compiler")
+  with pytest.raises(RuntimeError, match="JSEG_BN=native, but the extension is unavailable"):
+    norm.bn_native_active()
+  monkeypatch.setenv("JSEG_BN", "auto")
+  assert norm.bn_native_active() is False  # auto falls back to XLA's form
+
+
+def test_residual_is_added_before_the_relu_and_checked():
+  x, v = _x(), _variables((2, 5, 6, 8))
+  r = _x(seed=6)
+  m = BatchNorm(relu=True, **KW)
+  y = m.apply(v, x, use_running_average=True, residual=r)
+  np.testing.assert_array_equal(y, nn.relu(BatchNorm(**KW).apply(v, x, use_running_average=True) + r))
+  with pytest.raises(ValueError, match="residual shape"):
+    m.apply(v, x, use_running_average=False, residual=r[:1], mutable=["batch_stats"])
+
+
+_BITS_SCRIPT = """
+import hashlib, jax, jax.numpy as jnp, numpy as np
+from jseg.models.norm import BatchNorm, bn_native_active
+assert bn_native_active()
+x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 40, 40, 48)) + 1, jnp.float32)
+m = BatchNorm(use_running_average=False, relu=True)
+v = m.init(jax.random.key(0), x)
+f = lambda p, x: jnp.sum(m.apply({**v, "params": p}, x, mutable=["batch_stats"])[0] ** 2)
+out = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(v["params"], x)
+print(hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(out))).hexdigest())
+"""
+
+
+def test_native_kernels_give_the_same_bits_on_any_thread_count():
+  """Sums are added in fixed chunks of rows, in order: 1 or 2 OpenMP threads, same bits."""
+  import os
+  import subprocess
+  import sys
+  _needs_native()
+  digests = []
+  for threads in ("1", "2"):
+    env = dict(os.environ, OMP_NUM_THREADS=threads, JSEG_BN="native")
+    proc = subprocess.run([sys.executable, "-c", _BITS_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    digests.append(proc.stdout.strip().splitlines()[-1])
+  assert digests[0] == digests[1] and len(digests[0]) == 64

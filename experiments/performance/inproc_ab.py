@@ -20,6 +20,11 @@ Changes (``--change``):
   only padding (now, ``conv.trim_dead_taps``).
 - ``split_update`` (with ``--train``): the step as one program (before) vs gradients and
   optimiser update as two (now, ``trainer.SplitStep``); fusions and temporaries summed.
+- ``bn_native``: BatchNorm's training forward/backward as XLA fusions (before,
+  ``JSEG_BN=xla``) vs ``jseg.native``'s two custom calls per layer (now).
+
+``--now_first`` times the current form first in every round (order effects on this
+shared machine move medians by up to 10%; run both orders).
 
 Both executables are compiled in one process (the previous form patched in while
 tracing), then timed in alternation (``--rounds`` x ``--repeats``), so machine load hits
@@ -34,6 +39,21 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def flax_bn_class():
+  """``flax.linen.BatchNorm`` with ``norm.BatchNorm``'s ``relu`` and ``residual`` options."""
+  from flax import linen as nn
+
+  class FlaxBatchNorm(nn.BatchNorm):
+    relu: bool = False
+
+    def __call__(self, x, use_running_average=None, residual=None):
+      y = super().__call__(x, use_running_average=use_running_average)
+      y = y if residual is None else y + residual
+      return nn.relu(y) if self.relu else y
+
+  return FlaxBatchNorm
 
 
 def einsum_class():
@@ -81,7 +101,8 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native"])
+  p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
@@ -128,9 +149,11 @@ def main() -> None:
       losses._true_class_log_prob = autodiff_class_log_prob if before else closed_form
     elif a.change == "split_update":
       pass  # the step itself differs (below)
+    elif a.change == "bn_native":
+      os.environ["JSEG_BN"] = "xla" if before else "native"
     else:  # every module that builds BatchNorm layers looks the name up at call time
       for m in bn_modules:
-        m.BatchNorm = nn.BatchNorm if before else norm.BatchNorm
+        m.BatchNorm = flax_bn_class() if before else norm.BatchNorm
 
   batch = host_batch()  # one batch for both (host_batch draws a new one per call)
   fns = {}
@@ -155,9 +178,17 @@ def main() -> None:
       f = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
       fns[name] = (f.lower(v, x).compile(), (v, x))
   patch(False)
+  if a.now_first:
+    fns = {"now": fns["now"], "before": fns["before"]}
   outs = {k: f(*args) for k, (f, args) in fns.items()}
   leaf = lambda o: o[1]["loss"] if a.train else o
   ref = np.asarray(leaf(outs["before"]))
+  if a.train:  # and every other output leaf (parameters, statistics, metrics)
+    la = jax.tree_util.tree_leaves_with_path(outs["before"])
+    lb = jax.tree.leaves(outs["now"])
+    worst = max((float(np.abs(np.asarray(u) - np.asarray(v)).max()) / max(float(np.abs(np.asarray(u)).max()), 1e-30),
+                 jax.tree_util.keystr(k)) for (k, u), v in zip(la, lb) if np.issubdtype(np.asarray(u).dtype, np.floating))
+    print(f"largest relative difference over all {len(la)} output leaves: {worst[0]:.1e} ({worst[1]})")
   diff = float(np.abs(ref - np.asarray(leaf(outs["now"]))).max()) / max(float(np.abs(ref).max()), 1e-30)
   times = {k: [] for k in fns}
   for _ in range(a.rounds):

@@ -255,6 +255,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "conv": _conv_backend(),
+      "batchnorm": _bn_backend(),
   }
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
@@ -267,6 +268,13 @@ def _conv_backend() -> str:
   from jseg.models.conv import onednn_active  # noqa: PLC0415
 
   return "onednn" if onednn_active() else "xla"
+
+
+def _bn_backend() -> str:
+  """Which BatchNorm training kernels the step used: "native" or "xla" (``jseg.models.norm``)."""
+  from jseg.models.norm import bn_native_active  # noqa: PLC0415
+
+  return "native" if bn_native_active() else "xla"
 
 
 def measure_peak_jax(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:

@@ -45,9 +45,9 @@ Dtype = Any
 HEADS = ("fcn", "psp", "aspp")
 
 
-def _bn(name: str, train: bool, dtype: Dtype) -> BatchNorm:
+def _bn(name: str, train: bool, dtype: Dtype, relu: bool = False) -> BatchNorm:
   return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+                   relu=relu, name=name)
 
 
 class JPUBranch(nn.Module):
@@ -62,7 +62,7 @@ class JPUBranch(nn.Module):
     x = DepthwiseConv(3, dilation=self.dilation, dtype=self.dtype, name="depthwise")(x)
     x = _bn("depthwise_bn", train, self.dtype)(x)
     x = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
-    return nn.relu(_bn("bn", train, self.dtype)(x))
+    return _bn("bn", train, self.dtype, relu=True)(x)
 
 
 class JPU(nn.Module):

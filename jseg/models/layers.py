@@ -200,10 +200,10 @@ class ConvBNReLU(nn.Module):
         dtype=self.dtype,
         name="conv",
     )(x)
-    x = BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
+    return BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+        relu=self.relu, name="bn",
     )(x)
-    return nn.relu(x) if self.relu else x
 
 
 class PixelTransposeConv(nn.Module):

@@ -17,16 +17,28 @@ that uses it, so XLA:CPU compiles 6 kernels per layer for the forward and 4 for 
 backward instead of 10 and 4 (each kernel costs compiler memory: DeepLab v3+'s step went
 from 1370 to 962 kernels together with ``optim.global_norm``, compile peak +620 -> +390 MB,
 ``experiments/performance/README.md``, "Sixth pass"). Step time unchanged.
+
+On CPU (one device, ``jseg.native`` built; ``JSEG_BN`` = ``auto`` | ``native`` | ``xla``)
+a training layer is instead two custom calls, forward and backward, each two passes over
+the data, with the ReLU (``relu=True``) and a ResNet block's residual (``residual=``) in
+the same pass: XLA compiles none of its kernels, which lowers the compiler's memory peak
+(``experiments/performance/README.md``, "Eighth pass"). Sums are accumulated in double,
+so values equal the XLA form's to float32 rounding (``tests/test_norm.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+from jseg import native
+from jseg.models import conv
 
 Dtype = Any
 
@@ -48,9 +60,12 @@ class BatchNorm(nn.Module):
   use_scale: bool = True
   bias_init: Any = nn.initializers.zeros
   scale_init: Any = nn.initializers.ones
+  relu: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None,
+               residual: jax.Array | None = None) -> jax.Array:
+    """Normalised ``x`` (plus ``residual``, before the ReLU: a ResNet block's end)."""
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
@@ -64,14 +79,62 @@ class BatchNorm(nn.Module):
       a = a if scale is None else a * scale
       b = -ra_mean.value * a
       b = b if bias is None else b + bias
-      return jnp.asarray(x * a + b, dtype)
-    y, mean, var = _batch_norm_train(
-        x, jnp.ones((c,), jnp.float32) if scale is None else scale,
-        jnp.zeros((c,), jnp.float32) if bias is None else bias, self.epsilon, dtype)
+      y = jnp.asarray(x * a + b, dtype)
+      y = y if residual is None else y + residual
+      return nn.relu(y) if self.relu else y
+    scale = jnp.ones((c,), jnp.float32) if scale is None else scale
+    bias = jnp.zeros((c,), jnp.float32) if bias is None else bias
+    if residual is not None and residual.shape != x.shape:
+      raise ValueError(f"BatchNorm: residual shape {residual.shape} is not the input's {x.shape}.")
+    if (x.dtype == scale.dtype == bias.dtype == jnp.dtype(dtype) == jnp.float32
+        and (residual is None or residual.dtype == jnp.float32) and bn_native_active()):
+      y, mean, var = _batch_norm_train_native(x, scale, bias, residual, self.epsilon, self.relu)
+    else:
+      y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, dtype)
+      y = y if residual is None else y + residual
+      y = nn.relu(y) if self.relu else y
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y
+
+
+_BN_MODES = ("auto", "native", "xla")
+
+
+def bn_mode() -> str:
+  """``JSEG_BN`` (``auto`` | ``native`` | ``xla``), checked."""
+  mode = os.environ.get("JSEG_BN", "auto").strip().lower() or "auto"
+  if mode not in _BN_MODES:
+    raise ValueError(f"JSEG_BN must be one of {_BN_MODES}; got {mode!r}.")
+  return mode
+
+
+def bn_native_active() -> bool:
+  """Whether float32 BatchNorm in training, traced now, runs as ``jseg.native``'s kernels.
+
+  ``auto`` (default): where the oneDNN convolutions run (one CPU device, the extension
+  built, ``JSEG_CONV`` not ``xla``): with a batch sharded over devices a custom call would
+  gather the batch instead of synchronising the statistics. ``native``: raise if the
+  extension is unavailable or the backend is not CPU. ``xla``: never.
+  """
+  mode = bn_mode()
+  if mode == "xla":
+    return False
+  if mode == "auto":
+    return conv.onednn_active()
+  if jax.default_backend() != "cpu":
+    raise RuntimeError(f"JSEG_BN=native needs the CPU backend; this is {jax.default_backend()}.")
+  if native.onednn() is None:
+    raise RuntimeError(f"JSEG_BN=native, but the extension is unavailable: {native.onednn_error()}")
+  return True
+
+
+def bn_backend_summary() -> str:
+  """One line for logs: which BatchNorm training kernels traced functions use now."""
+  if bn_native_active():
+    return "jseg.native kernels (CPU)"
+  return "XLA" + (" (JSEG_BN=xla)" if bn_mode() == "xla" else "")
 
 
 def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -129,3 +192,66 @@ def _batch_norm_train_bwd(epsilon, dtype, res, cts):
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _batch_norm_train_native(x, scale, bias, residual, epsilon, relu):
+  """``_batch_norm_train`` (plus ``residual`` when not None, then ReLU when ``relu``) as
+  two XLA FFI custom calls.
+
+  ``JsegBnFwd``: the statistics (summed in double) and the normalisation (and ReLU) in two
+  passes over ``x``; ``JsegBnBwd``: the two sums of the backward and the input gradient in
+  two passes (the ReLU's mask read from the forward's output, which the next layer keeps
+  anyway). XLA:CPU compiles ~10 kernels per layer for the written-out form, each costing
+  compiler memory; custom calls are thunks (``experiments/performance/README.md``,
+  "Eighth pass"). float32 only.
+  """
+  return _batch_norm_train_native_fwd(x, scale, bias, residual, epsilon, relu)[0]
+
+
+def _native_attrs(epsilon, relu):
+  return {"eps": np.float32(epsilon), "relu": np.int64(bool(relu))}
+
+
+def _batch_norm_train_native_fwd(x, scale, bias, residual, epsilon, relu):
+  c = x.shape[-1]
+  vec = jax.ShapeDtypeStruct((c,), jnp.float32)
+  outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec)
+  attrs = _native_attrs(epsilon, relu)
+  if residual is None:
+    y, mean, var_raw = jax.ffi.ffi_call("JsegBnFwd", outs, vmap_method="sequential")(
+        x, scale, bias, **attrs)
+  else:
+    y, mean, var_raw = jax.ffi.ffi_call("JsegBnAddFwd", outs, vmap_method="sequential")(
+        x, residual, scale, bias, **attrs)
+  # Residuals must be arrays or None: an empty array marks that a residual was added.
+  res = (x, y if relu else None, scale, mean, var_raw,
+         None if residual is None else jnp.zeros((0,), jnp.float32))
+  return (y, mean, jnp.maximum(0.0, var_raw)), res
+
+
+def _batch_norm_train_native_bwd(epsilon, relu, res, cts):
+  x, y, scale, mean, var_raw, marker = res
+  has_residual = marker is not None
+  gy, g_mean, g_var = cts
+  vec = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  full = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  # The variance's cotangent reaches var_raw through jnp.maximum (derivative 1 above 0,
+  # 1/2 at 0, 0 below), which the kernel applies with the rest of the chain rule.
+  args = (gy.astype(jnp.float32), x, y if relu else x, scale, mean, var_raw,
+          g_mean.astype(jnp.float32), g_var.astype(jnp.float32))
+  attrs = _native_attrs(epsilon, relu)
+  if not has_residual:
+    dx, d_scale, d_bias = jax.ffi.ffi_call(
+        "JsegBnBwd", (full, vec, vec), vmap_method="sequential")(*args, **attrs)
+    return dx, d_scale, d_bias, None
+  if not relu:  # the residual's cotangent is gy itself
+    dx, d_scale, d_bias = jax.ffi.ffi_call(
+        "JsegBnBwd", (full, vec, vec), vmap_method="sequential")(*args, **attrs)
+    return dx, d_scale, d_bias, args[0]
+  dx, d_res, d_scale, d_bias = jax.ffi.ffi_call(
+      "JsegBnAddBwd", (full, full, vec, vec), vmap_method="sequential")(*args, **attrs)
+  return dx, d_scale, d_bias, d_res
+
+
+_batch_norm_train_native.defvjp(_batch_norm_train_native_fwd, _batch_norm_train_native_bwd)

@@ -90,10 +90,10 @@ class ConvBNReLUBias(nn.Module):
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
         name="conv",
     )(x)
-    x = BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
+    return BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+        relu=True, name="bn",
     )(x)
-    return nn.relu(x)
 
 
 class SegNet(nn.Module):

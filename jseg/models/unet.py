@@ -70,12 +70,13 @@ class DoubleConv(nn.Module):
           kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
           name=f"conv{i}",
       )(x)
-      if self.batch_norm:
+      if self.batch_norm:  # BatchNorm + ReLU (one pass on CPU)
         x = BatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-            name=f"bn{i}",
+            relu=True, name=f"bn{i}",
         )(x)
-      x = nn.relu(x)
+      else:
+        x = nn.relu(x)
     return x
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DEFAULT_CACHE_DIR = "~/.cache/jseg/native"
-TARGETS = ("JsegConvFwd", "JsegConvBwdData", "JsegConvBwdWeights")
+TARGETS = ("JsegConvFwd", "JsegConvBwdData", "JsegConvBwdWeights", "JsegBnFwd", "JsegBnBwd",
+           "JsegBnAddFwd", "JsegBnAddBwd")
 
 
 class NativeBuildError(RuntimeError):
@@ -79,7 +80,7 @@ def build(out_dir: Path | None = None) -> Path:
   if not cxx:
     raise NativeBuildError(f"no C++ compiler ({want}) found to build the oneDNN extension")
   flags = [
-      "-O2", "-std=c++17", "-shared", "-fPIC",
+      "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
       f"-I{inc}", f"-I{jax.ffi.include_dir()}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}",
   ]
   versions = []

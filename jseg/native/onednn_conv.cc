@@ -7,7 +7,16 @@
 // group-major). Activations are handed to oneDNN as they are (nhwc); kernels are reordered
 // to and from the blocked layout oneDNN picks, which is cheap (kernels are small).
 // float32 only. Built by jseg/native/__init__.py; used through jseg/models/conv.py.
+//
+// Also BatchNorm's training forward and backward (optionally with the ReLU after it) over
+// [M, C] rows, each one call with two passes over the data: XLA:CPU compiles a
+// BatchNorm layer into ~10 kernels (sums, per-channel terms, running averages), and every
+// kernel costs compiler memory; these are thunks. Used through jseg/models/norm.py.
 
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -258,6 +267,340 @@ ffi::Error ConvBwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   if (!err.success()) return err;
   return Guard([&] { Run(g, 'w', x.typed_data(), dy.typed_data(), dk->typed_data()); });
 }
+
+namespace {
+
+// Rows and channels of an array whose last axis is the channel axis.
+void RowsCols(ffi::Span<const int64_t> d, int64_t* m, int64_t* c) {
+  *c = d.size() == 0 ? 1 : d[d.size() - 1];
+  *m = 1;
+  for (size_t i = 0; i + 1 < d.size(); ++i) *m *= d[i];
+}
+
+int Threads(int64_t m, int64_t c) {
+  // Below ~32k elements a parallel region costs more than it saves.
+  if (m * c < (int64_t{1} << 15) || m < 2) return 1;
+  return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), m));
+}
+
+// The two loops below are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time (GCC's target_clones), with `omp simd` so every row loop is vectorised.
+#define JSEG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// Adds row i's terms to the block sums: b1 += u, b2 += u * v, where u = g masked by
+// (mask > 0) when mask is given, else g; v = g when v is null (b2 is then the sum of squares).
+JSEG_CLONES void RowSums(const float* __restrict g, const float* __restrict mask,
+                         const float* __restrict v, int64_t rows, int64_t c,
+                         float* __restrict b1, float* __restrict b2) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* __restrict gi = g + i * c;
+    if (mask) {
+      const float* __restrict mi = mask + i * c;
+      const float* __restrict vi = v + i * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        const float u = mi[k] > 0.f ? gi[k] : 0.f;
+        b1[k] += u;
+        b2[k] += u * vi[k];
+      }
+    } else if (v) {
+      const float* __restrict vi = v + i * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        b1[k] += gi[k];
+        b2[k] += gi[k] * vi[k];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        b1[k] += gi[k];
+        b2[k] += gi[k] * gi[k];
+      }
+    }
+  }
+}
+
+// Backward (x given): out = u * a + (b + e * x) per channel over rows [r0, r1), where
+// u = g masked by (mask > 0) when given, also written to du when given. Forward (x null):
+// out = g * a + b (+ res when given), then ReLU when relu.
+JSEG_CLONES void RowAffine(const float* __restrict g, const float* __restrict mask,
+                           const float* __restrict x, const float* __restrict res,
+                           const float* __restrict a, const float* __restrict b,
+                           const float* __restrict e, bool relu, int64_t r0, int64_t r1,
+                           int64_t c, float* __restrict out, float* __restrict du) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* __restrict gi = g + i * c;
+    float* __restrict oi = out + i * c;
+    if (x && mask && du) {
+      const float* __restrict xi = x + i * c;
+      const float* __restrict mi = mask + i * c;
+      float* __restrict di = du + i * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        const float u = mi[k] > 0.f ? gi[k] : 0.f;
+        di[k] = u;
+        oi[k] = u * a[k] + (b[k] + e[k] * xi[k]);
+      }
+    } else if (x && mask) {
+      const float* __restrict xi = x + i * c;
+      const float* __restrict mi = mask + i * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) {
+        const float u = mi[k] > 0.f ? gi[k] : 0.f;
+        oi[k] = u * a[k] + (b[k] + e[k] * xi[k]);
+      }
+    } else if (x) {
+      const float* __restrict xi = x + i * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) oi[k] = gi[k] * a[k] + (b[k] + e[k] * xi[k]);
+    } else if (res) {
+      const float* __restrict ri = res + i * c;
+      if (relu) {
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) oi[k] = std::max(gi[k] * a[k] + b[k] + ri[k], 0.f);
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) oi[k] = gi[k] * a[k] + b[k] + ri[k];
+      }
+    } else if (relu) {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) oi[k] = std::max(gi[k] * a[k] + b[k], 0.f);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) oi[k] = gi[k] * a[k] + b[k];
+    }
+  }
+}
+
+// Per-channel sums s1 = sum_r u(r), s2 = sum_r u(r) * v(r) over the rows of [m, c] arrays
+// (RowSums' terms). Accumulated in float over blocks of 64 rows, then in double per chunk
+// of 512 rows; the chunks' sums are added in chunk order, so the bits do not depend on the
+// number of threads (or on the run).
+void ChannelSums(const float* g, const float* mask, const float* v, int64_t m, int64_t c,
+                 double* s1, double* s2) {
+  constexpr int64_t kChunk = 512, kBlock = 64;
+  const int64_t chunks = std::max<int64_t>(1, (m + kChunk - 1) / kChunk);
+  std::vector<double> part(static_cast<size_t>(2 * c * chunks), 0.0);
+  const int nt = static_cast<int>(std::min<int64_t>(Threads(m, c), chunks));
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> b1(c), b2(c);
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < chunks; ++q) {
+      double* p1 = part.data() + 2 * c * q;
+      double* p2 = p1 + c;
+      const int64_t end = std::min(m, (q + 1) * kChunk);
+      for (int64_t r = q * kChunk; r < end; r += kBlock) {
+        std::fill(b1.begin(), b1.end(), 0.f);
+        std::fill(b2.begin(), b2.end(), 0.f);
+        const int64_t rows = std::min(kBlock, end - r);
+        RowSums(g + r * c, mask ? mask + r * c : nullptr, v ? v + r * c : nullptr, rows, c,
+                b1.data(), b2.data());
+        for (int64_t k = 0; k < c; ++k) {
+          p1[k] += b1[k];
+          p2[k] += b2[k];
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    double a = 0, b = 0;
+    for (int64_t q = 0; q < chunks; ++q) {
+      a += part[2 * c * q + k];
+      b += part[2 * c * q + c + k];
+    }
+    s1[k] = a;
+    s2[k] = b;
+  }
+}
+
+// RowAffine over all m rows, split over threads.
+void ChannelAffine(const float* g, const float* mask, const float* x, const float* res,
+                   const float* a, const float* b, const float* e, bool relu, int64_t m,
+                   int64_t c, float* out, float* du) {
+  const int nt = Threads(m, c);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+    RowAffine(g, mask, x, res, a, b, e, relu, m * t / nth, m * (t + 1) / nth, c, out, du);
+  }
+}
+
+}  // namespace
+
+// BatchNorm's training forward over x [..., C]: the batch mean and E[x^2] - E[x]^2 (not
+// clipped; summed in double), then y = x * a + (bias - mean * a), a = scale / sqrt(max(var,
+// 0) + eps), plus res when given, followed by ReLU when relu != 0. The same formula as
+// jseg/models/norm.py.
+ffi::Error BnFwd(const ffi::Buffer<ffi::F32>& x, const float* res,
+                 const ffi::Buffer<ffi::F32>& scale, const ffi::Buffer<ffi::F32>& bias,
+                 ffi::ResultBuffer<ffi::F32>& y, ffi::ResultBuffer<ffi::F32>& mean,
+                 ffi::ResultBuffer<ffi::F32>& var_raw, float eps, int64_t relu) {
+  int64_t m, c;
+  RowsCols(x.dimensions(), &m, &c);
+  if (scale.element_count() != static_cast<size_t>(c) ||
+      bias.element_count() != static_cast<size_t>(c) ||
+      mean->element_count() != static_cast<size_t>(c) || y->element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("JsegBnFwd: shapes do not match the channel axis");
+  return Guard([&] {
+    std::vector<double> s1(c), s2(c);
+    ChannelSums(x.typed_data(), nullptr, nullptr, m, c, s1.data(), s2.data());
+    std::vector<float> a(c), b(c);
+    const double n = static_cast<double>(std::max<int64_t>(m, 1));
+    for (int64_t k = 0; k < c; ++k) {
+      const double mu = s1[k] / n, v = s2[k] / n - mu * mu;
+      const float muf = static_cast<float>(mu), vf = static_cast<float>(v);
+      mean->typed_data()[k] = muf;
+      var_raw->typed_data()[k] = vf;
+      a[k] = scale.typed_data()[k] / std::sqrt(std::max(vf, 0.f) + eps);
+      b[k] = bias.typed_data()[k] - muf * a[k];
+    }
+    ChannelAffine(x.typed_data(), nullptr, nullptr, res, a.data(), b.data(), nullptr,
+                  relu != 0, m, c, y->typed_data(), nullptr);
+  });
+}
+
+ffi::Error BnFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var_raw,
+                     float eps, int64_t relu) {
+  return BnFwd(x, nullptr, scale, bias, y, mean, var_raw, eps, relu);
+}
+
+// With a residual: relu(BatchNorm(x) + res), the end of a ResNet block, in the same pass.
+ffi::Error BnAddFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
+                        ffi::ResultBuffer<ffi::F32> var_raw, float eps, int64_t relu) {
+  if (res.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("JsegBnAddFwd: the residual's shape is not x's");
+  return BnFwd(x, res.typed_data(), scale, bias, y, mean, var_raw, eps, relu);
+}
+
+// Its backward: gy (the output's cotangent), x, mask (the forward's output when relu != 0:
+// the ReLU passes gy where it is > 0; ignored otherwise), scale, and the forward's mean and
+// var_raw with their cotangents -> dx, d_scale, d_bias (and d_res, the masked gy, when
+// given). The chain rule of the forward, term by term as norm._batch_norm_train_bwd writes
+// it, with the per-channel terms in double.
+ffi::Error BnBwd(const ffi::Buffer<ffi::F32>& gy, const ffi::Buffer<ffi::F32>& x,
+                 const ffi::Buffer<ffi::F32>& mask, const ffi::Buffer<ffi::F32>& scale,
+                 const ffi::Buffer<ffi::F32>& mean, const ffi::Buffer<ffi::F32>& var_raw,
+                 const ffi::Buffer<ffi::F32>& g_mean, const ffi::Buffer<ffi::F32>& g_var,
+                 ffi::ResultBuffer<ffi::F32>& dx, float* d_res,
+                 ffi::ResultBuffer<ffi::F32>& d_scale, ffi::ResultBuffer<ffi::F32>& d_bias,
+                 float eps, int64_t relu) {
+  int64_t m, c;
+  RowsCols(x.dimensions(), &m, &c);
+  if (gy.element_count() != x.element_count() || mask.element_count() != x.element_count() ||
+      scale.element_count() != static_cast<size_t>(c) ||
+      g_var.element_count() != static_cast<size_t>(c))
+    return ffi::Error::InvalidArgument("JsegBnBwd: shapes do not match the channel axis");
+  return Guard([&] {
+    const float* mk = relu ? mask.typed_data() : nullptr;
+    std::vector<double> r1(c), r2(c);
+    ChannelSums(gy.typed_data(), mk, x.typed_data(), m, c, r1.data(), r2.data());
+    std::vector<float> a(c), b(c), e(c);
+    const double n = static_cast<double>(std::max<int64_t>(m, 1));
+    for (int64_t k = 0; k < c; ++k) {
+      const double sc = scale.typed_data()[k], mu = mean.typed_data()[k];
+      const float vr = var_raw.typed_data()[k];
+      const double inv = 1.0 / std::sqrt(static_cast<double>(std::max(vr, 0.f)) + eps);
+      const double ak = sc * inv;
+      const double d_a = r2[k] - mu * r1[k];
+      const double d_inv = sc * d_a;
+      const double d_var = -0.5 * inv * inv * inv * d_inv + g_var.typed_data()[k];
+      // jnp.maximum's derivative: 1 above, 0 below, 1/2 at a tie (as autodiff).
+      const double d_var_raw = d_var * (vr > 0.f ? 1.0 : (vr == 0.f ? 0.5 : 0.0));
+      const double d_mean = -ak * r1[k] - 2.0 * mu * d_var_raw + g_mean.typed_data()[k];
+      d_scale->typed_data()[k] = static_cast<float>(inv * d_a);
+      d_bias->typed_data()[k] = static_cast<float>(r1[k]);
+      a[k] = static_cast<float>(ak);
+      b[k] = static_cast<float>(d_mean / n);
+      e[k] = static_cast<float>(2.0 / n * d_var_raw);
+    }
+    ChannelAffine(gy.typed_data(), mk, x.typed_data(), nullptr, a.data(), b.data(), e.data(),
+                  false, m, c, dx->typed_data(), mk ? d_res : nullptr);
+    if (d_res && !mk)
+      std::memcpy(d_res, gy.typed_data(), sizeof(float) * static_cast<size_t>(m * c));
+  });
+}
+
+ffi::Error BnBwdImpl(ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> x,
+                     ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> scale,
+                     ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var_raw,
+                     ffi::Buffer<ffi::F32> g_mean, ffi::Buffer<ffi::F32> g_var,
+                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_scale,
+                     ffi::ResultBuffer<ffi::F32> d_bias, float eps, int64_t relu) {
+  return BnBwd(gy, x, mask, scale, mean, var_raw, g_mean, g_var, dx, nullptr, d_scale, d_bias,
+               eps, relu);
+}
+
+ffi::Error BnAddBwdImpl(ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var_raw,
+                        ffi::Buffer<ffi::F32> g_mean, ffi::Buffer<ffi::F32> g_var,
+                        ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_res,
+                        ffi::ResultBuffer<ffi::F32> d_scale, ffi::ResultBuffer<ffi::F32> d_bias,
+                        float eps, int64_t relu) {
+  return BnBwd(gy, x, mask, scale, mean, var_raw, g_mean, g_var, dx, d_res->typed_data(),
+               d_scale, d_bias, eps, relu);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnFwd, BnFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddFwd, BnAddFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddBwd, BnAddBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnBwd, BnBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu"));
 
 #define JSEG_CONV_ATTRS                               \
   .Attr<ffi::Span<const int64_t>>("strides")          \

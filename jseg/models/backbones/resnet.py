@@ -33,8 +33,11 @@ STAGES = {
 }
 
 
-def _bn(name: str, train: bool, dtype: Dtype, zero_init: bool = False) -> BatchNorm:
+def _bn(name: str, train: bool, dtype: Dtype, zero_init: bool = False,
+        relu: bool = False) -> BatchNorm:
+  """BatchNorm (then ReLU when ``relu``: fused into one pass on CPU, ``norm.BatchNorm``)."""
   return BatchNorm(
+      relu=relu,
       use_running_average=not train,
       momentum=0.9,
       epsilon=1e-5,
@@ -71,13 +74,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = _conv(self.planes, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
-    y = nn.relu(_bn("bn1", train, self.dtype)(y))
+    y = _bn("bn1", train, self.dtype, relu=True)(y)
     y = _conv(self.planes, 3, 1, self.dilation, "conv2", self.dtype)(y)
-    y = _bn("bn2", train, self.dtype, zero_init=True)(y)
     if self.downsample:
       x = _conv(self.planes, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
       x = _bn("downsample_bn", train, self.dtype)(x)
-    return nn.relu(x + y)
+    # relu(bn2(y) + x): one pass on CPU (norm.BatchNorm's residual).
+    return _bn("bn2", train, self.dtype, zero_init=True, relu=True)(y, residual=x)
 
 
 class Bottleneck(nn.Module):
@@ -93,15 +96,14 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = _conv(self.planes, 1, 1, 1, "conv1", self.dtype)(x)
-    y = nn.relu(_bn("bn1", train, self.dtype)(y))
+    y = _bn("bn1", train, self.dtype, relu=True)(y)
     y = _conv(self.planes, 3, self.stride, self.dilation, "conv2", self.dtype)(y)
-    y = nn.relu(_bn("bn2", train, self.dtype)(y))
+    y = _bn("bn2", train, self.dtype, relu=True)(y)
     y = _conv(self.planes * 4, 1, 1, 1, "conv3", self.dtype)(y)
-    y = _bn("bn3", train, self.dtype, zero_init=True)(y)
     if self.downsample:
       x = _conv(self.planes * 4, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
       x = _bn("downsample_bn", train, self.dtype)(x)
-    return nn.relu(x + y)
+    return _bn("bn3", train, self.dtype, zero_init=True, relu=True)(y, residual=x)
 
 
 def stage_plan(output_stride: int) -> tuple[tuple[int, int], ...]:
@@ -143,10 +145,10 @@ class ResNet(nn.Module):
     if self.deep_stem:
       for i, (f, s) in enumerate(((self.width // 2, 2), (self.width // 2, 1), (self.width, 1))):
         x = _conv(f, 3, s, 1, f"stem_conv{i + 1}", self.dtype)(x)
-        x = nn.relu(_bn(f"stem_bn{i + 1}", train, self.dtype)(x))
+        x = _bn(f"stem_bn{i + 1}", train, self.dtype, relu=True)(x)
     else:
       x = _conv(self.width, 7, 2, 1, "conv1", self.dtype)(x)
-      x = nn.relu(_bn("bn1", train, self.dtype)(x))
+      x = _bn("bn1", train, self.dtype, relu=True)(x)
     feats["stem"] = x
     x = max_pool_3x3_s2(x)
     in_ch = self.width

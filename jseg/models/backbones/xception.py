@@ -39,9 +39,10 @@ from jseg.models.norm import BatchNorm
 Dtype = Any
 
 
-def _bn(name: str, train: bool, dtype: Dtype) -> BatchNorm:
+def _bn(name: str, train: bool, dtype: Dtype, relu: bool = False) -> BatchNorm:
   return BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-3, dtype=dtype, name=name
+      use_running_average=not train, momentum=0.9, epsilon=1e-3, dtype=dtype, relu=relu,
+      name=name,
   )
 
 
@@ -62,12 +63,9 @@ class SeparableConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, name="depthwise")(x)
-    x = _bn("depthwise_bn", train, self.dtype)(x)
-    if self.relu_inside:
-      x = nn.relu(x)
+    x = _bn("depthwise_bn", train, self.dtype, relu=self.relu_inside)(x)
     x = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
-    x = _bn("pointwise_bn", train, self.dtype)(x)
-    return nn.relu(x) if self.relu_inside else x
+    return _bn("pointwise_bn", train, self.dtype, relu=self.relu_inside)(x)
 
 
 class XceptionModule(nn.Module):
@@ -182,10 +180,10 @@ class Xception65(nn.Module):
     feats = {}
     x = Conv(ch(32), (3, 3), 2, padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
              name="stem_conv1")(x)
-    x = nn.relu(_bn("stem_bn1", train, dt)(x))
+    x = _bn("stem_bn1", train, dt, relu=True)(x)
     x = Conv(ch(64), (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
              name="stem_conv2")(x)
-    x = nn.relu(_bn("stem_bn2", train, dt)(x))
+    x = _bn("stem_bn2", train, dt, relu=True)(x)
     feats["stem"] = x
     x, _ = XceptionModule((ch(128),) * 3, 2, dtype=dt, name="entry_block1")(x, train)
     x, feats["low_level"] = XceptionModule((ch(256),) * 3, 2, dtype=dt, name="entry_block2")(
