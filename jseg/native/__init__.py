@@ -80,7 +80,7 @@ def build(out_dir: Path | None = None) -> Path:
   if not cxx:
     raise NativeBuildError(f"no C++ compiler ({want}) found to build the oneDNN extension")
   flags = [
-      "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+      "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd",
       f"-I{inc}", f"-I{jax.ffi.include_dir()}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}",
   ]
   versions = []

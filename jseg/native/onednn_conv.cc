@@ -13,9 +13,8 @@
 // BatchNorm layer into ~10 kernels (sums, per-channel terms, running averages), and every
 // kernel costs compiler memory; these are thunks. Used through jseg/models/norm.py.
 
-#include <omp.h>
-
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -24,6 +23,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -277,42 +277,70 @@ void RowsCols(ffi::Span<const int64_t> d, int64_t* m, int64_t* c) {
   for (size_t i = 0; i + 1 < d.size(); ++i) *m *= d[i];
 }
 
-int Threads(int64_t m, int64_t c) {
-  // Below ~32k elements a parallel region costs more than it saves.
-  if (m * c < (int64_t{1} << 15) || m < 2) return 1;
-  return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), m));
+// Runs f(q) for q in [0, n) on the calling thread and, when the work is large enough
+// (elements >= 32k), on XLA's intra-op threads too (the FFI's thread pool, so no second
+// pool competes for the cores). The caller takes chunks itself and waits only for chunks a
+// helper has already claimed, so it never waits on a task that has not started; a helper
+// that starts after every chunk is claimed returns without touching f.
+template <class F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements, const F& f) {
+  const int helpers = elements < (int64_t{1} << 15)
+                          ? 0
+                          : static_cast<int>(std::min<int64_t>(pool.num_threads(), n - 1));
+  if (helpers <= 0) {
+    for (int64_t q = 0; q < n; ++q) f(q);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  auto work = [st, n, &f] {
+    for (int64_t q; (q = st->next.fetch_add(1)) < n;) {
+      f(q);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int i = 0; i < helpers; ++i) {
+    auto task = work;  // Schedule takes ownership of a copy
+    pool.Schedule(std::move(task));
+  }
+  work();
+  while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// The two loops below are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
-// time (GCC's target_clones), with `omp simd` so every row loop is vectorised.
+// Rows are processed in tiles of T = ceil(256 / C) rows (W = T * C contiguous elements),
+// with the per-channel terms repeated T times, so the inner loops run over >= 256
+// elements even at 4 channels. The two loops below are compiled for AVX-512, AVX2 and
+// baseline x86-64 and picked at load time (GCC's target_clones), with `omp simd`.
 #define JSEG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
-// Adds row i's terms to the block sums: b1 += u, b2 += u * v, where u = g masked by
-// (mask > 0) when mask is given, else g; v = g when v is null (b2 is then the sum of squares).
-JSEG_CLONES void RowSums(const float* __restrict g, const float* __restrict mask,
-                         const float* __restrict v, int64_t rows, int64_t c,
-                         float* __restrict b1, float* __restrict b2) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* __restrict gi = g + i * c;
+// Adds `tiles` tiles of w elements to the tile sums: b1 += u, b2 += u * v, where u = g
+// masked by (mask > 0) when mask is given, else g; v = g when v is null (sum of squares).
+JSEG_CLONES void TileSums(const float* __restrict g, const float* __restrict mask,
+                          const float* __restrict v, int64_t tiles, int64_t w,
+                          float* __restrict b1, float* __restrict b2) {
+  for (int64_t i = 0; i < tiles; ++i) {
+    const float* __restrict gi = g + i * w;
     if (mask) {
-      const float* __restrict mi = mask + i * c;
-      const float* __restrict vi = v + i * c;
+      const float* __restrict mi = mask + i * w;
+      const float* __restrict vi = v + i * w;
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) {
+      for (int64_t k = 0; k < w; ++k) {
         const float u = mi[k] > 0.f ? gi[k] : 0.f;
         b1[k] += u;
         b2[k] += u * vi[k];
       }
     } else if (v) {
-      const float* __restrict vi = v + i * c;
+      const float* __restrict vi = v + i * w;
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) {
+      for (int64_t k = 0; k < w; ++k) {
         b1[k] += gi[k];
         b2[k] += gi[k] * vi[k];
       }
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) {
+      for (int64_t k = 0; k < w; ++k) {
         b1[k] += gi[k];
         b2[k] += gi[k] * gi[k];
       }
@@ -320,110 +348,137 @@ JSEG_CLONES void RowSums(const float* __restrict g, const float* __restrict mask
   }
 }
 
-// Backward (x given): out = u * a + (b + e * x) per channel over rows [r0, r1), where
-// u = g masked by (mask > 0) when given, also written to du when given. Forward (x null):
-// out = g * a + b (+ res when given), then ReLU when relu.
-JSEG_CLONES void RowAffine(const float* __restrict g, const float* __restrict mask,
-                           const float* __restrict x, const float* __restrict res,
-                           const float* __restrict a, const float* __restrict b,
-                           const float* __restrict e, bool relu, int64_t r0, int64_t r1,
-                           int64_t c, float* __restrict out, float* __restrict du) {
-  for (int64_t i = r0; i < r1; ++i) {
-    const float* __restrict gi = g + i * c;
-    float* __restrict oi = out + i * c;
+// Over n elements whose per-channel terms a, b, e (tiled to the tile width) repeat with
+// period w. Backward (x given): out = u * a + (b + e * x), where u = g masked by
+// (mask > 0) when given, also written to du when given. Forward (x null): out = g * a + b
+// (+ res when given), then ReLU when relu.
+JSEG_CLONES void TileAffine(const float* __restrict g, const float* __restrict mask,
+                            const float* __restrict x, const float* __restrict res,
+                            const float* __restrict a, const float* __restrict b,
+                            const float* __restrict e, bool relu, int64_t n, int64_t w,
+                            float* __restrict out, float* __restrict du) {
+  for (int64_t s = 0; s < n; s += w) {
+    const int64_t len = std::min(w, n - s);
+    const float* __restrict gi = g + s;
+    float* __restrict oi = out + s;
     if (x && mask && du) {
-      const float* __restrict xi = x + i * c;
-      const float* __restrict mi = mask + i * c;
-      float* __restrict di = du + i * c;
+      const float* __restrict xi = x + s;
+      const float* __restrict mi = mask + s;
+      float* __restrict di = du + s;
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) {
+      for (int64_t k = 0; k < len; ++k) {
         const float u = mi[k] > 0.f ? gi[k] : 0.f;
         di[k] = u;
         oi[k] = u * a[k] + (b[k] + e[k] * xi[k]);
       }
     } else if (x && mask) {
-      const float* __restrict xi = x + i * c;
-      const float* __restrict mi = mask + i * c;
+      const float* __restrict xi = x + s;
+      const float* __restrict mi = mask + s;
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) {
+      for (int64_t k = 0; k < len; ++k) {
         const float u = mi[k] > 0.f ? gi[k] : 0.f;
         oi[k] = u * a[k] + (b[k] + e[k] * xi[k]);
       }
     } else if (x) {
-      const float* __restrict xi = x + i * c;
+      const float* __restrict xi = x + s;
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) oi[k] = gi[k] * a[k] + (b[k] + e[k] * xi[k]);
+      for (int64_t k = 0; k < len; ++k) oi[k] = gi[k] * a[k] + (b[k] + e[k] * xi[k]);
     } else if (res) {
-      const float* __restrict ri = res + i * c;
+      const float* __restrict ri = res + s;
       if (relu) {
 #pragma omp simd
-        for (int64_t k = 0; k < c; ++k) oi[k] = std::max(gi[k] * a[k] + b[k] + ri[k], 0.f);
+        for (int64_t k = 0; k < len; ++k) oi[k] = std::max(gi[k] * a[k] + b[k] + ri[k], 0.f);
       } else {
 #pragma omp simd
-        for (int64_t k = 0; k < c; ++k) oi[k] = gi[k] * a[k] + b[k] + ri[k];
+        for (int64_t k = 0; k < len; ++k) oi[k] = gi[k] * a[k] + b[k] + ri[k];
       }
     } else if (relu) {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) oi[k] = std::max(gi[k] * a[k] + b[k], 0.f);
+      for (int64_t k = 0; k < len; ++k) oi[k] = std::max(gi[k] * a[k] + b[k], 0.f);
     } else {
 #pragma omp simd
-      for (int64_t k = 0; k < c; ++k) oi[k] = gi[k] * a[k] + b[k];
+      for (int64_t k = 0; k < len; ++k) oi[k] = gi[k] * a[k] + b[k];
     }
   }
 }
+
+// How [m, c] rows are cut: tiles of `rows` rows (w elements), chunks of `chunk` tiles
+// (at least 512 rows or 64k elements, the unit of work of one thread), `chunks` of them.
+struct Tiling {
+  int64_t rows, w, chunk, chunks, m, c;
+  Tiling(int64_t m_, int64_t c_) : m(m_), c(c_) {
+    rows = std::max<int64_t>(1, (256 + c - 1) / c);
+    w = rows * c;
+    chunk = std::max<int64_t>(1, (std::max<int64_t>(512 * c, 65536) + w - 1) / w);
+    const int64_t tiles = (m + rows - 1) / rows;
+    chunks = std::max<int64_t>(1, (tiles + chunk - 1) / chunk);
+  }
+  // Elements [begin, end) of chunk q.
+  int64_t Begin(int64_t q) const { return std::min(m * c, q * chunk * w); }
+  int64_t End(int64_t q) const { return std::min(m * c, (q + 1) * chunk * w); }
+  std::vector<float> Tile(const std::vector<float>& per_channel) const {
+    std::vector<float> t(w);
+    for (int64_t i = 0; i < w; ++i) t[i] = per_channel[i % c];
+    return t;
+  }
+};
 
 // Per-channel sums s1 = sum_r u(r), s2 = sum_r u(r) * v(r) over the rows of [m, c] arrays
-// (RowSums' terms). Accumulated in float over blocks of 64 rows, then in double per chunk
-// of 512 rows; the chunks' sums are added in chunk order, so the bits do not depend on the
+// (TileSums' terms). Accumulated in float over blocks of 64 tiles, then in double per
+// chunk; the chunks' sums are added in chunk order, so the bits do not depend on the
 // number of threads (or on the run).
-void ChannelSums(const float* g, const float* mask, const float* v, int64_t m, int64_t c,
-                 double* s1, double* s2) {
-  constexpr int64_t kChunk = 512, kBlock = 64;
-  const int64_t chunks = std::max<int64_t>(1, (m + kChunk - 1) / kChunk);
-  std::vector<double> part(static_cast<size_t>(2 * c * chunks), 0.0);
-  const int nt = static_cast<int>(std::min<int64_t>(Threads(m, c), chunks));
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<float> b1(c), b2(c);
-#pragma omp for schedule(static)
-    for (int64_t q = 0; q < chunks; ++q) {
-      double* p1 = part.data() + 2 * c * q;
-      double* p2 = p1 + c;
-      const int64_t end = std::min(m, (q + 1) * kChunk);
-      for (int64_t r = q * kChunk; r < end; r += kBlock) {
-        std::fill(b1.begin(), b1.end(), 0.f);
-        std::fill(b2.begin(), b2.end(), 0.f);
-        const int64_t rows = std::min(kBlock, end - r);
-        RowSums(g + r * c, mask ? mask + r * c : nullptr, v ? v + r * c : nullptr, rows, c,
-                b1.data(), b2.data());
-        for (int64_t k = 0; k < c; ++k) {
-          p1[k] += b1[k];
-          p2[k] += b2[k];
-        }
+void ChannelSums(ffi::ThreadPool& pool, const float* g, const float* mask, const float* v,
+                 int64_t m, int64_t c, double* s1, double* s2) {
+  const Tiling t(m, c);
+  const int64_t w = t.w;
+  std::vector<double> part(static_cast<size_t>(2 * w * t.chunks), 0.0);
+  ParallelFor(pool, t.chunks, m * c, [&](int64_t q) {
+    std::vector<float> b1(w), b2(w);
+    double* p1 = part.data() + 2 * w * q;
+    double* p2 = p1 + w;
+    const int64_t end = t.End(q);
+    for (int64_t s = t.Begin(q); s < end; s += 64 * w) {
+      std::fill(b1.begin(), b1.end(), 0.f);
+      std::fill(b2.begin(), b2.end(), 0.f);
+      const int64_t n = std::min(64 * w, end - s);
+      const int64_t full = n / w, rest = n % w;  // rest: the last rows, fewer than a tile
+      const float* ms = mask ? mask + s : nullptr;
+      const float* vs = v ? v + s : nullptr;
+      TileSums(g + s, ms, vs, full, w, b1.data(), b2.data());
+      if (rest) {
+        const int64_t o = full * w;
+        TileSums(g + s + o, ms ? ms + o : nullptr, vs ? vs + o : nullptr, 1, rest, b1.data(),
+                 b2.data());
+      }
+      for (int64_t k = 0; k < w; ++k) {
+        p1[k] += b1[k];
+        p2[k] += b2[k];
       }
     }
-  }
-  for (int64_t k = 0; k < c; ++k) {
-    double a = 0, b = 0;
-    for (int64_t q = 0; q < chunks; ++q) {
-      a += part[2 * c * q + k];
-      b += part[2 * c * q + c + k];
+  });
+  std::fill(s1, s1 + c, 0.0);
+  std::fill(s2, s2 + c, 0.0);
+  for (int64_t q = 0; q < t.chunks; ++q)
+    for (int64_t k = 0; k < w; ++k) {
+      s1[k % c] += part[2 * w * q + k];
+      s2[k % c] += part[2 * w * q + w + k];
     }
-    s1[k] = a;
-    s2[k] = b;
-  }
 }
 
-// RowAffine over all m rows, split over threads.
-void ChannelAffine(const float* g, const float* mask, const float* x, const float* res,
-                   const float* a, const float* b, const float* e, bool relu, int64_t m,
-                   int64_t c, float* out, float* du) {
-  const int nt = Threads(m, c);
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-    RowAffine(g, mask, x, res, a, b, e, relu, m * t / nth, m * (t + 1) / nth, c, out, du);
-  }
+// TileAffine over all m rows, a chunk per task over the thread pool; a, b, e per channel.
+void ChannelAffine(ffi::ThreadPool& pool, const float* g, const float* mask, const float* x,
+                   const float* res, const std::vector<float>& a, const std::vector<float>& b,
+                   const std::vector<float>* e, bool relu, int64_t m, int64_t c, float* out,
+                   float* du) {
+  const Tiling t(m, c);
+  const auto at = t.Tile(a), bt = t.Tile(b);
+  const auto et = e ? t.Tile(*e) : std::vector<float>();
+  ParallelFor(pool, t.chunks, m * c, [&](int64_t q) {
+    const int64_t s = t.Begin(q), n = t.End(q) - s;
+    TileAffine(g + s, mask ? mask + s : nullptr, x ? x + s : nullptr, res ? res + s : nullptr,
+               at.data(), bt.data(), e ? et.data() : nullptr, relu, n, t.w, out + s,
+               du ? du + s : nullptr);
+  });
 }
 
 }  // namespace
@@ -432,7 +487,7 @@ void ChannelAffine(const float* g, const float* mask, const float* x, const floa
 // clipped; summed in double), then y = x * a + (bias - mean * a), a = scale / sqrt(max(var,
 // 0) + eps), plus res when given, followed by ReLU when relu != 0. The same formula as
 // jseg/models/norm.py.
-ffi::Error BnFwd(const ffi::Buffer<ffi::F32>& x, const float* res,
+ffi::Error BnFwd(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const float* res,
                  const ffi::Buffer<ffi::F32>& scale, const ffi::Buffer<ffi::F32>& bias,
                  ffi::ResultBuffer<ffi::F32>& y, ffi::ResultBuffer<ffi::F32>& mean,
                  ffi::ResultBuffer<ffi::F32>& var_raw, float eps, int64_t relu) {
@@ -444,7 +499,7 @@ ffi::Error BnFwd(const ffi::Buffer<ffi::F32>& x, const float* res,
     return ffi::Error::InvalidArgument("JsegBnFwd: shapes do not match the channel axis");
   return Guard([&] {
     std::vector<double> s1(c), s2(c);
-    ChannelSums(x.typed_data(), nullptr, nullptr, m, c, s1.data(), s2.data());
+    ChannelSums(pool, x.typed_data(), nullptr, nullptr, m, c, s1.data(), s2.data());
     std::vector<float> a(c), b(c);
     const double n = static_cast<double>(std::max<int64_t>(m, 1));
     for (int64_t k = 0; k < c; ++k) {
@@ -455,26 +510,26 @@ ffi::Error BnFwd(const ffi::Buffer<ffi::F32>& x, const float* res,
       a[k] = scale.typed_data()[k] / std::sqrt(std::max(vf, 0.f) + eps);
       b[k] = bias.typed_data()[k] - muf * a[k];
     }
-    ChannelAffine(x.typed_data(), nullptr, nullptr, res, a.data(), b.data(), nullptr,
-                  relu != 0, m, c, y->typed_data(), nullptr);
+    ChannelAffine(pool, x.typed_data(), nullptr, nullptr, res, a, b, nullptr, relu != 0, m, c,
+                  y->typed_data(), nullptr);
   });
 }
 
-ffi::Error BnFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+ffi::Error BnFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                      ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var_raw,
                      float eps, int64_t relu) {
-  return BnFwd(x, nullptr, scale, bias, y, mean, var_raw, eps, relu);
+  return BnFwd(pool, x, nullptr, scale, bias, y, mean, var_raw, eps, relu);
 }
 
 // With a residual: relu(BatchNorm(x) + res), the end of a ResNet block, in the same pass.
-ffi::Error BnAddFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
+ffi::Error BnAddFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                         ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
                         ffi::ResultBuffer<ffi::F32> var_raw, float eps, int64_t relu) {
   if (res.element_count() != x.element_count())
     return ffi::Error::InvalidArgument("JsegBnAddFwd: the residual's shape is not x's");
-  return BnFwd(x, res.typed_data(), scale, bias, y, mean, var_raw, eps, relu);
+  return BnFwd(pool, x, res.typed_data(), scale, bias, y, mean, var_raw, eps, relu);
 }
 
 // Its backward: gy (the output's cotangent), x, mask (the forward's output when relu != 0:
@@ -482,7 +537,7 @@ ffi::Error BnAddFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
 // var_raw with their cotangents -> dx, d_scale, d_bias (and d_res, the masked gy, when
 // given). The chain rule of the forward, term by term as norm._batch_norm_train_bwd writes
 // it, with the per-channel terms in double.
-ffi::Error BnBwd(const ffi::Buffer<ffi::F32>& gy, const ffi::Buffer<ffi::F32>& x,
+ffi::Error BnBwd(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& gy, const ffi::Buffer<ffi::F32>& x,
                  const ffi::Buffer<ffi::F32>& mask, const ffi::Buffer<ffi::F32>& scale,
                  const ffi::Buffer<ffi::F32>& mean, const ffi::Buffer<ffi::F32>& var_raw,
                  const ffi::Buffer<ffi::F32>& g_mean, const ffi::Buffer<ffi::F32>& g_var,
@@ -498,7 +553,7 @@ ffi::Error BnBwd(const ffi::Buffer<ffi::F32>& gy, const ffi::Buffer<ffi::F32>& x
   return Guard([&] {
     const float* mk = relu ? mask.typed_data() : nullptr;
     std::vector<double> r1(c), r2(c);
-    ChannelSums(gy.typed_data(), mk, x.typed_data(), m, c, r1.data(), r2.data());
+    ChannelSums(pool, gy.typed_data(), mk, x.typed_data(), m, c, r1.data(), r2.data());
     std::vector<float> a(c), b(c), e(c);
     const double n = static_cast<double>(std::max<int64_t>(m, 1));
     for (int64_t k = 0; k < c; ++k) {
@@ -518,36 +573,37 @@ ffi::Error BnBwd(const ffi::Buffer<ffi::F32>& gy, const ffi::Buffer<ffi::F32>& x
       b[k] = static_cast<float>(d_mean / n);
       e[k] = static_cast<float>(2.0 / n * d_var_raw);
     }
-    ChannelAffine(gy.typed_data(), mk, x.typed_data(), nullptr, a.data(), b.data(), e.data(),
-                  false, m, c, dx->typed_data(), mk ? d_res : nullptr);
+    ChannelAffine(pool, gy.typed_data(), mk, x.typed_data(), nullptr, a, b, &e, false, m, c,
+                  dx->typed_data(), mk ? d_res : nullptr);
     if (d_res && !mk)
       std::memcpy(d_res, gy.typed_data(), sizeof(float) * static_cast<size_t>(m * c));
   });
 }
 
-ffi::Error BnBwdImpl(ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> x,
+ffi::Error BnBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> x,
                      ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> scale,
                      ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var_raw,
                      ffi::Buffer<ffi::F32> g_mean, ffi::Buffer<ffi::F32> g_var,
                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_scale,
                      ffi::ResultBuffer<ffi::F32> d_bias, float eps, int64_t relu) {
-  return BnBwd(gy, x, mask, scale, mean, var_raw, g_mean, g_var, dx, nullptr, d_scale, d_bias,
+  return BnBwd(pool, gy, x, mask, scale, mean, var_raw, g_mean, g_var, dx, nullptr, d_scale, d_bias,
                eps, relu);
 }
 
-ffi::Error BnAddBwdImpl(ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> x,
+ffi::Error BnAddBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> scale,
                         ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var_raw,
                         ffi::Buffer<ffi::F32> g_mean, ffi::Buffer<ffi::F32> g_var,
                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_res,
                         ffi::ResultBuffer<ffi::F32> d_scale, ffi::ResultBuffer<ffi::F32> d_bias,
                         float eps, int64_t relu) {
-  return BnBwd(gy, x, mask, scale, mean, var_raw, g_mean, g_var, dx, d_res->typed_data(),
+  return BnBwd(pool, gy, x, mask, scale, mean, var_raw, g_mean, g_var, dx, d_res->typed_data(),
                d_scale, d_bias, eps, relu);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnFwd, BnFwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -559,6 +615,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnFwd, BnFwdImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddFwd, BnAddFwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -571,6 +628,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddFwd, BnAddFwdImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddBwd, BnAddBwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -588,6 +646,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddBwd, BnAddBwdImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnBwd, BnBwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
