@@ -88,14 +88,18 @@ class BatchNorm(nn.Module):
       raise ValueError(f"BatchNorm: residual shape {residual.shape} is not the input's {x.shape}.")
     if (x.dtype == scale.dtype == bias.dtype == jnp.dtype(dtype) == jnp.float32
         and (residual is None or residual.dtype == jnp.float32) and bn_native_active()):
-      y, mean, var = _batch_norm_train_native(x, scale, bias, residual, self.epsilon, self.relu)
+      # The running averages come out of the same call (see _batch_norm_train_native).
+      y, new_mean, new_var = _batch_norm_train_native(
+          x, scale, bias, residual, ra_mean.value, ra_var.value, self.epsilon, self.relu,
+          self.momentum)
     else:
       y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, dtype)
       y = y if residual is None else y + residual
       y = nn.relu(y) if self.relu else y
+      new_mean = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      new_var = self.momentum * ra_var.value + (1 - self.momentum) * var
     if not self.is_initializing():
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      ra_mean.value, ra_var.value = new_mean, new_var
     return y
 
 
@@ -194,64 +198,77 @@ def _batch_norm_train_bwd(epsilon, dtype, res, cts):
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _batch_norm_train_native(x, scale, bias, residual, epsilon, relu):
-  """``_batch_norm_train`` (plus ``residual`` when not None, then ReLU when ``relu``) as
-  two XLA FFI custom calls.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _batch_norm_train_native(x, scale, bias, residual, ra_mean, ra_var, epsilon, relu, momentum):
+  """``_batch_norm_train`` (plus ``residual`` when not None, then ReLU when ``relu``) and the
+  running averages' update, as two XLA FFI custom calls: ``(y, new_mean, new_var)``.
 
-  ``JsegBnFwd``: the statistics (summed in double) and the normalisation (and ReLU) in two
-  passes over ``x``; ``JsegBnBwd``: the two sums of the backward and the input gradient in
-  two passes (the ReLU's mask read from the forward's output, which the next layer keeps
-  anyway). XLA:CPU compiles ~10 kernels per layer for the written-out form, each costing
-  compiler memory; custom calls are thunks (``experiments/performance/README.md``,
-  "Eighth pass"). float32 only.
+  ``JsegBnFwd``: the statistics (summed in double), the normalisation (and ReLU) and the
+  running averages, in two passes over ``x``; ``JsegBnBwd``: the two sums of the backward
+  and the input gradient in two passes (the ReLU's mask read from the forward's output,
+  which the next layer keeps anyway). XLA:CPU compiles ~10 kernels per layer for the
+  written-out form, each costing compiler memory; custom calls are thunks
+  (``experiments/performance/README.md``, "Eighth pass"). float32 only.
   """
-  return _batch_norm_train_native_fwd(x, scale, bias, residual, epsilon, relu)[0]
+  return _batch_norm_train_native_fwd(x, scale, bias, residual, ra_mean, ra_var, epsilon, relu,
+                                      momentum)[0]
 
 
 def _native_attrs(epsilon, relu):
   return {"eps": np.float32(epsilon), "relu": np.int64(bool(relu))}
 
 
-def _batch_norm_train_native_fwd(x, scale, bias, residual, epsilon, relu):
+def _batch_norm_train_native_fwd(x, scale, bias, residual, ra_mean, ra_var, epsilon, relu,
+                                 momentum):
   c = x.shape[-1]
   vec = jax.ShapeDtypeStruct((c,), jnp.float32)
-  outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec)
-  attrs = _native_attrs(epsilon, relu)
+  outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec, vec, vec)
+  # (1 - momentum) rounded to float32 as the XLA form's weakly typed constant is.
+  attrs = dict(_native_attrs(epsilon, relu), momentum=np.float32(momentum),
+               one_minus=np.float32(1 - momentum))
+  stats = (ra_mean.astype(jnp.float32), ra_var.astype(jnp.float32))
   if residual is None:
-    y, mean, var_raw = jax.ffi.ffi_call("JsegBnFwd", outs, vmap_method="sequential")(
-        x, scale, bias, **attrs)
+    y, new_mean, new_var, mean, var_raw = jax.ffi.ffi_call(
+        "JsegBnFwd", outs, vmap_method="sequential")(x, scale, bias, *stats, **attrs)
   else:
-    y, mean, var_raw = jax.ffi.ffi_call("JsegBnAddFwd", outs, vmap_method="sequential")(
-        x, residual, scale, bias, **attrs)
+    y, new_mean, new_var, mean, var_raw = jax.ffi.ffi_call(
+        "JsegBnAddFwd", outs, vmap_method="sequential")(x, residual, scale, bias, *stats, **attrs)
   # Residuals must be arrays or None: an empty array marks that a residual was added.
   res = (x, y if relu else None, scale, mean, var_raw,
          None if residual is None else jnp.zeros((0,), jnp.float32))
-  return (y, mean, jnp.maximum(0.0, var_raw)), res
+  return (y, new_mean, new_var), res
 
 
-def _batch_norm_train_native_bwd(epsilon, relu, res, cts):
+def _batch_norm_train_native_bwd(epsilon, relu, momentum, res, cts):
   x, y, scale, mean, var_raw, marker = res
+  gy, g_new_mean, g_new_var = cts
   has_residual = marker is not None
-  gy, g_mean, g_var = cts
   vec = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
   full = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-  # The variance's cotangent reaches var_raw through jnp.maximum (derivative 1 above 0,
+  # The new running averages' cotangents reach the batch mean and (clipped) variance times
+  # (1 - momentum) (zeros in training: nothing differentiates the statistics, and XLA folds
+  # them away); the variance's reaches var_raw through jnp.maximum (derivative 1 above 0,
   # 1/2 at 0, 0 below), which the kernel applies with the rest of the chain rule.
+  one_minus = np.float32(1 - momentum)
   args = (gy.astype(jnp.float32), x, y if relu else x, scale, mean, var_raw,
-          g_mean.astype(jnp.float32), g_var.astype(jnp.float32))
+          one_minus * g_new_mean.astype(jnp.float32), one_minus * g_new_var.astype(jnp.float32))
   attrs = _native_attrs(epsilon, relu)
+  g_ra = (np.float32(momentum) * g_new_mean, np.float32(momentum) * g_new_var)
+  # dx is written over gy (input_output_aliases): XLA reuses gy's buffer when gy dies here,
+  # as it does for its own fusions, and copies gy first when it does not.
   if not has_residual:
     dx, d_scale, d_bias = jax.ffi.ffi_call(
-        "JsegBnBwd", (full, vec, vec), vmap_method="sequential")(*args, **attrs)
-    return dx, d_scale, d_bias, None
+        "JsegBnBwd", (full, vec, vec), vmap_method="sequential",
+        input_output_aliases={0: 0})(*args, **attrs)
+    return (dx, d_scale, d_bias, None, *g_ra)
   if not relu:  # the residual's cotangent is gy itself
     dx, d_scale, d_bias = jax.ffi.ffi_call(
         "JsegBnBwd", (full, vec, vec), vmap_method="sequential")(*args, **attrs)
-    return dx, d_scale, d_bias, args[0]
+    return (dx, d_scale, d_bias, args[0], *g_ra)
   dx, d_res, d_scale, d_bias = jax.ffi.ffi_call(
-      "JsegBnAddBwd", (full, full, vec, vec), vmap_method="sequential")(*args, **attrs)
-  return dx, d_scale, d_bias, d_res
+      "JsegBnAddBwd", (full, full, vec, vec), vmap_method="sequential",
+      input_output_aliases={0: 0})(*args, **attrs)
+  return (dx, d_scale, d_bias, d_res, *g_ra)
 
 
 _batch_norm_train_native.defvjp(_batch_norm_train_native_fwd, _batch_norm_train_native_bwd)

@@ -352,15 +352,17 @@ JSEG_CLONES void TileSums(const float* __restrict g, const float* __restrict mas
 // period w. Backward (x given): out = u * a + (b + e * x), where u = g masked by
 // (mask > 0) when given, also written to du when given. Forward (x null): out = g * a + b
 // (+ res when given), then ReLU when relu.
-JSEG_CLONES void TileAffine(const float* __restrict g, const float* __restrict mask,
+JSEG_CLONES void TileAffine(const float* g, const float* __restrict mask,
                             const float* __restrict x, const float* __restrict res,
                             const float* __restrict a, const float* __restrict b,
                             const float* __restrict e, bool relu, int64_t n, int64_t w,
-                            float* __restrict out, float* __restrict du) {
+                            float* out, float* __restrict du) {
   for (int64_t s = 0; s < n; s += w) {
     const int64_t len = std::min(w, n - s);
-    const float* __restrict gi = g + s;
-    float* __restrict oi = out + s;
+    // out may be g itself (the backward's dx written over gy, which XLA aliases): every
+    // element is read before it is written, and `omp simd` vectorises without alias checks.
+    const float* gi = g + s;
+    float* oi = out + s;
     if (x && mask && du) {
       const float* __restrict xi = x + s;
       const float* __restrict mi = mask + s;
@@ -483,14 +485,25 @@ void ChannelAffine(ffi::ThreadPool& pool, const float* g, const float* mask, con
 
 }  // namespace
 
+// The running statistics' inputs and outputs of a forward call.
+struct Running {
+  const float* mean;
+  const float* var;
+  float* new_mean;
+  float* new_var;
+  float momentum, one_minus;  // one_minus: 1 - momentum, rounded as the caller rounds it
+};
+
 // BatchNorm's training forward over x [..., C]: the batch mean and E[x^2] - E[x]^2 (not
 // clipped; summed in double), then y = x * a + (bias - mean * a), a = scale / sqrt(max(var,
-// 0) + eps), plus res when given, followed by ReLU when relu != 0. The same formula as
-// jseg/models/norm.py.
+// 0) + eps), plus res when given, followed by ReLU when relu != 0; and the running
+// averages momentum * running + (1 - momentum) * batch (the variance clipped at 0). The
+// same formulas as jseg/models/norm.py.
 ffi::Error BnFwd(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const float* res,
                  const ffi::Buffer<ffi::F32>& scale, const ffi::Buffer<ffi::F32>& bias,
-                 ffi::ResultBuffer<ffi::F32>& y, ffi::ResultBuffer<ffi::F32>& mean,
-                 ffi::ResultBuffer<ffi::F32>& var_raw, float eps, int64_t relu) {
+                 const Running& run, ffi::ResultBuffer<ffi::F32>& y,
+                 ffi::ResultBuffer<ffi::F32>& mean, ffi::ResultBuffer<ffi::F32>& var_raw,
+                 float eps, int64_t relu) {
   int64_t m, c;
   RowsCols(x.dimensions(), &m, &c);
   if (scale.element_count() != static_cast<size_t>(c) ||
@@ -509,27 +522,59 @@ ffi::Error BnFwd(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, const fl
       var_raw->typed_data()[k] = vf;
       a[k] = scale.typed_data()[k] / std::sqrt(std::max(vf, 0.f) + eps);
       b[k] = bias.typed_data()[k] - muf * a[k];
+      run.new_mean[k] = run.momentum * run.mean[k] + run.one_minus * muf;
+      run.new_var[k] = run.momentum * run.var[k] + run.one_minus * std::max(vf, 0.f);
     }
     ChannelAffine(pool, x.typed_data(), nullptr, nullptr, res, a, b, nullptr, relu != 0, m, c,
                   y->typed_data(), nullptr);
   });
 }
 
+Running MakeRunning(const ffi::Buffer<ffi::F32>& ra_mean, const ffi::Buffer<ffi::F32>& ra_var,
+                    ffi::ResultBuffer<ffi::F32>& new_mean, ffi::ResultBuffer<ffi::F32>& new_var,
+                    float momentum, float one_minus) {
+  return {ra_mean.typed_data(), ra_var.typed_data(), new_mean->typed_data(),
+          new_var->typed_data(), momentum, one_minus};
+}
+
+bool RunningShapesOk(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& ra_mean,
+                     const ffi::Buffer<ffi::F32>& ra_var, ffi::ResultBuffer<ffi::F32>& new_mean,
+                     ffi::ResultBuffer<ffi::F32>& new_var) {
+  int64_t m, c;
+  RowsCols(x.dimensions(), &m, &c);
+  const size_t n = static_cast<size_t>(c);
+  return ra_mean.element_count() == n && ra_var.element_count() == n &&
+         new_mean->element_count() == n && new_var->element_count() == n;
+}
+
 ffi::Error BnFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> ra_mean,
+                     ffi::Buffer<ffi::F32> ra_var, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::ResultBuffer<ffi::F32> new_mean, ffi::ResultBuffer<ffi::F32> new_var,
                      ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var_raw,
-                     float eps, int64_t relu) {
-  return BnFwd(pool, x, nullptr, scale, bias, y, mean, var_raw, eps, relu);
+                     float eps, int64_t relu, float momentum, float one_minus) {
+  if (!RunningShapesOk(x, ra_mean, ra_var, new_mean, new_var))
+    return ffi::Error::InvalidArgument("JsegBnFwd: running statistics' shapes are not [C]");
+  return BnFwd(pool, x, nullptr, scale, bias,
+               MakeRunning(ra_mean, ra_var, new_mean, new_var, momentum, one_minus), y, mean,
+               var_raw, eps, relu);
 }
 
 // With a residual: relu(BatchNorm(x) + res), the end of a ResNet block, in the same pass.
 ffi::Error BnAddFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> res,
                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
-                        ffi::ResultBuffer<ffi::F32> var_raw, float eps, int64_t relu) {
+                        ffi::Buffer<ffi::F32> ra_mean, ffi::Buffer<ffi::F32> ra_var,
+                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> new_mean,
+                        ffi::ResultBuffer<ffi::F32> new_var, ffi::ResultBuffer<ffi::F32> mean,
+                        ffi::ResultBuffer<ffi::F32> var_raw, float eps, int64_t relu,
+                        float momentum, float one_minus) {
   if (res.element_count() != x.element_count())
     return ffi::Error::InvalidArgument("JsegBnAddFwd: the residual's shape is not x's");
-  return BnFwd(pool, x, res.typed_data(), scale, bias, y, mean, var_raw, eps, relu);
+  if (!RunningShapesOk(x, ra_mean, ra_var, new_mean, new_var))
+    return ffi::Error::InvalidArgument("JsegBnAddFwd: running statistics' shapes are not [C]");
+  return BnFwd(pool, x, res.typed_data(), scale, bias,
+               MakeRunning(ra_mean, ra_var, new_mean, new_var, momentum, one_minus), y, mean,
+               var_raw, eps, relu);
 }
 
 // Its backward: gy (the output's cotangent), x, mask (the forward's output when relu != 0:
@@ -607,11 +652,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnFwd, BnFwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("eps")
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<float>("momentum")
+                                  .Attr<float>("one_minus"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddFwd, BnAddFwdImpl,
                               ffi::Ffi::Bind()
@@ -620,11 +671,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddFwd, BnAddFwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("eps")
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<float>("momentum")
+                                  .Attr<float>("one_minus"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddBwd, BnAddBwdImpl,
                               ffi::Ffi::Bind()

@@ -51,13 +51,16 @@ class SeparableConv(nn.Module):
 
   ``relu_inside`` applies ReLU after both BNs (DeepLab's
   ``activation_fn_in_separable_conv``); otherwise the caller applies ReLU
-  before the unit, as the original Xception module does.
+  before the unit, as the original Xception module does. ``relu_after`` applies
+  ReLU after the pointwise BN only: the next unit's leading ReLU, moved into this
+  BatchNorm (one pass on CPU, and no pre-activation kept for the backward).
   """
 
   features: int
   stride: int = 1
   dilation: int = 1
   relu_inside: bool = False
+  relu_after: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -65,7 +68,7 @@ class SeparableConv(nn.Module):
     x = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, name="depthwise")(x)
     x = _bn("depthwise_bn", train, self.dtype, relu=self.relu_inside)(x)
     x = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
-    return _bn("pointwise_bn", train, self.dtype, relu=self.relu_inside)(x)
+    return _bn("pointwise_bn", train, self.dtype, relu=self.relu_inside or self.relu_after)(x)
 
 
 class XceptionModule(nn.Module):
@@ -73,7 +76,9 @@ class XceptionModule(nn.Module):
 
   ``skip`` is ``"conv"`` (1x1 strided projection + BN), ``"sum"`` (identity) or
   ``"none"``. Returns ``(output, features after the second separable conv)``;
-  the latter is DeepLab v3+'s low-level feature when taken from entry block 2.
+  the latter is DeepLab v3+'s low-level feature when taken from entry block 2 (with
+  ``keep_second=False`` it is ``None``, and the ReLU before the third separable conv is
+  fused into the second's BatchNorm as the one before the second is into the first's).
   """
 
   features: Sequence[int]
@@ -81,24 +86,29 @@ class XceptionModule(nn.Module):
   dilation: int = 1
   skip: str = "conv"
   relu_inside: bool = False
+  keep_second: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
     y = x
     second = None
+    fused = False  # whether the previous unit already applied this unit's leading ReLU
     for i, f in enumerate(self.features):
-      if not self.relu_inside:
+      if not self.relu_inside and not fused:
         y = nn.relu(y)
+      last = i == len(self.features) - 1
+      fused = not self.relu_inside and not last and not (i == 1 and self.keep_second)
       y = SeparableConv(
           f,
           stride=self.stride if i == 2 else 1,
           dilation=self.dilation,
           relu_inside=self.relu_inside,
+          relu_after=fused,
           dtype=self.dtype,
           name=f"sepconv{i + 1}",
       )(y, train)
-      if i == 1:
+      if i == 1 and self.keep_second:
         second = y
     if self.skip == "conv":
       s = Conv(
@@ -124,7 +134,8 @@ class _MiddleBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
     y, _ = XceptionModule(
-        (self.features,) * 3, 1, self.dilation, "sum", dtype=self.dtype, name="module"
+        (self.features,) * 3, 1, self.dilation, "sum", keep_second=False, dtype=self.dtype,
+        name="module"
     )(x, self.train)
     return y, None
 
@@ -185,10 +196,12 @@ class Xception65(nn.Module):
              name="stem_conv2")(x)
     x = _bn("stem_bn2", train, dt, relu=True)(x)
     feats["stem"] = x
-    x, _ = XceptionModule((ch(128),) * 3, 2, dtype=dt, name="entry_block1")(x, train)
+    x, _ = XceptionModule((ch(128),) * 3, 2, keep_second=False, dtype=dt, name="entry_block1")(
+        x, train)
     x, feats["low_level"] = XceptionModule((ch(256),) * 3, 2, dtype=dt, name="entry_block2")(
         x, train)
-    x, _ = XceptionModule((ch(728),) * 3, s3, d3, dtype=dt, name="entry_block3")(x, train)
+    x, _ = XceptionModule((ch(728),) * 3, s3, d3, keep_second=False, dtype=dt,
+                          name="entry_block3")(x, train)
     feats["entry"] = x
     if self.scan_middle and self.middle_blocks > 0:
       stack = nn.scan(
@@ -202,8 +215,8 @@ class Xception65(nn.Module):
       for i in range(self.middle_blocks):
         x, _ = _MiddleBlock(ch(728), dm, train, dt, name=f"middle_{i}")(x, None)
     feats["middle"] = x
-    x, _ = XceptionModule((ch(728), ch(1024), ch(1024)), s4, d4, dtype=dt, name="exit_block1")(
-        x, train)
+    x, _ = XceptionModule((ch(728), ch(1024), ch(1024)), s4, d4, keep_second=False, dtype=dt,
+                          name="exit_block1")(x, train)
     # The last module applies per-unit multi-grid rates; it has no shortcut.
     grid = tuple(self.multi_grid)
     if len(grid) != 3:
