@@ -1,9 +1,13 @@
-"""Compiled CPU kernels: oneDNN convolutions as XLA FFI custom calls, built on first use.
+"""Compiled CPU kernels: oneDNN convolutions and BatchNorm's training passes as XLA FFI
+custom calls, built on first use.
 
 XLA:CPU's convolutions (and the layout transposes it puts around kernel gradients) were
 the largest cost of a jseg training step on CPU; oneDNN's direct convolutions, the ones
 torch uses, run a layer's forward+backward 1.2-2.3x faster and depthwise ones 23-81x
 faster than XLA's grouped convolution (``experiments/performance/onednn_layers.json``).
+BatchNorm's training forward and backward (``JsegBn*``, used by ``jseg.models.norm``) are
+plain C++ on XLA's intra-op thread pool: they replace ~10 XLA kernels per layer, each of
+which costs the compiler memory.
 
 ``onednn()`` compiles ``onednn_conv.cc`` with the system C++ compiler against the
 headers and library of the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (both
