@@ -20,7 +20,6 @@ builds), ``onednn`` (raise if it cannot be used) or ``xla`` (never use it).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,10 +38,7 @@ _MODES = ("auto", "onednn", "xla")
 
 def conv_mode() -> str:
   """``JSEG_CONV`` (``auto`` | ``onednn`` | ``xla``), checked."""
-  mode = os.environ.get("JSEG_CONV", "auto").strip().lower() or "auto"
-  if mode not in _MODES:
-    raise ValueError(f"JSEG_CONV must be one of {_MODES}; got {mode!r}.")
-  return mode
+  return native.env_mode("JSEG_CONV", _MODES)
 
 
 def onednn_active() -> bool:

@@ -29,7 +29,6 @@ so values equal the XLA form's to float32 rounding (``tests/test_norm.py``).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -108,10 +107,7 @@ _BN_MODES = ("auto", "native", "xla")
 
 def bn_mode() -> str:
   """``JSEG_BN`` (``auto`` | ``native`` | ``xla``), checked."""
-  mode = os.environ.get("JSEG_BN", "auto").strip().lower() or "auto"
-  if mode not in _BN_MODES:
-    raise ValueError(f"JSEG_BN must be one of {_BN_MODES}; got {mode!r}.")
-  return mode
+  return native.env_mode("JSEG_BN", _BN_MODES)
 
 
 def bn_native_active() -> bool:

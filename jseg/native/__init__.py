@@ -37,6 +37,15 @@ TARGETS = ("JsegConvFwd", "JsegConvBwdData", "JsegConvBwdWeights", "JsegBnFwd", 
            "JsegBnAddFwd", "JsegBnAddBwd")
 
 
+def env_mode(var: str, modes: tuple[str, ...]) -> str:
+  """The environment variable ``var``, lower-cased, checked against ``modes`` (the first is
+  the default when it is unset or empty)."""
+  mode = os.environ.get(var, modes[0]).strip().lower() or modes[0]
+  if mode not in modes:
+    raise ValueError(f"{var} must be one of {modes}; got {mode!r}.")
+  return mode
+
+
 class NativeBuildError(RuntimeError):
   """The oneDNN extension could not be found, compiled or loaded."""
 

@@ -646,77 +646,35 @@ ffi::Error BnAddBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gy, ffi::Buf
                d_scale, d_bias, eps, relu);
 }
 
+// Bindings of the BatchNorm handlers: F32 buffers in, F32 buffers out.
+#define JSEG_IN .Arg<ffi::Buffer<ffi::F32>>()
+#define JSEG_OUT .Ret<ffi::Buffer<ffi::F32>>()
+#define JSEG_BN_ATTRS .Attr<float>("eps").Attr<int64_t>("relu")
+#define JSEG_BN_FWD_ATTRS JSEG_BN_ATTRS.Attr<float>("momentum").Attr<float>("one_minus")
+
+// x, scale, bias, running mean, running var -> y, new mean, new var, batch mean, var_raw.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnFwd, BnFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("relu")
-                                  .Attr<float>("momentum")
-                                  .Attr<float>("one_minus"));
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_IN
+                                  JSEG_IN JSEG_IN JSEG_OUT JSEG_OUT JSEG_OUT JSEG_OUT JSEG_OUT
+                                      JSEG_BN_FWD_ATTRS);
 
+// The same with the residual after x.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddFwd, BnAddFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("relu")
-                                  .Attr<float>("momentum")
-                                  .Attr<float>("one_minus"));
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_IN
+                                  JSEG_IN JSEG_IN JSEG_IN JSEG_OUT JSEG_OUT JSEG_OUT JSEG_OUT
+                                      JSEG_OUT JSEG_BN_FWD_ATTRS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddBwd, BnAddBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("relu"));
-
+// gy, x, mask, scale, mean, var_raw, g_mean, g_var -> dx, d_scale, d_bias.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnBwd, BnBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("relu"));
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_IN
+                                  JSEG_IN JSEG_IN JSEG_IN JSEG_IN JSEG_IN JSEG_OUT JSEG_OUT
+                                      JSEG_OUT JSEG_BN_ATTRS);
+
+// The same, also -> d_res (after dx).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddBwd, BnAddBwdImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_IN
+                                  JSEG_IN JSEG_IN JSEG_IN JSEG_IN JSEG_IN JSEG_OUT JSEG_OUT
+                                      JSEG_OUT JSEG_OUT JSEG_BN_ATTRS);
 
 #define JSEG_CONV_ATTRS                               \
   .Attr<ffi::Span<const int64_t>>("strides")          \
