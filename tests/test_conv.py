@@ -269,3 +269,24 @@ def test_dead_taps_dropped_on_the_xla_path_too():
   ref = lax.conv_general_dilated(x, k, (1, 1), pads, None, (18, 18), DN,
                                  preferred_element_type=jnp.float32)
   np.testing.assert_allclose(np.asarray(f(x, k), np.float32), np.asarray(ref), rtol=2e-2, atol=5e-2)
+
+
+def test_scratchpad_is_an_xla_workspace_output():
+  """Each oneDNN call returns a uint8 workspace (its scratchpad and the kernel in oneDNN's
+  layout) that XLA allocates with its temporaries, sized by ``native.onednn_workspace``."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 8)), jnp.float32)
+  k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 16)), jnp.float32)
+  geom = ((2, 16, 16, 8), (3, 3, 8, 16), (2, 16, 16, 16), (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
+  sizes = {kind: native.onednn_workspace(kind, *geom) for kind in "fdw"}
+  assert all(n >= 4096 and n % 4096 == 0 for n in sizes.values()), sizes
+  f = lambda x, k: jnp.sum(conv.onednn_conv(x, k, (1, 1), (1, 1), ((1, 1), (1, 1)), 1) ** 2)
+  text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, k).as_text()
+  for target, kind in (("JsegConvFwd", "f"), ("JsegConvBwdData", "d"), ("JsegConvBwdWeights", "w")):
+    line = next(line for line in text.splitlines() if f"@{target}(" in line)
+    assert f"tensor<{sizes[kind]}xui8>" in line, line[-300:]
+  gx, gk = jax.grad(f, argnums=(0, 1))(x, k)
+  rx, rk = jax.grad(lambda x, k: jnp.sum(lax.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN) ** 2),
+      argnums=(0, 1))(x, k)
+  np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(gk, rk, rtol=1e-4, atol=1e-3)

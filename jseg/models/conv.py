@@ -117,6 +117,17 @@ def _attrs(strides, dilation, padding, groups) -> dict[str, Any]:
   )
 
 
+def _call(target: str, kind: str, out_shape, x_shape, k_shape, y_shape, strides, dilation,
+          padding, groups, *operands) -> jax.Array:
+  """One oneDNN custom call: its float32 result, plus a uint8 workspace output (oneDNN's
+  scratchpad and reordered kernel) that XLA allocates among its temporaries and drops."""
+  ws = native.onednn_workspace(kind, tuple(x_shape), tuple(k_shape), tuple(y_shape),
+                               tuple(strides), tuple(dilation), tuple(padding), int(groups))
+  return jax.ffi.ffi_call(
+      target, (jax.ShapeDtypeStruct(out_shape, jnp.float32), jax.ShapeDtypeStruct((ws,), jnp.uint8)),
+      vmap_method="sequential")(*operands, **_attrs(strides, dilation, padding, groups))[0]
+
+
 def _out_hw(x_shape, k_shape, strides, dilation, padding) -> tuple[int, int]:
   return tuple(
       (x_shape[1 + i] + padding[i][0] + padding[i][1] - (k_shape[i] - 1) * dilation[i] - 1)
@@ -148,9 +159,9 @@ def _onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
   """The custom call itself, with its custom VJP (no geometry workarounds)."""
   _require_onednn()
   oh, ow = _out_hw(x.shape, k.shape, strides, dilation, padding)
-  out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, k.shape[3]), jnp.float32)
-  return jax.ffi.ffi_call("JsegConvFwd", out, vmap_method="sequential")(
-      x, k, **_attrs(strides, dilation, padding, groups))
+  y_shape = (x.shape[0], oh, ow, k.shape[3])
+  return _call("JsegConvFwd", "f", y_shape, x.shape, k.shape, y_shape, strides, dilation,
+               padding, groups, x, k)
 
 
 def _fwd(x, k, strides, dilation, padding, groups):
@@ -164,15 +175,13 @@ def _bwd(strides, dilation, padding, groups, res, dy):
   x, k, need_dx, need_dk = res
   if isinstance(dy, SymbolicZero):
     return None, None
-  a = _attrs(strides, dilation, padding, groups)
   dy = dy.astype(jnp.float32)
+  geom = (x.shape, k.shape, dy.shape, strides, dilation, padding, groups)
   dx = dk = None
   if need_dx:
-    dx = jax.ffi.ffi_call("JsegConvBwdData", jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                          vmap_method="sequential")(dy, k, **a)
+    dx = _call("JsegConvBwdData", "d", x.shape, *geom, dy, k)
   if need_dk:
-    dk = jax.ffi.ffi_call("JsegConvBwdWeights", jax.ShapeDtypeStruct(k.shape, jnp.float32),
-                          vmap_method="sequential")(x, dy, **a)
+    dk = _call("JsegConvBwdWeights", "w", k.shape, *geom, x, dy)
   return dx, dk
 
 

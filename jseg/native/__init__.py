@@ -132,6 +132,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     for name in TARGETS:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     lib.jseg_onednn_impl.restype = ctypes.c_int
+    lib.jseg_onednn_workspace.restype = ctypes.c_int64
     return lib, ""
   except (NativeBuildError, OSError, AttributeError) as e:
     return None, f"{type(e).__name__}: {e}"
@@ -147,6 +148,28 @@ def onednn_error() -> str:
   return _load()[1]
 
 
+def _dims(x_shape, k_shape, y_shape, strides, dilation, padding):
+  vals = [*x_shape, *k_shape, y_shape[1], y_shape[2], *strides, *dilation,
+          *[p for pair in padding for p in pair]]
+  return (ctypes.c_int64 * len(vals))(*vals)
+
+
+@functools.lru_cache(maxsize=4096)
+def onednn_workspace(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
+                     groups: int) -> int:
+  """Bytes of workspace (oneDNN's scratchpad and reordered kernel, page-aligned) one call
+  wants; the convolution's custom call returns it as a second, unused output so that XLA
+  allocates it with its other temporaries. Arguments as ``onednn_impl``'s, as tuples."""
+  lib = onednn()
+  if lib is None:
+    raise NativeBuildError(onednn_error())
+  n = lib.jseg_onednn_workspace(_dims(x_shape, k_shape, y_shape, strides, dilation, padding),
+                                ctypes.c_int64(groups), ctypes.c_char(kind.encode()))
+  if n < 0:
+    raise NativeBuildError("oneDNN rejected the convolution (workspace query)")
+  return int(n)
+
+
 def onednn_impl(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
                 groups: int) -> str:
   """oneDNN's name for the implementation it picks for one convolution.
@@ -157,9 +180,7 @@ def onednn_impl(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding
   lib = onednn()
   if lib is None:
     raise NativeBuildError(onednn_error())
-  vals = [*x_shape, *k_shape, y_shape[1], y_shape[2], *strides, *dilation,
-          *[p for pair in padding for p in pair]]
-  dims = (ctypes.c_int64 * len(vals))(*vals)
+  dims = _dims(x_shape, k_shape, y_shape, strides, dilation, padding)
   buf = ctypes.create_string_buffer(256)
   rc = lib.jseg_onednn_impl(dims, ctypes.c_int64(groups), ctypes.c_char(kind.encode()), buf, 256)
   if rc:

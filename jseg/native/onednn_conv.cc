@@ -195,23 +195,41 @@ ffi::Error Guard(F f) {
   return ffi::Error::Success();
 }
 
-memory Scratch(const Prims& p) {
-  return memory(p.scratch, Engine(), scratch_buf.Get(p.scratch.get_size()));
+size_t Pages(size_t n) { return (n + 4095) / 4096 * 4096; }
+
+// Bytes of workspace one call needs: its scratchpad and the kernel in oneDNN's layout, each
+// page-aligned, plus a page to align the base.
+size_t WorkspaceBytes(const Prims& p) {
+  return 4096 + Pages(p.scratch.get_size()) + (p.reorder ? Pages(p.wei.get_size()) : 0);
 }
 
 // Runs one cached primitive on XLA's buffers. 'f': a = x, b = k, out = y; 'd': a = dy,
 // b = k, out = dx; 'w': a = x, b = dy, out = dk.
-void Run(const Geom& g, char kind, void* a, void* b, void* out) {
+// ws: XLA's workspace output of the call (WorkspaceBytes), so the scratchpad and the
+// reordered kernel live in XLA's buffers, shared between calls by its buffer assignment;
+// when it is too small (or absent), per-thread buffers that only grow.
+void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t ws_bytes) {
   auto p = Get(g, kind);
   dnnl::stream s(Engine());
   const bool kernel_in = kind != 'w';
+  void* scratch_ptr;
+  void* wei_ptr = nullptr;
+  if (ws && ws_bytes >= WorkspaceBytes(*p)) {
+    char* base = reinterpret_cast<char*>(Pages(reinterpret_cast<uintptr_t>(ws)));
+    scratch_ptr = base;
+    wei_ptr = base + Pages(p->scratch.get_size());
+  } else {
+    scratch_ptr = scratch_buf.Get(p->scratch.get_size());
+    if (p->reorder) wei_ptr = wei_buf.Get(p->wei.get_size());
+  }
   memory user_w(g.WeiUser(), Engine(), kernel_in ? b : out);
   memory w = user_w;
   if (p->reorder) {
-    w = memory(p->wei, Engine(), wei_buf.Get(p->wei.get_size()));
+    w = memory(p->wei, Engine(), wei_ptr);
     if (kernel_in) p->to_wei.execute(s, user_w, w);
   }
-  std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, Scratch(*p)}};
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SCRATCHPAD, memory(p->scratch, Engine(), scratch_ptr)}};
   if (kind == 'f') {
     args[DNNL_ARG_SRC] = memory(g.Src(), Engine(), a);
     args[DNNL_ARG_WEIGHTS] = w;
@@ -234,38 +252,50 @@ void Run(const Geom& g, char kind, void* a, void* b, void* out) {
 
 // y = conv(x, k)
 ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> ws,
+                       ffi::Span<const int64_t> strides,
                        ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
                        int64_t groups) {
   Geom g;
   auto err = MakeGeom(x.dimensions(), k.dimensions(), y->dimensions(), strides, dilation,
                       padding, groups, &g);
   if (!err.success()) return err;
-  return Guard([&] { Run(g, 'f', x.typed_data(), k.typed_data(), y->typed_data()); });
+  return Guard([&] {
+    Run(g, 'f', x.typed_data(), k.typed_data(), y->typed_data(), ws->untyped_data(),
+        ws->size_bytes());
+  });
 }
 
 // dx = conv_transpose(dy, k): the input gradient.
 ffi::Error ConvBwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
-                           ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
+                           ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::U8> ws,
+                           ffi::Span<const int64_t> strides,
                            ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
                            int64_t groups) {
   Geom g;
   auto err = MakeGeom(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, dilation,
                       padding, groups, &g);
   if (!err.success()) return err;
-  return Guard([&] { Run(g, 'd', dy.typed_data(), k.typed_data(), dx->typed_data()); });
+  return Guard([&] {
+    Run(g, 'd', dy.typed_data(), k.typed_data(), dx->typed_data(), ws->untyped_data(),
+        ws->size_bytes());
+  });
 }
 
 // dk = correlation of x with dy: the kernel gradient.
 ffi::Error ConvBwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                              ffi::ResultBuffer<ffi::F32> dk, ffi::Span<const int64_t> strides,
+                              ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::U8> ws,
+                              ffi::Span<const int64_t> strides,
                               ffi::Span<const int64_t> dilation,
                               ffi::Span<const int64_t> padding, int64_t groups) {
   Geom g;
   auto err = MakeGeom(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, dilation,
                       padding, groups, &g);
   if (!err.success()) return err;
-  return Guard([&] { Run(g, 'w', x.typed_data(), dy.typed_data(), dk->typed_data()); });
+  return Guard([&] {
+    Run(g, 'w', x.typed_data(), dy.typed_data(), dk->typed_data(), ws->untyped_data(),
+        ws->size_bytes());
+  });
 }
 
 namespace {
@@ -686,34 +716,54 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvFwd, ConvFwdImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() JSEG_CONV_ATTRS);
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdData, ConvBwdDataImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() JSEG_CONV_ATTRS);
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdWeights, ConvBwdWeightsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() JSEG_CONV_ATTRS);
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS);
 
 // Which oneDNN implementation each primitive uses ("brg:avx512_core", "jit:avx2", ...), for
 // benchmarks and tests: a reference implementation would be a silent 100x slowdown.
+namespace {
+// The geometry from the flat dims the Python side passes: x (4), k (4), output h/w (2),
+// strides (2), dilation (2), padding (4: top, bottom, left, right).
+Geom GeomFromDims(const int64_t* dims, int64_t groups) {
+  Geom g;
+  g.n = dims[0]; g.h = dims[1]; g.w = dims[2]; g.c = dims[3];
+  g.kh = dims[4]; g.kw = dims[5]; g.ci_g = dims[6]; g.oc = dims[7];
+  g.oh = dims[8]; g.ow = dims[9]; g.groups = groups;
+  g.strides = {dims[10], dims[11]};
+  g.dil = {dims[12] - 1, dims[13] - 1};
+  g.pad_l = {dims[14], dims[16]};
+  g.pad_r = {dims[15], dims[17]};
+  return g;
+}
+}  // namespace
+
+// Bytes of XLA workspace one call of this geometry and kind wants (Run's ws), or -1.
+extern "C" int64_t jseg_onednn_workspace(const int64_t* dims, int64_t groups, char kind) {
+  try {
+    return static_cast<int64_t>(WorkspaceBytes(*Get(GeomFromDims(dims, groups), kind)));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
 extern "C" int jseg_onednn_impl(const int64_t* dims, int64_t groups, char kind, char* out,
                                 int out_len) {
   try {
-    Geom g;
-    g.n = dims[0]; g.h = dims[1]; g.w = dims[2]; g.c = dims[3];
-    g.kh = dims[4]; g.kw = dims[5]; g.ci_g = dims[6]; g.oc = dims[7];
-    g.oh = dims[8]; g.ow = dims[9]; g.groups = groups;
-    g.strides = {dims[10], dims[11]};
-    g.dil = {dims[12] - 1, dims[13] - 1};
-    g.pad_l = {dims[14], dims[16]};
-    g.pad_r = {dims[15], dims[17]};
-    auto p = Get(g, kind);
+    auto p = Get(GeomFromDims(dims, groups), kind);
     std::string s = p->impl;
     std::strncpy(out, s.c_str(), out_len - 1);
     out[out_len - 1] = 0;
