@@ -22,6 +22,9 @@ Changes (``--change``):
   optimiser update as two (now, ``trainer.SplitStep``); fusions and temporaries summed.
 - ``bn_native``: BatchNorm's training forward/backward as XLA fusions (before,
   ``JSEG_BN=xla``) vs ``jseg.native``'s two custom calls per layer (now).
+- ``conv_workspace``: oneDNN's scratchpad and reordered kernel in per-thread buffers (before:
+  a 1-byte workspace, too small, so the kernel falls back to them) vs an XLA workspace output
+  of each call (now).
 
 ``--now_first`` times the current form first in every round (order effects on this
 shared machine move medians by up to 10%; run both orders).
@@ -101,7 +104,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -131,6 +134,8 @@ def main() -> None:
   from jseg.models import conv as conv_mod
   trim = conv_mod.trim_dead_taps
   autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
+  from jseg import native as native_mod
+  workspace = native_mod.onednn_workspace
 
   def patch(before: bool) -> None:
     if a.change == "upconv":
@@ -151,6 +156,9 @@ def main() -> None:
       pass  # the step itself differs (below)
     elif a.change == "bn_native":
       os.environ["JSEG_BN"] = "xla" if before else "native"
+    elif a.change == "conv_workspace":
+      from jseg import native
+      native.onednn_workspace = (lambda *args: 1) if before else workspace
     else:  # every module that builds BatchNorm layers looks the name up at call time
       for m in bn_modules:
         m.BatchNorm = flax_bn_class() if before else norm.BatchNorm
