@@ -164,6 +164,19 @@ def _true_class_log_prob(logits: jax.Array, safe: jax.Array) -> tuple[jax.Array,
 def _class_log_prob_fwd(z: jax.Array, safe: jax.Array):
   """Forward of ``_class_log_prob`` on class-major ``z`` (N, K, H, W), with residuals."""
   k = z.shape[1]
+  if z.dtype == jnp.float32 and z.ndim >= 3 and loss_native_active():
+    # The kernels see z as (N*K, H, 1, W), the shape of layers.resize_logits' oneDNN output
+    # (for 4-D z), so that no reshape separates them from it: XLA copies an in-place
+    # operand reached through a reshape. z comes back through the forward call (aliased) so
+    # that the backward, which writes the gradient over it, is its only reader.
+    n = z.shape[0]
+    view = jnp.reshape(z, (n * k, z.shape[2], 1, z.shape[3]) if z.ndim == 4 else (n * k, -1))
+    pix = jax.ShapeDtypeStruct(safe.shape, jnp.float32)
+    lp_y, lp_mean, lse, view = jax.ffi.ffi_call(
+        "JsegLogProbFwd", (pix, pix, pix, jax.ShapeDtypeStruct(view.shape, jnp.float32)),
+        vmap_method="sequential", input_output_aliases={0: 3})(
+            view, safe.astype(jnp.int32), n=np.int64(n), k=np.int64(k))
+    return (lp_y, lp_mean), (view, lse, safe, jnp.zeros((0,), jnp.float32))
   if k > 32:  # many classes: one reduction beats a long chain of planes
     lse = jax.nn.logsumexp(z, axis=1)
     z_y = jnp.sum(jnp.where(_onehot(safe, k), z, 0.0), axis=1)
@@ -176,17 +189,54 @@ def _class_log_prob_fwd(z: jax.Array, safe: jax.Array):
     lse = m + jnp.log(sum(jnp.exp(p - m) for p in planes))
     z_y = sum(jnp.where(safe == i, p, 0.0) for i, p in enumerate(planes))
     z_mean = sum(planes) / k
-  return (z_y - lse, z_mean - lse), (z, lse, safe)
+  return (z_y - lse, z_mean - lse), (z, lse, safe, None)
 
 
 def _class_log_prob_bwd(res, g):
-  z, lse, safe = res
+  z, lse, safe, native_marker = res
   g_y, g_mean = g
+  if native_marker is not None:  # z is the kernels' (N*K, ...) view (see the forward)
+    n = lse.shape[0]
+    k = z.size // lse.size
+    # One native pass written over z (its last use): the gradient takes z's buffer.
+    dz = jax.ffi.ffi_call(
+        "JsegLogProbBwd", jax.ShapeDtypeStruct(z.shape, jnp.float32), vmap_method="sequential",
+        input_output_aliases={0: 0})(
+            z, lse, safe.astype(jnp.int32), g_y.astype(jnp.float32),
+            g_mean.astype(jnp.float32), n=np.int64(n), k=np.int64(k))
+    return dz.reshape((n, k) + lse.shape[1:]), None
   k = z.shape[1]
   p = jnp.exp(z - lse[:, None])
   dz = (jnp.where(_onehot(safe, k), g_y[:, None], 0.0) + (g_mean / k)[:, None]
         - (g_y + g_mean)[:, None] * p)
   return dz, None  # labels: no gradient
+
+
+_LOSS_MODES = ("auto", "native", "xla")
+
+
+def loss_native_active() -> bool:
+  """Whether the class log-probabilities' backward, traced now, runs as ``jseg.native``'s
+  kernel (``JSEG_LOSS`` = ``auto`` | ``native`` | ``xla``).
+
+  ``auto`` (default): where the oneDNN convolutions run (one CPU device, the extension
+  built, ``JSEG_CONV`` not ``xla``). The kernel writes the logits' gradient over the
+  full-size logits, so one of the two full-size arrays of the loss end is never allocated
+  (XLA:CPU keeps both), and skips the K-plane maximum XLA recomputes for each class.
+  ``native``: raise if the extension is unavailable or the backend is not CPU.
+  """
+  from jseg import native
+  from jseg.models import conv
+  mode = native.env_mode("JSEG_LOSS", _LOSS_MODES)
+  if mode == "xla":
+    return False
+  if mode == "auto":
+    return conv.onednn_active()
+  if jax.default_backend() != "cpu":
+    raise RuntimeError(f"JSEG_LOSS=native needs the CPU backend; this is {jax.default_backend()}.")
+  if native.onednn() is None:
+    raise RuntimeError(f"JSEG_LOSS=native, but the extension is unavailable: {native.onednn_error()}")
+  return True
 
 
 def _onehot(safe: jax.Array, k: int) -> jax.Array:

@@ -25,6 +25,10 @@ Changes (``--change``):
 - ``conv_workspace``: oneDNN's scratchpad and reordered kernel in per-thread buffers (before:
   a 1-byte workspace, too small, so the kernel falls back to them) vs an XLA workspace output
   of each call (now).
+- ``loss_native``: the loss end in XLA (before, ``JSEG_LOSS=xla``: the output upsampled by
+  two matmuls, the class log-probabilities as fusions) vs ``jseg.native``'s kernels, the
+  gradient written over the full-size logits, which the width upsampling (now a oneDNN
+  1x1 convolution) hands over without a copy (now).
 
 ``--now_first`` times the current form first in every round (order effects on this
 shared machine move medians by up to 10%; run both orders).
@@ -104,7 +108,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -156,6 +160,8 @@ def main() -> None:
       pass  # the step itself differs (below)
     elif a.change == "bn_native":
       os.environ["JSEG_BN"] = "xla" if before else "native"
+    elif a.change == "loss_native":
+      os.environ["JSEG_LOSS"] = "xla" if before else "native"
     elif a.change == "conv_workspace":
       from jseg import native
       native.onednn_workspace = (lambda *args: 1) if before else workspace

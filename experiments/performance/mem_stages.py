@@ -63,7 +63,8 @@ def main() -> None:
   out["lower"] = status()
   step = lowered.compile()
   out["compile"] = status()
-  ma = step.memory_analysis()
+  # A SplitStep (the default): the gradient program holds the activations.
+  ma = getattr(step, "grads_fn", step).memory_analysis()
   out["xla_buffers_mb"] = {k.replace("_size_in_bytes", ""): round(getattr(ma, k) / 2**20, 1)
                            for k in ("temp_size_in_bytes", "argument_size_in_bytes",
                                      "output_size_in_bytes", "alias_size_in_bytes")

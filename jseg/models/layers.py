@@ -69,8 +69,22 @@ def resize_logits(x: jax.Array, size: tuple[int, int], train: bool = True) -> ja
   ah = jnp.asarray(interp_matrix(h, oh).T, x.dtype)  # (h, oh): jax.image.resize's weights
   aw = jnp.asarray(interp_matrix(w, ow).T, x.dtype)
   t = jnp.einsum("nhwc,hH->ncHw", x, ah, precision=hi)
-  t = jnp.einsum("ncHw,wW->ncHW", t, aw, precision=hi)
+  if t.dtype == jnp.float32 and _loss_native_active():
+    # The width by oneDNN (a 1x1 convolution over the w input columns as channels): the
+    # full-size result is then a custom call's output, which the loss's native kernels
+    # (losses.loss_native_active) pass through and overwrite with the gradient in place;
+    # XLA copies a fusion's output before an in-place custom call.
+    t = conv_general_dilated(t.reshape(n * c, oh, 1, w), aw.reshape(1, 1, w, ow), (1, 1),
+                             "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    t = t.reshape(n, c, oh, ow)
+  else:
+    t = jnp.einsum("ncHw,wW->ncHW", t, aw, precision=hi)
   return jnp.transpose(t, (0, 2, 3, 1))
+
+
+def _loss_native_active() -> bool:
+  from jseg import losses  # noqa: PLC0415 - losses imports the models package
+  return losses.loss_native_active()
 
 
 def upsample_rows(x: jax.Array, s: int) -> jax.Array:

@@ -706,6 +706,173 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddBwd, BnAddBwdImpl,
                                   JSEG_IN JSEG_IN JSEG_IN JSEG_IN JSEG_IN JSEG_OUT JSEG_OUT
                                       JSEG_OUT JSEG_OUT JSEG_BN_ATTRS);
 
+// ---------------------------------------------------------------------------------------
+// The class log-probabilities' backward (jseg/losses.py, _class_log_prob_bwd) over
+// class-major logits z (N images of K planes of P pixels), written over z (the caller aliases it to the output):
+//   dz = [y == k] g_y + g_mean / K - (g_y + g_mean) exp(z - lse)
+// with lse, y (int32), g_y, g_mean per pixel [N, P...]. One elementwise pass: XLA:CPU fuses
+// this with the log-normaliser's K-plane maximum recomputed for each of the K outputs, and
+// cannot write it over z, so the full-size logits and their gradient were both live.
+namespace {
+
+// exp(x) for x <= 0 (here x = z - max or z - lse): Cephes' expf (reduction by ln 2 in two
+// parts, degree-5 polynomial), within 2 ulp of expf; 0 below -87.3 (where expf is
+// denormal), NaN for NaN. Branch-free arithmetic, so `omp simd` vectorises it (glibc's
+// vector expf needs -ffast-math; a clamp of x made GCC thread jumps it cannot vectorise).
+// Below -87.3 the intermediate values are meaningless and discarded by the last select.
+inline float ExpF(float x) {
+  const float t = x * 1.44269504088896341f + 0.5f;
+  const int32_t ti = static_cast<int32_t>(t);
+  const float fx = static_cast<float>(ti) - (static_cast<float>(ti) > t ? 1.f : 0.f);  // floor
+  float r = x - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const float e = y * __builtin_bit_cast(float, (static_cast<int32_t>(fx) + 127) << 23);
+  return x < -87.3f ? 0.f : e;
+}
+
+// Pixels [p0, p0 + len) of image n, every class; per-pixel terms at lse .. gm + p0.
+JSEG_CLONES void LogProbBwdBlock(float* z, const float* __restrict lse,
+                                 const int32_t* __restrict y, const float* __restrict gy,
+                                 const float* __restrict gm, int64_t k, int64_t p,
+                                 int64_t len) {
+  const float kf = static_cast<float>(k);
+  for (int64_t c = 0; c < k; ++c) {
+    float* __restrict zc = z + c * p;
+    const int32_t ci = static_cast<int32_t>(c);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float a = (y[i] == ci ? gy[i] : 0.f) + gm[i] / kf;
+      zc[i] = a - (gy[i] + gm[i]) * ExpF(zc[i] - lse[i]);
+    }
+  }
+}
+
+// The forward over the same block: lse = m + log(sum_k exp(z_k - m)) (m the maximum),
+// lp_y = z_y - lse, lp_mean = (sum_k z_k) / K - lse, the sums in class order as the XLA
+// form adds its planes. len <= kBlock.
+constexpr int64_t kBlock = 1024;
+JSEG_CLONES void LogProbFwdBlock(const float* __restrict z, const int32_t* __restrict y,
+                                 float* __restrict lp_y, float* __restrict lp_mean,
+                                 float* __restrict lse, int64_t k, int64_t p, int64_t len) {
+  float m[kBlock], s[kBlock], zy[kBlock], zs[kBlock];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    m[i] = z[i];
+    s[i] = 0.f;
+    zy[i] = 0.f;
+    zs[i] = 0.f;
+  }
+  for (int64_t c = 1; c < k; ++c) {
+    const float* __restrict zc = z + c * p;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) m[i] = std::max(m[i], zc[i]);
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    const float* __restrict zc = z + c * p;
+    const int32_t ci = static_cast<int32_t>(c);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      s[i] += ExpF(zc[i] - m[i]);
+      zy[i] += y[i] == ci ? zc[i] : 0.f;
+      zs[i] += zc[i];
+    }
+  }
+  const float kf = static_cast<float>(k);
+  for (int64_t i = 0; i < len; ++i) {
+    const float l = m[i] + std::log(s[i]);
+    lse[i] = l;
+    lp_y[i] = zy[i] - l;
+    lp_mean[i] = zs[i] / kf - l;
+  }
+}
+
+}  // namespace
+
+// Blocks of kBlock pixels of each image, a task each, over XLA's pool.
+template <class F>
+void ForPixelBlocks(ffi::ThreadPool& pool, int64_t n, int64_t k, int64_t p, const F& f) {
+  const int64_t per_image = (p + kBlock - 1) / kBlock;
+  ParallelFor(pool, n * per_image, n * k * p, [&](int64_t q) {
+    const int64_t i = q / per_image, p0 = (q % per_image) * kBlock;
+    f(i, p0, std::min(kBlock, p - p0));
+  });
+}
+
+// z holds n images of k class planes of p pixels, in that order, whatever its shape (the
+// caller gives it the shape of its producer's output, so XLA aliases it without a copy).
+bool LogProbDims(const ffi::Buffer<ffi::F32>& z, int64_t n, int64_t k, int64_t* p) {
+  if (n <= 0 || k <= 0) return false;
+  *p = static_cast<int64_t>(z.element_count()) / (n * k);
+  return *p * n * k == static_cast<int64_t>(z.element_count());
+}
+
+// z [N, K, P...], labels [N, P...] -> log p_y, mean_k log p_k, lse (each [N, P...]).
+ffi::Error LogProbFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::S32> y,
+                          ffi::ResultBuffer<ffi::F32> lp_y, ffi::ResultBuffer<ffi::F32> lp_mean,
+                          ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> z_out,
+                          int64_t n, int64_t k) {
+  int64_t p;
+  if (!LogProbDims(z, n, k, &p)) return ffi::Error::InvalidArgument("JsegLogProbFwd: z is not n x k planes");
+  const size_t pix = static_cast<size_t>(n * p);
+  if (y.element_count() != pix || lp_y->element_count() != pix ||
+      lp_mean->element_count() != pix || lse->element_count() != pix ||
+      z_out->element_count() != z.element_count())
+    return ffi::Error::InvalidArgument("JsegLogProbFwd: per-pixel shapes do not match z");
+  return Guard([&] {
+    // z_out is z passed through (aliased by the caller), so that the backward, which writes
+    // over it, is its only reader and XLA needs no copy; copied when XLA did not alias it.
+    if (z_out->typed_data() != z.typed_data())
+      std::memcpy(z_out->typed_data(), z.typed_data(), sizeof(float) * z.element_count());
+    ForPixelBlocks(pool, n, k, p, [&](int64_t i, int64_t p0, int64_t len) {
+      const int64_t o = i * p + p0;
+      LogProbFwdBlock(z.typed_data() + i * k * p + p0, y.typed_data() + o,
+                      lp_y->typed_data() + o, lp_mean->typed_data() + o, lse->typed_data() + o,
+                      k, p, len);
+    });
+  });
+}
+
+ffi::Error LogProbBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z,
+                          ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::S32> y,
+                          ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> gm,
+                          ffi::ResultBuffer<ffi::F32> dz, int64_t n, int64_t k) {
+  int64_t p;
+  if (!LogProbDims(z, n, k, &p)) return ffi::Error::InvalidArgument("JsegLogProbBwd: z is not n x k planes");
+  const size_t pix = static_cast<size_t>(n * p);
+  if (lse.element_count() != pix || y.element_count() != pix || gy.element_count() != pix ||
+      gm.element_count() != pix || dz->element_count() != z.element_count())
+    return ffi::Error::InvalidArgument("JsegLogProbBwd: per-pixel shapes do not match z");
+  return Guard([&] {
+    float* out = dz->typed_data();
+    if (out != z.typed_data())  // not aliased (XLA still needed z): start from a copy
+      std::memcpy(out, z.typed_data(), sizeof(float) * z.element_count());
+    ForPixelBlocks(pool, n, k, p, [&](int64_t i, int64_t p0, int64_t len) {
+      const int64_t o = i * p + p0;
+      LogProbBwdBlock(out + i * k * p + p0, lse.typed_data() + o, y.typed_data() + o,
+                      gy.typed_data() + o, gm.typed_data() + o, k, p, len);
+    });
+  });
+}
+
+// z, labels -> log p_y, mean log p, lse, z (aliased to the input z by the caller).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegLogProbFwd, LogProbFwdImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN
+                                  .Arg<ffi::Buffer<ffi::S32>>() JSEG_OUT JSEG_OUT JSEG_OUT
+                                      JSEG_OUT.Attr<int64_t>("n").Attr<int64_t>("k"));
+
+// z, lse, labels, g_y, g_mean -> dz (aliased to z by the caller).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegLogProbBwd, LogProbBwdImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN
+                                  .Arg<ffi::Buffer<ffi::S32>>() JSEG_IN JSEG_IN JSEG_OUT
+                                      .Attr<int64_t>("n").Attr<int64_t>("k"));
+
 #define JSEG_CONV_ATTRS                               \
   .Attr<ffi::Span<const int64_t>>("strides")          \
       .Attr<ffi::Span<const int64_t>>("dilation")     \
