@@ -281,6 +281,13 @@ def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   path.write_text(text)
 
 
+# The initialiser runs once, so its code need not be fast: on CPU it is compiled without
+# XLA's fusion emitters, whose compiler memory set the whole process's peak for DeepLab v3+
+# (batch 4, 256^2: init compile peak 541 -> 453 MB, PSPNet 431 -> 374; the same parameter
+# bits; experiments/performance/README.md, "Ninth pass").
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+
+
 @dataclasses.dataclass
 class Setup:
   """What a run is built from; shared by training, quick tests and inference.
@@ -301,9 +308,11 @@ class Setup:
 
   @functools.cached_property
   def state(self) -> TrainState:
-    state = jax.block_until_ready(self.init_fn(self.init_rng))
-    self.init_fn.clear_cache()  # runs once: drop its executable (~50 MB resident for PSPNet)
-    return state
+    with runtime.releasing_free_memory():
+      init = self.init_fn.lower(self.init_rng).compile(compiler_options=_INIT_COMPILER_OPTIONS.get(
+          jax.default_backend(), {}))
+    # Runs once: the executable is dropped after (~50 MB resident for PSPNet).
+    return jax.block_until_ready(init(self.init_rng))
 
   def abstract_state(self) -> Any:
     """Shapes, dtypes and (replicated) shardings of the state, for orbax restore."""

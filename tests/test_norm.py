@@ -342,3 +342,94 @@ def test_native_variance_is_accurate_at_a_large_mean(monkeypatch):
   _, upd = m.apply(m.init(jax.random.key(0), x), x, mutable=["batch_stats"])
   ref = np.asarray(x, np.float64).reshape(-1, 8).var(0)
   np.testing.assert_allclose(upd["batch_stats"]["var"], ref, rtol=1e-5, atol=0)
+
+
+# --- `then`: a function of the output (the next convolution), output recomputed in the
+# backward on the native kernels. ---
+
+def _conv3x3(y, k):
+  from jseg.models.conv import conv_general_dilated
+  return conv_general_dilated(y, k, (1, 1), ((1, 1), (1, 1)),
+                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _then_vjp(monkeypatch, mode, x, relu, k, cts, v, use_then):
+  monkeypatch.setenv("JSEG_BN", mode)
+  m = BatchNorm(use_running_average=False, relu=relu, **KW)
+
+  def f(x, params, k):
+    if use_then:
+      out, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                         then=(_conv3x3, (k,)), mutable=["batch_stats"])
+    else:
+      y, upd = m.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                       mutable=["batch_stats"])
+      out = _conv3x3(y, k)
+    return out, upd["batch_stats"]["mean"], upd["batch_stats"]["var"]
+
+  out, vjp = jax.vjp(jax.jit(f), x, v["params"], k)
+  return [*out, *jax.tree.leaves(vjp(cts))]
+
+
+@pytest.mark.parametrize("mode", ["native", "xla"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_then_equals_the_function_of_the_output(monkeypatch, mode, relu):
+  """Outputs, running statistics and the cotangents of x, scale, bias and the function's
+  arguments equal applying the function to the output; bit for bit on the native kernels
+  (the recomputed output is the forward's)."""
+  if mode == "native":
+    _needs_native()
+  shape = (2, 9, 7, 12)
+  x = _x(shape, offset=0.5)
+  v = _variables(shape)
+  rng = np.random.default_rng(4)
+  k = jnp.asarray(rng.standard_normal((3, 3, 12, 5)) * 0.3, jnp.float32)
+  out_shape = shape[:3] + (5,)
+  cts = (jnp.asarray(rng.standard_normal(out_shape), jnp.float32),
+         jnp.asarray(rng.standard_normal(12), jnp.float32),
+         jnp.asarray(rng.standard_normal(12), jnp.float32))
+  got = _then_vjp(monkeypatch, mode, x, relu, k, cts, v, True)
+  ref = _then_vjp(monkeypatch, mode, x, relu, k, cts, v, False)
+  assert len(got) == len(ref) == 7
+  for a, e in zip(got, ref):
+    if mode == "native":
+      np.testing.assert_array_equal(a, e)
+    else:
+      np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+  # Evaluation: the function of the running-statistics output.
+  y_eval = BatchNorm(use_running_average=True, relu=relu, **KW).apply(v, x, then=(_conv3x3, (k,)))
+  y_ref = _conv3x3(BatchNorm(use_running_average=True, relu=relu, **KW).apply(v, x), k)
+  np.testing.assert_array_equal(y_eval, y_ref)
+
+
+def test_then_recomputes_the_output_in_the_backward(monkeypatch):
+  """On the native kernels the output is recomputed after the backward reaches it
+  (``JsegBnApply``), so the forward's output is not kept: XLA's temporaries for a stack of
+  BatchNorm + convolution layers shrink by about one activation per layer."""
+  _needs_native()
+  monkeypatch.setenv("JSEG_BN", "native")
+  shape = (2, 32, 32, 16)
+  rng = np.random.default_rng(0)
+  ks = [jnp.asarray(rng.standard_normal((3, 3, 16, 16)) * 0.1, jnp.float32) for _ in range(4)]
+  x = _x(shape)
+  temps = {}
+  for use_then in (False, True):
+    bns = [BatchNorm(use_running_average=False, relu=True, **KW) for _ in ks]
+    vs = [bn.init(jax.random.key(0), x) for bn in bns]
+
+    def loss(ks, x):
+      for bn, v, k in zip(bns, vs, ks):
+        if use_then:
+          x, _ = bn.apply(v, x, then=(_conv3x3, (k,)), mutable=["batch_stats"])
+        else:
+          y, _ = bn.apply(v, x, mutable=["batch_stats"])
+          x = _conv3x3(y, k)
+      return jnp.sum(x * x)
+
+    c = jax.jit(jax.grad(loss)).lower(ks, x).compile()
+    temps[use_then] = c.memory_analysis().temp_size_in_bytes
+    assert ("JsegBnApply" in c.as_text()) == use_then
+  act = 2 * 32 * 32 * 16 * 4
+  assert temps[True] <= temps[False] - 2.5 * act, (temps, act)
+  with pytest.raises(ValueError, match="then"):
+    BatchNorm(use_running_average=False).apply(vs[0], x, residual=x, then=(_conv3x3, (ks[0],)))

@@ -83,3 +83,17 @@ def test_update_program_donates_the_state():
   leaf = jax.tree.leaves(state.params)[0]
   assert leaf.is_deleted(), "the old state's buffers should be reused for the new state"
   assert not jax.tree.leaves(new.params)[0].is_deleted()
+
+
+def test_initial_state_compiled_for_memory_has_the_default_compile_bits():
+  """``Setup.state`` compiles the initialiser with its own compiler options (CPU: no fusion
+  emitters, for the compiler's memory); the parameters are the same bits as the default
+  compilation's."""
+  run = trainer.setup(tiny_pspnet_config())
+  ref = jax.jit(run.init_fn)(run.init_rng)  # default options
+  got = run.state
+  leaves_a, leaves_b = jax.tree.leaves((got.params, got.batch_stats, got.opt_state)), \
+      jax.tree.leaves((ref.params, ref.batch_stats, ref.opt_state))
+  assert len(leaves_a) == len(leaves_b) > 10
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -29,6 +29,9 @@ Changes (``--change``):
   two matmuls, the class log-probabilities as fusions) vs ``jseg.native``'s kernels, the
   gradient written over the full-size logits, which the width upsampling (now a oneDNN
   1x1 convolution) hands over without a copy (now).
+- ``bn_then``: a BatchNorm's output kept for the convolution it feeds (before) vs recomputed
+  in the backward from the BatchNorm's input (now, ``BatchNorm(then=...)``; Xception's
+  separable convolutions).
 
 ``--now_first`` times the current form first in every round (order effects on this
 shared machine move medians by up to 10%; run both orders).
@@ -108,7 +111,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -140,6 +143,12 @@ def main() -> None:
   autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
   from jseg import native as native_mod
   workspace = native_mod.onednn_workspace
+  recomputed_then = norm._batch_norm_then_native
+
+  def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
+    y, new_mean, new_var = norm._batch_norm_train_native(x, scale, bias, None, ra_mean, ra_var,
+                                                         eps, relu, momentum)
+    return fn(y, *args), new_mean, new_var
 
   def patch(before: bool) -> None:
     if a.change == "upconv":
@@ -160,6 +169,8 @@ def main() -> None:
       pass  # the step itself differs (below)
     elif a.change == "bn_native":
       os.environ["JSEG_BN"] = "xla" if before else "native"
+    elif a.change == "bn_then":
+      norm._batch_norm_then_native = kept_then if before else recomputed_then
     elif a.change == "loss_native":
       os.environ["JSEG_LOSS"] = "xla" if before else "native"
     elif a.change == "conv_workspace":

@@ -29,7 +29,7 @@ so values equal the XLA form's to float32 rounding (``tests/test_norm.py``).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +63,17 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None,
-               residual: jax.Array | None = None) -> jax.Array:
-    """Normalised ``x`` (plus ``residual``, before the ReLU: a ResNet block's end)."""
+               residual: jax.Array | None = None,
+               then: tuple[Callable, tuple] | None = None) -> jax.Array:
+    """Normalised ``x`` (plus ``residual``, before the ReLU: a ResNet block's end).
+
+    ``then=(fn, args)`` returns ``fn(y, *args)`` for the normalised ``y`` instead, e.g. the
+    convolution this layer feeds. In training on the native kernels ``y`` is then not kept
+    for the backward (the convolution would keep it as its input): the backward recomputes
+    it from ``x`` and the batch statistics in one pass, bit for bit (``JsegBnApply``).
+    """
+    if then is not None and residual is not None:
+      raise ValueError("BatchNorm: `then` and `residual` cannot be combined.")
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
@@ -80,7 +89,8 @@ class BatchNorm(nn.Module):
       b = b if bias is None else b + bias
       y = jnp.asarray(x * a + b, dtype)
       y = y if residual is None else y + residual
-      return nn.relu(y) if self.relu else y
+      y = nn.relu(y) if self.relu else y
+      return y if then is None else then[0](y, *then[1])
     scale = jnp.ones((c,), jnp.float32) if scale is None else scale
     bias = jnp.zeros((c,), jnp.float32) if bias is None else bias
     if residual is not None and residual.shape != x.shape:
@@ -88,9 +98,15 @@ class BatchNorm(nn.Module):
     if (x.dtype == scale.dtype == bias.dtype == jnp.dtype(dtype) == jnp.float32
         and (residual is None or residual.dtype == jnp.float32) and bn_native_active()):
       # The running averages come out of the same call (see _batch_norm_train_native).
-      y, new_mean, new_var = _batch_norm_train_native(
-          x, scale, bias, residual, ra_mean.value, ra_var.value, self.epsilon, self.relu,
-          self.momentum)
+      if then is not None:
+        y, new_mean, new_var = _batch_norm_then_native(
+            x, scale, bias, ra_mean.value, ra_var.value, tuple(then[1]), self.epsilon,
+            self.relu, self.momentum, then[0])
+        then = None  # applied
+      else:
+        y, new_mean, new_var = _batch_norm_train_native(
+            x, scale, bias, residual, ra_mean.value, ra_var.value, self.epsilon, self.relu,
+            self.momentum)
     else:
       y, mean, var = _batch_norm_train(x, scale, bias, self.epsilon, dtype)
       y = y if residual is None else y + residual
@@ -99,7 +115,7 @@ class BatchNorm(nn.Module):
       new_var = self.momentum * ra_var.value + (1 - self.momentum) * var
     if not self.is_initializing():
       ra_mean.value, ra_var.value = new_mean, new_var
-    return y
+    return y if then is None else then[0](y, *then[1])
 
 
 _BN_MODES = ("auto", "native", "xla")
@@ -268,3 +284,38 @@ def _batch_norm_train_native_bwd(epsilon, relu, momentum, res, cts):
 
 
 _batch_norm_train_native.defvjp(_batch_norm_train_native_fwd, _batch_norm_train_native_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _batch_norm_then_native(x, scale, bias, ra_mean, ra_var, args, epsilon, relu, momentum, fn):
+  """``(fn(y, *args), new_mean, new_var)`` for ``y`` = ``_batch_norm_train_native``'s output,
+  with ``y`` recomputed in the backward (``JsegBnApply``) instead of kept."""
+  return _batch_norm_then_native_fwd(x, scale, bias, ra_mean, ra_var, args, epsilon, relu,
+                                     momentum, fn)[0]
+
+
+def _batch_norm_then_native_fwd(x, scale, bias, ra_mean, ra_var, args, epsilon, relu, momentum,
+                                fn):
+  (y, new_mean, new_var), (x, _, scale, mean, var_raw, _) = _batch_norm_train_native_fwd(
+      x, scale, bias, None, ra_mean, ra_var, epsilon, relu, momentum)
+  return (fn(y, *args), new_mean, new_var), (x, scale, bias, mean, var_raw, args)
+
+
+def _batch_norm_then_native_bwd(epsilon, relu, momentum, fn, res, cts):
+  x, scale, bias, mean, var_raw, args = res
+  g_out, g_new_mean, g_new_var = cts
+  # g_out is passed but not read: without that dependency XLA schedules the recomputation
+  # in the forward, and y is live as long as before.
+  y = jax.ffi.ffi_call("JsegBnApply", jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                       vmap_method="sequential")(x, scale, bias, mean, var_raw,
+                                                 g_out.astype(jnp.float32),
+                                                 **_native_attrs(epsilon, relu))
+  _, vjp = jax.vjp(fn, y, *args)  # fn's forward is dead code here: XLA drops it
+  gy, *g_args = vjp(g_out)
+  res_bn = (x, y if relu else None, scale, mean, var_raw, None)
+  dx, d_scale, d_bias, _, g_ra_mean, g_ra_var = _batch_norm_train_native_bwd(
+      epsilon, relu, momentum, res_bn, (gy, g_new_mean, g_new_var))
+  return dx, d_scale, d_bias, g_ra_mean, g_ra_var, tuple(g_args)
+
+
+_batch_norm_then_native.defvjp(_batch_norm_then_native_fwd, _batch_norm_then_native_bwd)

@@ -34,7 +34,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DEFAULT_CACHE_DIR = "~/.cache/jseg/native"
 TARGETS = ("JsegConvFwd", "JsegConvBwdData", "JsegConvBwdWeights", "JsegBnFwd", "JsegBnBwd",
-           "JsegBnAddFwd", "JsegBnAddBwd", "JsegLogProbFwd", "JsegLogProbBwd")
+           "JsegBnAddFwd", "JsegBnAddBwd", "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd")
 
 
 def env_mode(var: str, modes: tuple[str, ...]) -> str:

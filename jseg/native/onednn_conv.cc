@@ -607,6 +607,32 @@ ffi::Error BnAddFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                var_raw, eps, relu);
 }
 
+// The forward's output again from x and the forward's mean and var_raw: the same a and b
+// as BnFwd computes them and the same pass, so the same bits. For a BatchNorm whose output
+// only feeds a convolution (norm.BatchNorm's `then`): the backward recomputes it instead of
+// XLA keeping it.
+ffi::Error BnApplyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> mean,
+                       ffi::Buffer<ffi::F32> var_raw, ffi::Buffer<ffi::F32> /*after*/,
+                       ffi::ResultBuffer<ffi::F32> y, float eps, int64_t relu) {
+  int64_t m, c;
+  RowsCols(x.dimensions(), &m, &c);
+  const size_t cs = static_cast<size_t>(c);
+  if (scale.element_count() != cs || bias.element_count() != cs || mean.element_count() != cs ||
+      var_raw.element_count() != cs || y->element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("JsegBnApply: shapes do not match the channel axis");
+  return Guard([&] {
+    std::vector<float> a(c), b(c);
+    for (int64_t k = 0; k < c; ++k) {
+      const float muf = mean.typed_data()[k], vf = var_raw.typed_data()[k];
+      a[k] = scale.typed_data()[k] / std::sqrt(std::max(vf, 0.f) + eps);
+      b[k] = bias.typed_data()[k] - muf * a[k];
+    }
+    ChannelAffine(pool, x.typed_data(), nullptr, nullptr, nullptr, a, b, nullptr, relu != 0, m, c,
+                  y->typed_data(), nullptr);
+  });
+}
+
 // Its backward: gy (the output's cotangent), x, mask (the forward's output when relu != 0:
 // the ReLU passes gy where it is > 0; ignored otherwise), scale, and the forward's mean and
 // var_raw with their cotangents -> dx, d_scale, d_bias (and d_res, the masked gy, when
@@ -693,6 +719,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnAddFwd, BnAddFwdImpl,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_IN
                                   JSEG_IN JSEG_IN JSEG_IN JSEG_OUT JSEG_OUT JSEG_OUT JSEG_OUT
                                       JSEG_OUT JSEG_BN_FWD_ATTRS);
+
+// x, scale, bias, mean, var_raw, after -> y. `after` is not read: the caller passes a
+// value of the backward so that XLA cannot schedule the call (and y's buffer) earlier.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnApply, BnApplyImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_IN
+                                  JSEG_IN JSEG_IN JSEG_IN JSEG_OUT JSEG_BN_ATTRS);
 
 // gy, x, mask, scale, mean, var_raw, g_mean, g_var -> dx, d_scale, d_bias.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegBnBwd, BnBwdImpl,
