@@ -290,3 +290,31 @@ def test_scratchpad_is_an_xla_workspace_output():
       argnums=(0, 1))(x, k)
   np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(gk, rk, rtol=1e-4, atol=1e-3)
+
+
+def test_conv_kernel_and_as_function_equal_the_conv_module():
+  """``ConvKernel`` creates the parameter ``Conv`` would (same path, shape, initialiser and
+  key) and ``as_function`` computes what the bound module computes."""
+  from flax import linen as nn
+
+  from jseg.models.conv import Conv, ConvKernel, as_function
+  init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+  kw = dict(strides=2, padding=((2, 2), (2, 2)), kernel_dilation=2, use_bias=False,
+            kernel_init=init)
+
+  class Module(nn.Module):
+    functional: bool
+
+    @nn.compact
+    def __call__(self, x):
+      if self.functional:
+        k = ConvKernel(6, (3, 3), init, name="c")(x.shape[-1])
+        return as_function(Conv(6, (3, 3), parent=None, **kw))(x, k)
+      return Conv(6, (3, 3), name="c", **kw)(x)
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 5)), jnp.float32)
+  v_f = Module(True).init(jax.random.key(3), x)
+  v_m = Module(False).init(jax.random.key(3), x)
+  assert jax.tree.structure(v_f) == jax.tree.structure(v_m)
+  np.testing.assert_array_equal(v_f["params"]["c"]["kernel"], v_m["params"]["c"]["kernel"])
+  np.testing.assert_array_equal(Module(True).apply(v_f, x), Module(False).apply(v_m, x))

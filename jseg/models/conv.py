@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -285,3 +285,29 @@ def trim_dead_taps(x_shape, k: jax.Array, strides, dilation, pads):
 
 # flax.linen.Conv computing with ``conv_general_dilated``: same fields, params and names.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+class ConvKernel(nn.Module):
+  """The ``kernel`` parameter a bias-free ``Conv(features, kernel_size, kernel_init=...)``
+  creates under the same name: same path, shape, initialiser and random key, so
+  checkpoints are unchanged. For a convolution applied as a function of its kernel
+  (``norm.BatchNorm``'s ``then``, with ``as_function``)."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  kernel_init: Any = nn.linear.default_kernel_init
+
+  @nn.compact
+  def __call__(self, in_features: int) -> jax.Array:
+    return self.param("kernel", self.kernel_init,
+                      (*self.kernel_size, in_features, self.features), jnp.float32)
+
+
+def as_function(conv: nn.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """``fn(x, kernel)``: the unbound bias-free ``conv`` (``Conv(..., parent=None)``) applied
+  to ``x`` with ``kernel``, the same computation as the module bound."""
+  return functools.partial(_apply_with_kernel, conv)
+
+
+def _apply_with_kernel(conv: nn.Module, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return conv.apply({"params": {"kernel": kernel}}, x)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, ConvKernel, as_function
 from jseg.models.layers import max_pool_3x3_s2, pad_same
 from jseg.models.norm import BatchNorm
 
@@ -47,7 +47,11 @@ def _bn(name: str, train: bool, dtype: Dtype, zero_init: bool = False,
   )
 
 
-def _conv(features: int, kernel: int, stride: int, dilation: int, name: str, dtype: Dtype):
+_KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(features: int, kernel: int, stride: int, dilation: int, name: str | None, dtype: Dtype,
+          **kw):
   return Conv(
       features,
       (kernel, kernel),
@@ -56,9 +60,20 @@ def _conv(features: int, kernel: int, stride: int, dilation: int, name: str, dty
       kernel_dilation=dilation,
       use_bias=False,
       dtype=dtype,
-      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+      kernel_init=_KERNEL_INIT,
       name=name,
+      **kw,
   )
+
+
+def _then_conv(x: jax.Array, features: int, kernel: int, stride: int, dilation: int, name: str,
+               dtype: Dtype) -> tuple:
+  """``then`` for the BatchNorm before ``_conv(...)``, with the conv's kernel param created
+  under ``name``: on CPU that BatchNorm's output is recomputed in the backward instead of
+  kept for the convolution (``norm.BatchNorm``)."""
+  k = ConvKernel(features, (kernel, kernel), _KERNEL_INIT, name=name)(x.shape[-1])
+  fn = as_function(_conv(features, kernel, stride, dilation, None, dtype, parent=None))
+  return fn, (k,)
 
 
 class BasicBlock(nn.Module):
@@ -74,8 +89,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = _conv(self.planes, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
-    y = _bn("bn1", train, self.dtype, relu=True)(y)
-    y = _conv(self.planes, 3, 1, self.dilation, "conv2", self.dtype)(y)
+    y = _bn("bn1", train, self.dtype, relu=True)(
+        y, then=_then_conv(y, self.planes, 3, 1, self.dilation, "conv2", self.dtype))
     if self.downsample:
       x = _conv(self.planes, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
       x = _bn("downsample_bn", train, self.dtype)(x)
@@ -96,10 +111,10 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = _conv(self.planes, 1, 1, 1, "conv1", self.dtype)(x)
-    y = _bn("bn1", train, self.dtype, relu=True)(y)
-    y = _conv(self.planes, 3, self.stride, self.dilation, "conv2", self.dtype)(y)
-    y = _bn("bn2", train, self.dtype, relu=True)(y)
-    y = _conv(self.planes * 4, 1, 1, 1, "conv3", self.dtype)(y)
+    y = _bn("bn1", train, self.dtype, relu=True)(
+        y, then=_then_conv(y, self.planes, 3, self.stride, self.dilation, "conv2", self.dtype))
+    y = _bn("bn2", train, self.dtype, relu=True)(
+        y, then=_then_conv(y, self.planes * 4, 1, 1, 1, "conv3", self.dtype))
     if self.downsample:
       x = _conv(self.planes * 4, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
       x = _bn("downsample_bn", train, self.dtype)(x)
@@ -143,9 +158,12 @@ class ResNet(nn.Module):
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     feats = {}
     if self.deep_stem:
-      for i, (f, s) in enumerate(((self.width // 2, 2), (self.width // 2, 1), (self.width, 1))):
-        x = _conv(f, 3, s, 1, f"stem_conv{i + 1}", self.dtype)(x)
-        x = _bn(f"stem_bn{i + 1}", train, self.dtype, relu=True)(x)
+      plan = ((self.width // 2, 2), (self.width // 2, 1), (self.width, 1))
+      x = _conv(plan[0][0], 3, 2, 1, "stem_conv1", self.dtype)(x)
+      for i in (1, 2):  # stem_bn1 and stem_bn2 feed the next conv (`then`)
+        x = _bn(f"stem_bn{i}", train, self.dtype, relu=True)(
+            x, then=_then_conv(x, plan[i][0], 3, 1, 1, f"stem_conv{i + 1}", self.dtype))
+      x = _bn("stem_bn3", train, self.dtype, relu=True)(x)
     else:
       x = _conv(self.width, 7, 2, 1, "conv1", self.dtype)(x)
       x = _bn("bn1", train, self.dtype, relu=True)(x)

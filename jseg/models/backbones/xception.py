@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.conv import Conv, conv_general_dilated
+from jseg.models.conv import Conv, ConvKernel, as_function
 from jseg.models.layers import DepthwiseConv
 from jseg.models.norm import BatchNorm
 
@@ -68,28 +68,11 @@ class SeparableConv(nn.Module):
     x = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, name="depthwise")(x)
     # The pointwise convolution runs inside the depthwise BatchNorm (`then`): in training on
     # CPU that BatchNorm's output is recomputed in the backward instead of kept.
-    k = PointwiseKernel(self.features, name="pointwise")(x.shape[-1])
+    k = ConvKernel(self.features, (1, 1), name="pointwise")(x.shape[-1])
+    pointwise = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, parent=None)
     x = _bn("depthwise_bn", train, self.dtype, relu=self.relu_inside)(
-        x, then=(_pointwise, (k.astype(self.dtype),)))
+        x, then=(as_function(pointwise), (k,)))
     return _bn("pointwise_bn", train, self.dtype, relu=self.relu_inside or self.relu_after)(x)
-
-
-def _pointwise(x: jax.Array, k: jax.Array) -> jax.Array:
-  """A 1x1 convolution of NHWC ``x`` by the HWIO kernel ``k``, as ``Conv`` computes it."""
-  return conv_general_dilated(x, k, (1, 1), ((0, 0), (0, 0)),
-                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-class PointwiseKernel(nn.Module):
-  """The kernel of a bias-free 1x1 ``Conv`` (same name, shape and initialiser), for a
-  convolution applied as a function (``SeparableConv``), so checkpoints are unchanged."""
-
-  features: int
-
-  @nn.compact
-  def __call__(self, in_features: int) -> jax.Array:
-    return self.param("kernel", nn.linear.default_kernel_init,
-                      (1, 1, in_features, self.features), jnp.float32)
 
 
 class XceptionModule(nn.Module):
