@@ -95,3 +95,28 @@ def test_unet_step_count_equals_torch_flop_counter_on_the_twin():
   # The twin's first conv needs no input gradient; jax's grad w.r.t. params skips it too.
   assert ours == pytest.approx(counter.get_total_flops(), rel=1e-9)
   assert ours > 0
+
+
+def test_dead_code_is_not_counted():
+  """A custom VJP that recomputes its input with ``jax.vjp`` traces a forward it never uses
+  (``norm.BatchNorm``'s ``then``); XLA drops it, and so does the count."""
+  conv = nn.Conv(8, (3, 3), use_bias=False)
+  x = jnp.zeros((2, 16, 16, 4))
+  v = conv.init(jax.random.key(0), x)
+  k = v["params"]["kernel"]
+  f = lambda x, k: conv.apply({"params": {"kernel": k}}, x)  # noqa: E731
+
+  @jax.custom_vjp
+  def g(x, k):
+    return f(x, k)
+
+  def g_fwd(x, k):
+    return f(x, k), (x, k)
+
+  def g_bwd(res, ct):
+    _, vjp = jax.vjp(f, *res)  # its forward is dead
+    return vjp(ct)
+
+  g.defvjp(g_fwd, g_bwd)
+  one = count_flops(conv.apply, v, x)
+  assert count_flops(jax.grad(lambda x, k: g(x, k).sum(), argnums=(0, 1)), x, k) == 3 * one

@@ -41,7 +41,11 @@ def count_flops(fn: Callable[..., Any], *args: Any, custom_calls_only: bool = Fa
   return jaxpr_flops(closed.jaxpr, custom_calls_only)
 
 
-def jaxpr_flops(jaxpr: Jaxpr, custom_calls_only: bool = False) -> float:
+def jaxpr_flops(jaxpr: Jaxpr, custom_calls_only: bool = False, dce: bool = True) -> float:
+  """FLOPs of ``jaxpr``; ``dce``: first drop what none of its outputs uses, as XLA does (a
+  custom VJP that recomputes a value with ``jax.vjp`` traces a forward it never uses)."""
+  if dce:
+    jaxpr = _dce(jaxpr)
   total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -52,14 +56,25 @@ def jaxpr_flops(jaxpr: Jaxpr, custom_calls_only: bool = False) -> float:
     elif name == "ffi_call" and str(eqn.params.get("target_name", "")).startswith("JsegConv"):
       total += _onednn_conv_flops(eqn)
     elif name == "cond":
-      total += max((jaxpr_flops(_unwrap(b), custom_calls_only) for b in eqn.params["branches"]),
+      total += max((jaxpr_flops(_unwrap(b), custom_calls_only, False)
+                    for b in eqn.params["branches"]),
                    default=0.0)
     else:
-      inner = sum(jaxpr_flops(j, custom_calls_only) for j in _sub_jaxprs(eqn.params))
+      inner = sum(jaxpr_flops(j, custom_calls_only, False) for j in _sub_jaxprs(eqn.params))
       if name == "scan":
         inner *= eqn.params["length"]
       total += inner
   return total
+
+
+def _dce(jaxpr: Jaxpr) -> Jaxpr:
+  """``jaxpr`` without the equations no output depends on (nested calls too), or as it is
+  where jax's dead-code elimination is unavailable."""
+  try:
+    from jax._src.interpreters import partial_eval as pe  # noqa: PLC0415 - internal API
+    return pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)[0]
+  except Exception:  # noqa: BLE001 - an optional refinement of the count
+    return jaxpr
 
 
 def _unwrap(j: Any) -> Jaxpr:
