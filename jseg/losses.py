@@ -212,9 +212,6 @@ def _class_log_prob_bwd(res, g):
   return dz, None  # labels: no gradient
 
 
-_LOSS_MODES = ("auto", "native", "xla")
-
-
 def loss_native_active() -> bool:
   """Whether the class log-probabilities' backward, traced now, runs as ``jseg.native``'s
   kernel (``JSEG_LOSS`` = ``auto`` | ``native`` | ``xla``).
@@ -225,18 +222,9 @@ def loss_native_active() -> bool:
   (XLA:CPU keeps both), and skips the K-plane maximum XLA recomputes for each class.
   ``native``: raise if the extension is unavailable or the backend is not CPU.
   """
-  from jseg import native
-  from jseg.models import conv
-  mode = native.env_mode("JSEG_LOSS", _LOSS_MODES)
-  if mode == "xla":
-    return False
-  if mode == "auto":
-    return conv.onednn_active()
-  if jax.default_backend() != "cpu":
-    raise RuntimeError(f"JSEG_LOSS=native needs the CPU backend; this is {jax.default_backend()}.")
-  if native.onednn() is None:
-    raise RuntimeError(f"JSEG_LOSS=native, but the extension is unavailable: {native.onednn_error()}")
-  return True
+  from jseg import native  # noqa: PLC0415
+  from jseg.models import conv  # noqa: PLC0415 - the models package imports this module's users
+  return native.kernels_active("JSEG_LOSS", conv.onednn_active)
 
 
 def _onehot(safe: jax.Array, k: int) -> jax.Array:

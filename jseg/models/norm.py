@@ -118,7 +118,7 @@ class BatchNorm(nn.Module):
     return y if then is None else then[0](y, *then[1])
 
 
-_BN_MODES = ("auto", "native", "xla")
+_BN_MODES = native.KERNEL_MODES
 
 
 def bn_mode() -> str:
@@ -134,16 +134,7 @@ def bn_native_active() -> bool:
   gather the batch instead of synchronising the statistics. ``native``: raise if the
   extension is unavailable or the backend is not CPU. ``xla``: never.
   """
-  mode = bn_mode()
-  if mode == "xla":
-    return False
-  if mode == "auto":
-    return conv.onednn_active()
-  if jax.default_backend() != "cpu":
-    raise RuntimeError(f"JSEG_BN=native needs the CPU backend; this is {jax.default_backend()}.")
-  if native.onednn() is None:
-    raise RuntimeError(f"JSEG_BN=native, but the extension is unavailable: {native.onednn_error()}")
-  return True
+  return native.kernels_active("JSEG_BN", conv.onednn_active)
 
 
 def bn_backend_summary() -> str:

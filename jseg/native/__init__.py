@@ -30,6 +30,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DEFAULT_CACHE_DIR = "~/.cache/jseg/native"
@@ -44,6 +45,27 @@ def env_mode(var: str, modes: tuple[str, ...]) -> str:
   if mode not in modes:
     raise ValueError(f"{var} must be one of {modes}; got {mode!r}.")
   return mode
+
+
+KERNEL_MODES = ("auto", "native", "xla")
+
+
+def kernels_active(var: str, auto: Callable[[], bool]) -> bool:
+  """Whether the kernels switched by the environment variable ``var`` (``auto`` | ``native``
+  | ``xla``) serve functions traced now: ``auto`` -> ``auto()``, ``native`` -> yes, or raise
+  unless the backend is CPU and the extension loads, ``xla`` -> no."""
+  mode = env_mode(var, KERNEL_MODES)
+  if mode == "xla":
+    return False
+  if mode == "auto":
+    return auto()
+  import jax  # noqa: PLC0415 - keeps `import jseg.native` cheap
+
+  if jax.default_backend() != "cpu":
+    raise RuntimeError(f"{var}=native needs the CPU backend; this is {jax.default_backend()}.")
+  if onednn() is None:
+    raise RuntimeError(f"{var}=native, but the extension is unavailable: {onednn_error()}")
+  return True
 
 
 class NativeBuildError(RuntimeError):
