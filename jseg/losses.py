@@ -227,6 +227,14 @@ def loss_native_active() -> bool:
   return native.kernels_active("JSEG_LOSS", conv.onednn_active)
 
 
+def loss_backend_summary() -> str:
+  """One line for logs: where the class log-probabilities of traced losses run now."""
+  if loss_native_active():
+    return "jseg.native kernels (CPU)"
+  from jseg import native  # noqa: PLC0415
+  return "XLA" + (" (JSEG_LOSS=xla)" if native.env_mode("JSEG_LOSS", native.KERNEL_MODES) == "xla" else "")
+
+
 def _onehot(safe: jax.Array, k: int) -> jax.Array:
   """``safe[:, None] == class`` as a (N, K, ...) mask."""
   return safe[:, None] == jnp.arange(k, dtype=safe.dtype).reshape((1, k) + (1,) * (safe.ndim - 1))

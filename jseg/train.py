@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from jseg import trainer  # after flag parsing, so --help is fast
   from jseg.models.conv import conv_backend_summary
+  from jseg.losses import loss_backend_summary
   from jseg.models.norm import bn_backend_summary
   from jseg.writers import quiet_library_logs
 
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> None:
   print(f"workdir: {workdir}", flush=True)
   print(f"convolutions: {conv_backend_summary()}", flush=True)
   print(f"BatchNorm (training): {bn_backend_summary()}", flush=True)
+  print(f"loss end (training): {loss_backend_summary()}", flush=True)
   trainer.train_and_evaluate(_CONFIG.value, workdir)
 
 

@@ -380,3 +380,11 @@ def test_native_loss_propagates_nan_and_checks_its_mode(monkeypatch):
   monkeypatch.setenv("JSEG_LOSS", "fast")
   with pytest.raises(ValueError, match="JSEG_LOSS"):
     losses.loss_native_active()
+
+
+def test_loss_backend_summary_names_the_mode(monkeypatch):
+  monkeypatch.setenv("JSEG_LOSS", "xla")
+  assert losses.loss_backend_summary() == "XLA (JSEG_LOSS=xla)"
+  monkeypatch.setenv("JSEG_LOSS", "auto")
+  assert losses.loss_backend_summary() == (
+      "jseg.native kernels (CPU)" if losses.loss_native_active() else "XLA")

@@ -260,6 +260,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "conv": _conv_backend(),
       "batchnorm": _bn_backend(),
+      "loss_end": _loss_backend(),
   }
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
@@ -279,6 +280,13 @@ def _bn_backend() -> str:
   from jseg.models.norm import bn_native_active  # noqa: PLC0415
 
   return "native" if bn_native_active() else "xla"
+
+
+def _loss_backend() -> str:
+  """Where the step's class log-probabilities ran: "native" or "xla" (``jseg.losses``)."""
+  from jseg.losses import loss_native_active  # noqa: PLC0415
+
+  return "native" if loss_native_active() else "xla"
 
 
 def measure_peak_jax(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
