@@ -43,7 +43,9 @@ def resize_logits(x: jax.Array, size: tuple[int, int], train: bool = True) -> ja
   ``train=True``: two matmuls with fixed interpolation matrices that leave the result
   class-major (``N, K, H, W``) under its NHWC view. The losses reduce over classes in
   that layout (``losses._true_class_log_prob``), so the full-size logits and their
-  gradient are never transposed; both gradients are matmuls. Measured on XLA:CPU
+  gradient are never transposed; both gradients are matmuls (where the loss end runs
+  natively, ``losses.loss_native_active``, the width step is a oneDNN 1x1 convolution
+  instead, so that the loss can write its gradient over this output). Measured on XLA:CPU
   (``experiments/performance/loss_tail.py``, 2 threads): upsampling 4x32x32x11 to 256^2
   plus cross-entropy, forward and backward, 38 ms with ``jax.image.resize`` and
   ``log_softmax``/``take_along_axis``, 25 ms this way.
