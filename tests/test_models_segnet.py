@@ -17,7 +17,7 @@ import pytest
 
 from jseg.config import load_config
 from jseg.models.segnet import SegNet, max_unpool_2x2, mc_predict
-from tiny import camvid_config, host_init
+from tiny import camvid_config, host_init, xla_flags_with_devices
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ print(json.dumps({"devices": len(jax.devices()),
 
 
 def test_unpool_under_jit_and_batch_sharding():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(2), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import xla_flags_with_devices
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +38,7 @@ print(json.dumps({"devices": jax.device_count(), "losses": losses}))
 
 
 def _run(devices: int, out: Path) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(devices),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)

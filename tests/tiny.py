@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import ml_collections
 import numpy as np
@@ -35,6 +37,13 @@ def tiny_pspnet_config(cache_dir: str = "", **overrides) -> ml_collections.Confi
       target = target[p]
     target[last] = value
   return c
+
+
+def xla_flags_with_devices(n: int) -> str:
+  """XLA_FLAGS for a subprocess with ``n`` host devices, keeping this process's other flags."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
 
 
 def host_init(model, x, seed=0, **kw):
