@@ -72,6 +72,44 @@ def test_same_padding_gradients_finite_at_odd_size():
   assert float(jnp.abs(grads["enc0"]["conv1"]["kernel"]).max()) > 0
 
 
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_double_conv_equals_the_plain_conv_bn_stack(batch_norm):
+  """DoubleConv's ``then`` form (bn1 feeding conv2 as a function of its kernel) has the
+  plain stack's parameter tree, values, outputs, statistics and gradients, bit for bit."""
+  from flax import linen as nn
+
+  from jseg.models.conv import Conv
+  from jseg.models.norm import BatchNorm
+  from jseg.models.unet import DoubleConv
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+      for i in (1, 2):
+        x = Conv(6, (3, 3), padding=((1, 1), (1, 1)), use_bias=not batch_norm,
+                 kernel_init=init, name=f"conv{i}")(x)
+        x = (BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, relu=True,
+                       name=f"bn{i}")(x) if batch_norm else nn.relu(x))
+      return x
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 10, 3)), jnp.float32)
+  ours, plain = DoubleConv(6, batch_norm=batch_norm), Plain()
+  v, w = ours.init(jax.random.PRNGKey(3), x, False), plain.init(jax.random.PRNGKey(3), x, False)
+  assert jax.tree.structure(v) == jax.tree.structure(w)
+  for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w)):
+    np.testing.assert_array_equal(a, b)
+
+  def run(m, v):
+    def f(p):
+      y, upd = m.apply({**v, "params": p}, x, True, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y)), (y, upd)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(v["params"])
+
+  for a, b in zip(jax.tree.leaves(run(ours, v)), jax.tree.leaves(run(plain, w))):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_parameter_count_of_the_paper_unet():
   # Fig. 1: 1 input channel, 2 classes, no BN; 3x3 convs with bias, 2x2 up-convs halving
   # the channels, a 1x1 classifier. The paper prints no count; this is its layer list.

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, ConvKernel, as_function
 from jseg.models.layers import (
     PixelTransposeConv,
     check_min_size,
@@ -60,24 +60,24 @@ class DoubleConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     pad = ((1, 1), (1, 1)) if self.padding == "same" else "VALID"
-    for i in (1, 2):
-      x = Conv(
-          self.features,
-          (3, 3),
-          padding=pad,
-          use_bias=not self.batch_norm,
-          dtype=self.dtype,
-          kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
-          name=f"conv{i}",
-      )(x)
-      if self.batch_norm:  # BatchNorm + ReLU (one pass on CPU)
-        x = BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-            relu=True, name=f"bn{i}",
-        )(x)
-      else:
-        x = nn.relu(x)
-    return x
+    init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+    def conv(i: int, **kw: Any) -> Conv:
+      return Conv(self.features, (3, 3), padding=pad, use_bias=not self.batch_norm,
+                  dtype=self.dtype, kernel_init=init, name=f"conv{i}", **kw)
+
+    def bn(i: int) -> BatchNorm:  # BatchNorm + ReLU (one pass on CPU)
+      return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, relu=True, name=f"bn{i}")
+
+    x = conv(1)(x)
+    if not self.batch_norm:
+      return nn.relu(conv(2)(nn.relu(x)))
+    # bn1 feeds conv2 through ``then``: on CPU its output is recomputed in the backward
+    # instead of kept (norm.BatchNorm); conv2's kernel keeps its path, shape and init.
+    k = ConvKernel(self.features, (3, 3), init, name="conv2")(x.shape[-1])
+    x = bn(1)(x, then=(as_function(conv(2, parent=None)), (k,)))
+    return bn(2)(x)
 
 
 class Up(nn.Module):
