@@ -292,15 +292,18 @@ def test_scratchpad_is_an_xla_workspace_output():
   np.testing.assert_allclose(gk, rk, rtol=1e-4, atol=1e-3)
 
 
-def test_conv_kernel_and_as_function_equal_the_conv_module():
-  """``ConvKernel`` creates the parameter ``Conv`` would (same path, shape, initialiser and
-  key) and ``as_function`` computes what the bound module computes."""
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_conv_kernel_and_as_function_equal_the_conv_module(use_bias):
+  """``ConvKernel`` creates the parameters ``Conv`` would (same path, shape, initialiser and
+  key; the bias after the kernel) and ``as_function`` computes what the bound module
+  computes."""
   from flax import linen as nn
 
   from jseg.models.conv import Conv, ConvKernel, as_function
   init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-  kw = dict(strides=2, padding=((2, 2), (2, 2)), kernel_dilation=2, use_bias=False,
-            kernel_init=init)
+  bias_init = nn.initializers.normal(0.5)  # random: the bias's key must match too
+  kw = dict(strides=2, padding=((2, 2), (2, 2)), kernel_dilation=2, use_bias=use_bias,
+            kernel_init=init, bias_init=bias_init)
 
   class Module(nn.Module):
     functional: bool
@@ -308,13 +311,15 @@ def test_conv_kernel_and_as_function_equal_the_conv_module():
     @nn.compact
     def __call__(self, x):
       if self.functional:
-        k = ConvKernel(6, (3, 3), init, name="c")(x.shape[-1])
-        return as_function(Conv(6, (3, 3), parent=None, **kw))(x, k)
+        p = ConvKernel(6, (3, 3), init, use_bias, bias_init, name="c")(x.shape[-1])
+        return as_function(Conv(6, (3, 3), parent=None, **kw))(x, *(p if use_bias else (p,)))
       return Conv(6, (3, 3), name="c", **kw)(x)
 
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 5)), jnp.float32)
   v_f = Module(True).init(jax.random.key(3), x)
   v_m = Module(False).init(jax.random.key(3), x)
   assert jax.tree.structure(v_f) == jax.tree.structure(v_m)
-  np.testing.assert_array_equal(v_f["params"]["c"]["kernel"], v_m["params"]["c"]["kernel"])
+  assert ("bias" in v_m["params"]["c"]) is use_bias
+  for a, b in zip(jax.tree.leaves(v_f), jax.tree.leaves(v_m)):
+    np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(Module(True).apply(v_f, x), Module(False).apply(v_m, x))

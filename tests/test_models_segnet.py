@@ -17,7 +17,8 @@ import pytest
 
 from jseg.config import load_config
 from jseg.models.segnet import SegNet, max_unpool_2x2, mc_predict
-from tiny import camvid_config, host_init, xla_flags_with_devices
+from tiny import (assert_same_variables_and_training_bits, camvid_config, host_init,
+                  xla_flags_with_devices)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,6 +118,31 @@ def test_output_at_input_resolution(dropout):
   (logits, aux), (train_logits, train_aux) = jax.eval_shape(run)
   assert logits.shape == train_logits.shape == (2, 97, 131, 11)
   assert aux == train_aux == {}
+
+
+def test_decoder_equals_the_plain_unit_stack():
+  """The decoder's BatchNorms feeding the next convolution (or the classifier) through
+  ``then`` change nothing: same parameter tree and values, logits, statistics and
+  gradients as calling each ConvBNReLUBias whole, bit for bit."""
+  from flax import linen as nn
+
+  from jseg.models.backbones.vgg import VGG
+  from jseg.models.conv import Conv
+  from jseg.models.segnet import DECODER, ConvBNReLUBias
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      feats = VGG(depth=16, width=2, batch_norm=True, name="backbone")(x, train)
+      y = feats["pool5"]
+      for stage in (5, 4, 3, 2, 1):
+        y = max_unpool_2x2(y, feats[f"conv{stage}"])
+        for conv_name, mult in DECODER[stage]:
+          y = ConvBNReLUBias(2 * mult, name=conv_name)(y, train)
+      return Conv(3, (3, 3), padding=((1, 1), (1, 1)), name="conv1_1_D")(y), {}
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  assert_same_variables_and_training_bits(SegNet(3, width=2), Plain(), x)
 
 
 def test_too_small_input_names_the_minimum():

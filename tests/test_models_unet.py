@@ -13,7 +13,7 @@ import pytest
 
 from jseg.config import load_config
 from jseg.models.unet import UNet, valid_geometry
-from tiny import host_init
+from tiny import assert_same_variables_and_training_bits, host_init
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,20 +94,7 @@ def test_double_conv_equals_the_plain_conv_bn_stack(batch_norm):
       return x
 
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 10, 3)), jnp.float32)
-  ours, plain = DoubleConv(6, batch_norm=batch_norm), Plain()
-  v, w = ours.init(jax.random.PRNGKey(3), x, False), plain.init(jax.random.PRNGKey(3), x, False)
-  assert jax.tree.structure(v) == jax.tree.structure(w)
-  for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w)):
-    np.testing.assert_array_equal(a, b)
-
-  def run(m, v):
-    def f(p):
-      y, upd = m.apply({**v, "params": p}, x, True, mutable=["batch_stats"])
-      return jnp.sum(jnp.sin(y)), (y, upd)
-    return jax.jit(jax.value_and_grad(f, has_aux=True))(v["params"])
-
-  for a, b in zip(jax.tree.leaves(run(ours, v)), jax.tree.leaves(run(plain, w))):
-    np.testing.assert_array_equal(a, b)
+  assert_same_variables_and_training_bits(DoubleConv(6, batch_norm=batch_norm), Plain(), x)
 
 
 def test_parameter_count_of_the_paper_unet():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jseg.models.backbones.vgg import VGG, max_pool_2x2_ceil, min_input_size
+from tiny import assert_same_variables_and_training_bits
 
 
 def _shapes(model, shape, **kw):
@@ -68,3 +69,35 @@ def test_batchnorm_names_and_bad_depth():
   assert set(variables["batch_stats"]["bn1_1"]) == {"mean", "var"}
   with pytest.raises(ValueError, match="VGG depth must be one of .*got 17"):
     _shapes(VGG(depth=17), (1, 32, 32, 3))
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_stages_equal_the_plain_conv_bn_relu_stack(batch_norm):
+  """Each BatchNorm feeding the stage's next conv through ``then`` changes nothing: same
+  parameter tree and values, same features, statistics and gradients, bit for bit."""
+  from flax import linen as nn
+
+  from jseg.models.conv import Conv
+  from jseg.models.layers import max_pool_2x2
+  from jseg.models.norm import BatchNorm
+
+  class Plain(nn.Module):  # VGG-11's layout, written out
+    @nn.compact
+    def __call__(self, x, train):
+      feats = {}
+      init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+      for s, (n, ch) in enumerate(zip((1, 1, 2, 2, 2), (2, 4, 8, 16, 16))):
+        for i in range(n):
+          x = Conv(ch, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
+                   name=f"conv{s + 1}_{i + 1}")(x)
+          if batch_norm:
+            x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                          name=f"bn{s + 1}_{i + 1}")(x)
+          x = nn.relu(x)
+        feats[f"conv{s + 1}"] = x
+        x = max_pool_2x2(x)
+        feats[f"pool{s + 1}"] = x
+      return feats
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 36, 40, 3)), jnp.float32)
+  assert_same_variables_and_training_bits(VGG(depth=11, width=2, batch_norm=batch_norm), Plain(), x)

@@ -291,23 +291,32 @@ class ConvKernel(nn.Module):
   """The ``kernel`` parameter a bias-free ``Conv(features, kernel_size, kernel_init=...)``
   creates under the same name: same path, shape, initialiser and random key, so
   checkpoints are unchanged. For a convolution applied as a function of its kernel
-  (``norm.BatchNorm``'s ``then``, with ``as_function``)."""
+  (``norm.BatchNorm``'s ``then``, with ``as_function``). ``use_bias=True`` returns
+  ``(kernel, bias)`` as ``Conv(..., use_bias=True)`` creates them (bias after kernel)."""
 
   features: int
   kernel_size: tuple[int, int]
   kernel_init: Any = nn.linear.default_kernel_init
+  use_bias: bool = False
+  bias_init: Any = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, in_features: int) -> jax.Array:
-    return self.param("kernel", self.kernel_init,
-                      (*self.kernel_size, in_features, self.features), jnp.float32)
+  def __call__(self, in_features: int) -> jax.Array | tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", self.kernel_init,
+                        (*self.kernel_size, in_features, self.features), jnp.float32)
+    if not self.use_bias:
+      return kernel
+    return kernel, self.param("bias", self.bias_init, (self.features,), jnp.float32)
 
 
-def as_function(conv: nn.Module) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """``fn(x, kernel)``: the unbound bias-free ``conv`` (``Conv(..., parent=None)``) applied
-  to ``x`` with ``kernel``, the same computation as the module bound."""
+def as_function(conv: nn.Module) -> Callable[..., jax.Array]:
+  """``fn(x, kernel[, bias])``: the unbound ``conv`` (``Conv(..., parent=None)``) applied
+  to ``x`` with ``kernel`` (and ``bias`` when the conv has one), the same computation as
+  the module bound."""
   return functools.partial(_apply_with_kernel, conv)
 
 
-def _apply_with_kernel(conv: nn.Module, x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return conv.apply({"params": {"kernel": kernel}}, x)
+def _apply_with_kernel(conv: nn.Module, x: jax.Array, kernel: jax.Array,
+                       bias: jax.Array | None = None) -> jax.Array:
+  params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+  return conv.apply({"params": params}, x)

@@ -18,7 +18,7 @@ model uncertainty (:func:`mc_predict`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.vgg import VGG
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, ConvKernel, as_function
 from jseg.models.layers import check_min_size, check_nhwc
 from jseg.registry import MODELS
 from jseg.models.norm import BatchNorm
@@ -74,26 +74,41 @@ def max_unpool_2x2(y: jax.Array, ref: jax.Array) -> jax.Array:
   return out
 
 
+_HE = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
 class ConvBNReLUBias(nn.Module):
-  """3x3 conv (with bias, as in the Caffe model) + BatchNorm + ReLU."""
+  """3x3 conv (with bias, as in the Caffe model) + BatchNorm + ReLU.
+
+  ``convolve`` and ``normalise`` are its two halves, so a BatchNorm can feed the next
+  unit's convolution through ``then`` (``norm.BatchNorm``: on CPU its output is then
+  recomputed in the backward instead of kept); ``params(in_features)`` gives this unit's
+  ``(kernel, bias)`` for that and ``conv_fn`` the function to apply them with.
+  """
 
   features: int
   dtype: Dtype = jnp.float32
 
-  @nn.compact
+  def setup(self) -> None:
+    self.conv = ConvKernel(self.features, (3, 3), _HE, use_bias=True)
+    self.bn = BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, relu=True)
+
+  @property
+  def conv_fn(self) -> Callable[..., jax.Array]:
+    return as_function(Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
+                            dtype=self.dtype, parent=None))
+
+  def params(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    return self.conv(in_features)
+
+  def convolve(self, x: jax.Array) -> jax.Array:
+    return self.conv_fn(x, *self.conv(x.shape[-1]))
+
+  def normalise(self, z: jax.Array, train: bool, then: tuple | None = None) -> jax.Array:
+    return self.bn(z, use_running_average=not train, then=then)
+
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv(
-        self.features,
-        (3, 3),
-        padding=((1, 1), (1, 1)),
-        dtype=self.dtype,
-        kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
-        name="conv",
-    )(x)
-    return BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-        relu=True, name="bn",
-    )(x)
+    return self.normalise(self.convolve(x), train)
 
 
 class SegNet(nn.Module):
@@ -132,15 +147,28 @@ class SegNet(nn.Module):
         name="backbone",
     )(x.astype(self.dtype), train, sample_dropout=stochastic)
     y = feats["pool5"]
+    classifier = Conv(self.num_classes, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                      parent=None)
     for stage in (5, 4, 3, 2, 1):
       y = max_unpool_2x2(y, feats[f"conv{stage}"])
-      for conv_name, mult in DECODER[stage]:
-        y = ConvBNReLUBias(self.width * mult, self.dtype, name=conv_name)(y, train)
+      units = [ConvBNReLUBias(self.width * mult, self.dtype, name=conv_name)
+               for conv_name, mult in DECODER[stage]]
+      # Each BatchNorm feeds the next convolution through ``then`` (its output is not
+      # kept for the backward on CPU); stage 1's last one feeds the classifier.
+      z = units[0].convolve(y)
+      for j, unit in enumerate(units):
+        if j + 1 < len(units):
+          then = (units[j + 1].conv_fn, units[j + 1].params(unit.features))
+        elif stage == 1:
+          then = (as_function(classifier),
+                  ConvKernel(self.num_classes, (3, 3), use_bias=True,
+                             name="conv1_1_D")(unit.features))
+        else:
+          then = None
+        z = unit.normalise(z, train, then=then)
+      y = z  # the stage's output (stage 1: the logits)
       if stage in (5, 4, 3) and self.dropout > 0:
         y = nn.Dropout(self.dropout, deterministic=not stochastic, name=f"dec{stage}_drop")(y)
-    y = Conv(
-        self.num_classes, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv1_1_D"
-    )(y)
     return y, {}
 
 

@@ -17,13 +17,14 @@ network pads the first convolution by 100 pixels and pools in ceil mode;
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, ConvKernel, as_function
 from jseg.models.layers import check_min_size, max_pool_2x2
 from jseg.models.norm import BatchNorm
 
@@ -37,6 +38,14 @@ STAGE_CONVS = {
     19: (2, 2, 4, 4, 4),
 }
 STAGE_MULT = (1, 2, 4, 8, 8)
+_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _conv(ch: int, s: int, pads: Sequence[int], dtype: Dtype, i: int, **kw: Any) -> nn.Module:
+  """Stage ``s``'s ``i``-th 3x3 convolution (``conv{s+1}_{i+1}``, with bias)."""
+  p = pads[i]
+  return Conv(ch, (3, 3), padding=((p, p), (p, p)), dtype=dtype, kernel_init=_INIT,
+              name=f"conv{s + 1}_{i + 1}", **kw)
 
 
 def max_pool_2x2_ceil(x: jax.Array) -> jax.Array:
@@ -98,25 +107,24 @@ class VGG(nn.Module):
     pool = max_pool_2x2_ceil if self.ceil_mode else max_pool_2x2
     feats = {}
     for s, (n_convs, ch) in enumerate(zip(STAGE_CONVS[self.depth], stage_channels(self.width))):
+      pads = [self.first_padding if (s, i) == (0, 0) else 1 for i in range(n_convs)]
+      conv = functools.partial(_conv, ch, s, pads, self.dtype)
+      x = conv(0)(x)
       for i in range(n_convs):
-        pad = self.first_padding if (s, i) == (0, 0) else 1
-        x = Conv(
-            ch,
-            (3, 3),
-            padding=((pad, pad), (pad, pad)),
-            dtype=self.dtype,
-            kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
-            name=f"conv{s + 1}_{i + 1}",
-        )(x)
-        if self.batch_norm:
-          x = BatchNorm(
-              use_running_average=not train,
-              momentum=0.9,
-              epsilon=1e-5,
-              dtype=self.dtype,
-              name=f"bn{s + 1}_{i + 1}",
-          )(x)
-        x = nn.relu(x)
+        if not self.batch_norm:
+          x = nn.relu(x)
+          x = conv(i + 1)(x) if i + 1 < n_convs else x
+          continue
+        bn = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, relu=True, name=f"bn{s + 1}_{i + 1}")
+        if i + 1 < n_convs:
+          # The BatchNorm feeds the stage's next conv through ``then``: on CPU its
+          # output is recomputed in the backward instead of kept (norm.BatchNorm).
+          k, b = ConvKernel(ch, (3, 3), _INIT, use_bias=True,
+                            name=f"conv{s + 1}_{i + 2}")(x.shape[-1])
+          x = bn(x, then=(as_function(conv(i + 1, parent=None)), (k, b)))
+        else:
+          x = bn(x)
       feats[f"conv{s + 1}"] = x
       x = pool(x)
       rate = self.pool_dropout[s]
@@ -130,7 +138,7 @@ class VGG(nn.Module):
             (k, k),
             padding="VALID",
             dtype=self.dtype,
-            kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+            kernel_init=_INIT,
             name=name,
         )(x)
         x = nn.relu(x)
