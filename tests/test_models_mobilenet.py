@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jseg.models.backbones.mobilenet import InvertedResidual, MobileNetV2, channels
-from tiny import host_init
+from tiny import assert_same_variables_and_training_bits, host_init
 
 
 def _shapes(model, shape):
@@ -78,6 +78,37 @@ def test_block_gradients_finite(stride, dilation, residual):
     y0, _ = block.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=False,
                         mutable=["batch_stats"])
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(x))
+
+
+@pytest.mark.parametrize("stride,expansion,dilation", [(2, 6, 1), (1, 1, 1), (1, 6, 2)])
+def test_block_equals_the_plain_layer_stack(stride, expansion, dilation):
+  """The BatchNorms feeding the depthwise and projection convolutions (after ReLU6) through
+  ``then`` change nothing: same parameters, outputs, statistics, gradients, bit for bit."""
+  from flax import linen as nn
+
+  from jseg.models.conv import Conv
+  from jseg.models.layers import DepthwiseConv
+  from jseg.models.norm import BatchNorm
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+      bn = lambda name: BatchNorm(use_running_average=not train, momentum=0.9,  # noqa: E731
+                                  epsilon=1e-5, name=name)
+      y = x
+      if expansion != 1:
+        y = Conv(8 * expansion, (1, 1), use_bias=False, kernel_init=init, name="expand_conv")(y)
+        y = nn.relu6(bn("expand_bn")(y))
+      y = DepthwiseConv(3, stride, dilation, name="dw_conv")(y)
+      y = nn.relu6(bn("dw_bn")(y))
+      y = Conv(8, (1, 1), use_bias=False, kernel_init=init, name="project_conv")(y)
+      y = bn("project_bn")(y)
+      return x + y if stride == 1 else y
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 11, 9, 8)), jnp.float32)
+  assert_same_variables_and_training_bits(
+      InvertedResidual(8, stride=stride, expansion=expansion, dilation=dilation), Plain(), x)
 
 
 def test_bad_output_stride():

@@ -16,13 +16,14 @@ products; XLA's grouped convs are slow on XLA:CPU, see PERF_NOTES).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, ConvKernel, as_function
 from jseg.models.layers import DepthwiseConv
 from jseg.models.norm import BatchNorm
 
@@ -55,15 +56,12 @@ def _bn(train: bool, dtype: Dtype, name: str) -> BatchNorm:
   )
 
 
-def _conv1x1(features: int, dtype: Dtype, name: str) -> nn.Conv:
-  return Conv(
-      features,
-      (1, 1),
-      use_bias=False,
-      dtype=dtype,
-      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-      name=name,
-  )
+_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv1x1(features: int, dtype: Dtype, name: str | None, **kw: Any) -> nn.Conv:
+  return Conv(features, (1, 1), use_bias=False, dtype=dtype, kernel_init=_FAN_OUT, name=name,
+              **kw)
 
 
 class InvertedResidual(nn.Module):
@@ -78,17 +76,30 @@ class InvertedResidual(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     in_ch = x.shape[-1]
-    y = x
+    hidden = in_ch * self.expansion
+    depthwise = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, parent=None)
+    # Each BatchNorm feeds the next convolution (after its ReLU6) through ``then``: on CPU
+    # its output is recomputed in the backward instead of kept (norm.BatchNorm). The
+    # kernels keep their paths, shapes and initialisers.
     if self.expansion != 1:
-      y = _conv1x1(in_ch * self.expansion, self.dtype, "expand_conv")(y)
-      y = nn.relu6(_bn(train, self.dtype, "expand_bn")(y))
-    y = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, name="dw_conv")(y)
-    y = nn.relu6(_bn(train, self.dtype, "dw_bn")(y))
-    y = _conv1x1(self.features, self.dtype, "project_conv")(y)
+      y = _conv1x1(hidden, self.dtype, "expand_conv")(x)
+      dw_k = ConvKernel(hidden, (3, 3), nn.initializers.lecun_normal(), name="dw_conv")(1)
+      y = _bn(train, self.dtype, "expand_bn")(
+          y, then=(functools.partial(_after_relu6, as_function(depthwise)), (dw_k,)))
+    else:
+      y = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, name="dw_conv")(x)
+    project = _conv1x1(self.features, self.dtype, None, parent=None)
+    k = ConvKernel(self.features, (1, 1), _FAN_OUT, name="project_conv")(hidden)
+    y = _bn(train, self.dtype, "dw_bn")(
+        y, then=(functools.partial(_after_relu6, as_function(project)), (k,)))
     y = _bn(train, self.dtype, "project_bn")(y)
     if self.stride == 1 and in_ch == self.features:
       y = x + y
     return y
+
+
+def _after_relu6(fn: Callable[..., jax.Array], y: jax.Array, *args: jax.Array) -> jax.Array:
+  return fn(nn.relu6(y), *args)
 
 
 class MobileNetV2(nn.Module):
@@ -117,7 +128,7 @@ class MobileNetV2(nn.Module):
         padding=((1, 1), (1, 1)),
         use_bias=False,
         dtype=self.dtype,
-        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        kernel_init=_FAN_OUT,
         name="stem_conv",
     )(x.astype(self.dtype))
     x = nn.relu6(_bn(train, self.dtype, "stem_bn")(x))
