@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from jseg.models.backbones import xception
 from jseg.models.layers import DepthwiseConv
+from tiny import assert_same_variables_and_training_bits
 
 KEY = jax.random.key(0)
 
@@ -114,6 +115,31 @@ def test_scanned_middle_flow_equals_unrolled():
   y = jax.jit(lambda v, x: scanned.apply(v, x, train=False)["out"])(v, x)
   yu = jax.jit(lambda v, x: unrolled.apply(v, x, train=False)["out"])(vu, x)
   np.testing.assert_allclose(y, yu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_second,relu_inside", [(True, False), (False, False), (False, True)])
+def test_module_equals_its_units_called_one_by_one(keep_second, relu_inside):
+  """Handing each unit's output to the next unit's depthwise conv through ``then``
+  (``separable_chain``) changes nothing: same parameter tree and values, outputs, statistics
+  and gradients as calling every ``SeparableConv`` whole, with the ReLUs in between."""
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      y, second = x, None
+      for i, f in enumerate((6, 6, 8)):
+        fused = not relu_inside and i < 2 and not (i == 1 and keep_second)
+        if not relu_inside and (i == 0 or (i == 2 and keep_second)):
+          y = nn.relu(y)
+        y = xception.SeparableConv(f, 2 if i == 2 else 1, 2, relu_inside, fused,
+                                   name=f"sepconv{i + 1}")(y, train)
+        second = y if i == 1 and keep_second else second
+      s = xception.Conv(8, (1, 1), strides=2, use_bias=False, name="shortcut")(x)
+      return y + xception._bn("shortcut_bn", train, jnp.float32)(s), second
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 13, 11, 5)), jnp.float32)
+  ours = xception.XceptionModule((6, 6, 8), 2, 2, relu_inside=relu_inside, keep_second=keep_second)
+  assert_same_variables_and_training_bits(ours, Plain(), x)
 
 
 def test_bad_settings_raise():

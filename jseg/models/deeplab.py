@@ -31,7 +31,7 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
-from jseg.models.backbones.xception import SeparableConv, Xception65
+from jseg.models.backbones.xception import SeparableConv, Xception65, separable_chain
 from jseg.models.conv import Conv
 from jseg.models.layers import (
     max_pool_same,
@@ -177,10 +177,11 @@ class Decoder(nn.Module):
     dt = self.dtype
     low = ConvBNReLU(self.low_level_features, kernel=1, dtype=dt, name="low_level")(low, train)
     y = jnp.concatenate([resize_bilinear(x, low.shape[1:3]), low], axis=-1)
-    for i in range(2):
-      if self.separable:
-        y = SeparableConv(self.features, relu_inside=True, dtype=dt, name=f"conv{i}")(y, train)
-      else:
+    if self.separable:  # conv0's output goes to conv1's depthwise conv through ``then``
+      y = separable_chain([SeparableConv(self.features, relu_inside=True, dtype=dt,
+                                         name=f"conv{i}") for i in range(2)], y, train)
+    else:
+      for i in range(2):
         y = ConvBNReLU(self.features, kernel=3, dtype=dt, name=f"conv{i}")(y, train)
     return Conv(self.num_classes, (1, 1), dtype=dt, name="classifier")(y)
 

@@ -306,6 +306,19 @@ class DepthwiseConv(nn.Module):
     return out
 
 
+class DepthwiseKernel(nn.Module):
+  """The ``kernel`` parameter ``DepthwiseConv(kernel)`` creates under the same name (same
+  path, ``(k, k, 1, channels)`` shape, initialiser and key), for a depthwise convolution
+  applied as a function of its kernel (``conv.as_function``, ``norm.BatchNorm``'s ``then``)."""
+
+  kernel: int = 3
+
+  @nn.compact
+  def __call__(self, channels: int) -> jax.Array:
+    return self.param("kernel", nn.initializers.lecun_normal(),
+                      (self.kernel, self.kernel, 1, channels), jnp.float32)
+
+
 def check_min_size(x: jax.Array, min_size: int, model: str) -> None:
   """Raises a clear error when the spatial size is below a network's minimum."""
   h, w = x.shape[1:3]

@@ -26,14 +26,15 @@ axis of length ``middle_blocks``), which keeps compile time independent of depth
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from jseg.models.conv import Conv, ConvKernel, as_function
-from jseg.models.layers import DepthwiseConv
+from jseg.models.layers import DepthwiseConv, DepthwiseKernel
 from jseg.models.norm import BatchNorm
 
 Dtype = Any
@@ -54,6 +55,12 @@ class SeparableConv(nn.Module):
   before the unit, as the original Xception module does. ``relu_after`` applies
   ReLU after the pointwise BN only: the next unit's leading ReLU, moved into this
   BatchNorm (one pass on CPU, and no pre-activation kept for the backward).
+
+  The pointwise convolution runs inside the depthwise BatchNorm (``then``): in training on
+  CPU that BatchNorm's output is recomputed in the backward instead of kept. A chain of
+  units (``separable_chain``) hands each pointwise BatchNorm's output to the next unit's
+  depthwise convolution the same way: ``depthwise_conv`` and ``after_depthwise`` are the
+  unit's two halves, ``then_args`` the ``then`` that applies its depthwise convolution.
   """
 
   features: int
@@ -63,16 +70,41 @@ class SeparableConv(nn.Module):
   relu_after: bool = False
   dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, name="depthwise")(x)
-    # The pointwise convolution runs inside the depthwise BatchNorm (`then`): in training on
-    # CPU that BatchNorm's output is recomputed in the backward instead of kept.
-    k = ConvKernel(self.features, (1, 1), name="pointwise")(x.shape[-1])
+  def setup(self) -> None:
+    self.depthwise = DepthwiseKernel(3)
+    self.pointwise = ConvKernel(self.features, (1, 1))
+    bn = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-3, dtype=self.dtype)
+    self.depthwise_bn = bn(relu=self.relu_inside)
+    self.pointwise_bn = bn(relu=self.relu_inside or self.relu_after)
+
+  def then_args(self, in_features: int) -> tuple[Callable[..., jax.Array], tuple[jax.Array]]:
+    """``(fn, (kernel,))``: this unit's depthwise convolution as a function of its kernel."""
+    conv = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, parent=None)
+    return as_function(conv), (self.depthwise(in_features),)
+
+  def depthwise_conv(self, x: jax.Array) -> jax.Array:
+    fn, args = self.then_args(x.shape[-1])
+    return fn(x, *args)
+
+  def after_depthwise(self, z: jax.Array, train: bool, then: tuple | None = None) -> jax.Array:
     pointwise = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, parent=None)
-    x = _bn("depthwise_bn", train, self.dtype, relu=self.relu_inside)(
-        x, then=(as_function(pointwise), (k,)))
-    return _bn("pointwise_bn", train, self.dtype, relu=self.relu_inside or self.relu_after)(x)
+    y = self.depthwise_bn(z, use_running_average=not train,
+                          then=(as_function(pointwise), (self.pointwise(z.shape[-1]),)))
+    return self.pointwise_bn(y, use_running_average=not train, then=then)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return self.after_depthwise(self.depthwise_conv(x), train)
+
+
+def separable_chain(units: Sequence[SeparableConv], x: jax.Array, train: bool) -> jax.Array:
+  """``units`` applied in order, each one's output handed to the next one's depthwise
+  convolution through ``then`` (not kept for the backward on CPU); same values as calling
+  them one after the other."""
+  z = units[0].depthwise_conv(x)
+  for i, unit in enumerate(units):
+    then = units[i + 1].then_args(unit.features) if i + 1 < len(units) else None
+    z = unit.after_depthwise(z, train, then)
+  return z
 
 
 class XceptionModule(nn.Module):
@@ -95,24 +127,21 @@ class XceptionModule(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
-    y = x
-    second = None
-    fused = False  # whether the previous unit already applied this unit's leading ReLU
+    units = []
     for i, f in enumerate(self.features):
-      if not self.relu_inside and not fused:
-        y = nn.relu(y)
       last = i == len(self.features) - 1
+      # Whether this unit applies the next one's leading ReLU.
       fused = not self.relu_inside and not last and not (i == 1 and self.keep_second)
-      y = SeparableConv(
-          f,
-          stride=self.stride if i == 2 else 1,
-          dilation=self.dilation,
-          relu_inside=self.relu_inside,
-          relu_after=fused,
-          dtype=self.dtype,
-          name=f"sepconv{i + 1}",
-      )(y, train)
-      if i == 1 and self.keep_second:
+      units.append(SeparableConv(f, stride=self.stride if i == 2 else 1,
+                                 dilation=self.dilation, relu_inside=self.relu_inside,
+                                 relu_after=fused, dtype=self.dtype, name=f"sepconv{i + 1}"))
+    # The second unit's output is a feature of its own when kept: the chain breaks there.
+    segments = [units[:2], units[2:]] if self.keep_second else [units]
+    y, second = x, None
+    for j, segment in enumerate(segments):
+      y = y if self.relu_inside else nn.relu(y)  # the segment's leading ReLU
+      y = separable_chain(segment, y, train)
+      if j == 0 and self.keep_second:
         second = y
     if self.skip == "conv":
       s = Conv(
@@ -225,9 +254,9 @@ class Xception65(nn.Module):
     grid = tuple(self.multi_grid)
     if len(grid) != 3:
       raise ValueError(f"Xception multi_grid needs 3 rates; got {grid}.")
-    for i, (f, g) in enumerate(zip((ch(1536), ch(1536), ch(2048)), grid)):
-      x = SeparableConv(f, 1, d5 * g, relu_inside=True, dtype=dt, name=f"exit_block2_sepconv{i + 1}")(
-          x, train)
+    x = separable_chain(
+        [SeparableConv(f, 1, d5 * g, relu_inside=True, dtype=dt, name=f"exit_block2_sepconv{i + 1}")
+         for i, (f, g) in enumerate(zip((ch(1536), ch(1536), ch(2048)), grid))], x, train)
     feats["out"] = x
     return feats
 
