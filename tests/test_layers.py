@@ -65,6 +65,22 @@ def test_max_pool_3x3_s2_matches_nn_max_pool_with_neg_inf_padding(shape):
   np.testing.assert_allclose(g, g_ref, atol=1e-6)
 
 
+def test_max_pool_3x3_s2_gradient_goes_to_one_maximum_and_keeps_little():
+  # Ties (here every window is all zeros, as after a ReLU): PyTorch gives the whole
+  # gradient to one position per window; autodiff of the maxima would split it.
+  x = np.zeros((1, 6, 6, 1), np.float32)
+  g = np.asarray(jax.grad(lambda t: layers.max_pool_3x3_s2(t).sum())(x))
+  assert set(np.unique(g)) <= {0.0, 1.0, 2.0, 3.0, 4.0}  # a sum of whole unit gradients
+  np.testing.assert_allclose(g.sum(), 9.0)
+  # The backward keeps int8 positions (row per row maximum, column per maximum), not the
+  # padded input and the row maxima.
+  x = _rand((2, 64, 64, 8))
+  _, vjp = jax.vjp(layers.max_pool_3x3_s2, x)
+  kept = sorted((str(leaf.dtype), leaf.shape) for leaf in jax.tree.leaves(vjp)
+                if hasattr(leaf, "dtype"))
+  assert kept == [("int8", (2, 32, 32, 8)), ("int8", (2, 32, 66, 8))]
+
+
 def test_max_pool_3x3_s2_all_negative_input_ignores_padding():
   x = -1.0 - np.abs(_rand((1, 5, 5, 1)))
   assert float(jax.jit(layers.max_pool_3x3_s2)(x).max()) < 0  # padding never wins

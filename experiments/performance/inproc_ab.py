@@ -32,6 +32,8 @@ Changes (``--change``):
 - ``bn_then``: a BatchNorm's output kept for the convolution it feeds (before) vs recomputed
   in the backward from the BatchNorm's input (now, ``BatchNorm(then=...)``; Xception's
   separable convolutions).
+- ``pool_position``: the ResNet stem's 3x3/2 max pool differentiated by autodiff (before)
+  vs its custom VJP keeping the int8 window position of each maximum (now).
 
 ``--now_first`` times the current form first in every round (order effects on this
 shared machine move medians by up to 10%; run both orders).
@@ -49,6 +51,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def autodiff_pool(x):
+  """The ResNet stem's 3x3/2 max pool before its custom VJP: maxima of strided slices,
+  differentiated by autodiff (keeps the padded input and row maxima; splits ties)."""
+  import jax.numpy as jnp
+  n, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  oh, ow = (h + 1) // 2, (w + 1) // 2
+  rows = jnp.maximum(jnp.maximum(xp[:, 0 : 2 * oh - 1 : 2], xp[:, 1 : 2 * oh : 2]),
+                     xp[:, 2 : 2 * oh + 1 : 2])
+  return jnp.maximum(jnp.maximum(rows[:, :, 0 : 2 * ow - 1 : 2], rows[:, :, 1 : 2 * ow : 2]),
+                     rows[:, :, 2 : 2 * ow + 1 : 2])
 
 
 def flax_bn_class():
@@ -111,7 +126,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -144,6 +159,7 @@ def main() -> None:
   from jseg import native as native_mod
   workspace = native_mod.onednn_workspace
   recomputed_then = norm._batch_norm_then_native
+  pool = layers.max_pool_3x3_s2
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
     y, new_mean, new_var = norm._batch_norm_train_native(x, scale, bias, None, ra_mean, ra_var,
@@ -176,6 +192,9 @@ def main() -> None:
     elif a.change == "conv_workspace":
       from jseg import native
       native.onednn_workspace = (lambda *args: 1) if before else workspace
+    elif a.change == "pool_position":
+      for m in (resnet, deeplab):  # they import the pool by name
+        m.max_pool_3x3_s2 = autodiff_pool if before else pool
     else:  # every module that builds BatchNorm layers looks the name up at call time
       for m in bn_modules:
         m.BatchNorm = flax_bn_class() if before else norm.BatchNorm

@@ -10,6 +10,7 @@ elementwise or plain matmuls. Tests check each against the stock op.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -134,16 +135,64 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
   Output size is ``ceil(H/2) x ceil(W/2)`` as in ``torch.nn.MaxPool2d(3, 2, 1)``.
   Written separably, a maximum of three strided row slices and then of three strided
-  column slices, so the gradient is two three-way selects (the nine-slice form's single
-  fused select cost 3x more in a PSPNet step on XLA:CPU).
+  column slices. The backward keeps only which row and which column held each maximum
+  (int8) and routes the gradient there, undoing the column maximum and then the row
+  maximum (two three-way selects), all of it to one position per window as PyTorch does
+  (the first maximum among the columns, then among that column's rows); autodiff of the
+  maxima kept the padded input and the row maxima (1.5x the input) and split ties.
   """
-  n, h, w, c = x.shape
+  return _max_pool_3x3_s2(x.shape[1], x.shape[2], x)
+
+
+def _max3(a: jax.Array, b: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The maximum of three arrays and which one (0, 1, 2: the first) attains it, as int8."""
+  m = jnp.maximum(jnp.maximum(a, b), c)
+  return m, jnp.where(a == m, 0, jnp.where(b == m, 1, 2)).astype(jnp.int8)
+
+
+def _pool_3x3_s2_with_positions(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pooled ``x``, the row (0-2) of each row-maximum and the column (0-2) of each maximum."""
+  h, w = x.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
   oh, ow = (h + 1) // 2, (w + 1) // 2
-  rows = jnp.maximum(jnp.maximum(xp[:, 0 : 2 * oh - 1 : 2], xp[:, 1 : 2 * oh : 2]),
-                     xp[:, 2 : 2 * oh + 1 : 2])
-  return jnp.maximum(jnp.maximum(rows[:, :, 0 : 2 * ow - 1 : 2], rows[:, :, 1 : 2 * ow : 2]),
-                     rows[:, :, 2 : 2 * ow + 1 : 2])
+  rows, row_at = _max3(xp[:, 0 : 2 * oh - 1 : 2], xp[:, 1 : 2 * oh : 2], xp[:, 2 : 2 * oh + 1 : 2])
+  out, col_at = _max3(rows[:, :, 0 : 2 * ow - 1 : 2], rows[:, :, 1 : 2 * ow : 2],
+                      rows[:, :, 2 : 2 * ow + 1 : 2])
+  return out, row_at, col_at
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _max_pool_3x3_s2(h: int, w: int, x: jax.Array) -> jax.Array:
+  return _pool_3x3_s2_with_positions(x)[0]
+
+
+def _max_pool_3x3_s2_fwd(h, w, x):
+  out, row_at, col_at = _pool_3x3_s2_with_positions(x)
+  return out, (row_at, col_at)
+
+
+def _unpool_axis(g: jax.Array, at: jax.Array, axis: int, size: int) -> jax.Array:
+  """Inverse of one strided three-way maximum along ``axis``: ``g[i]`` goes to padded
+  position ``2 i + at[i]`` (size ``size``), as three interior-padded selects summed."""
+  zero = jnp.zeros((), g.dtype)
+  n = g.shape[axis]
+  out = None
+  for k in range(3):
+    cfg = [(0, 0, 0)] * g.ndim
+    cfg[axis] = (k, size - k - (2 * n - 1), 1)
+    t = jax.lax.pad(jnp.where(at == k, g, zero), zero, cfg)
+    out = t if out is None else out + t
+  return out
+
+
+def _max_pool_3x3_s2_bwd(h, w, res, g):
+  row_at, col_at = res
+  g_rows = _unpool_axis(g, col_at, 2, w + 2)  # (N, oh, w + 2, C)
+  g_xp = _unpool_axis(g_rows, row_at, 1, h + 2)  # (N, h + 2, w + 2, C)
+  return (g_xp[:, 1 : h + 1, 1 : w + 1],)
+
+
+_max_pool_3x3_s2.defvjp(_max_pool_3x3_s2_fwd, _max_pool_3x3_s2_bwd)
 
 
 def max_pool_same(x: jax.Array, k: int) -> jax.Array:
