@@ -89,7 +89,8 @@ def build_smp(name: str, num_classes: int):
 
 
 def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeats: int,
-        threads: int, channels_last: bool, device: str = "cpu", amp: str = "", use_smp: bool = False) -> dict:
+        threads: int, channels_last: bool, device: str = "cpu", amp: str = "", use_smp: bool = False,
+        infer_repeats: int = 0) -> dict:
   base = rss_mb()
   import torch
   import torch.nn.functional as F
@@ -154,7 +155,7 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
       model(xi)
     if sync:
       sync()
-    infer_s, _ = median_time(lambda: model(xi), repeats, sync)
+    infer_s, infer_times = median_time(lambda: model(xi), infer_repeats or repeats, sync)
   out = {
       "framework": "smp" if use_smp else "torch", "model": name, "torch_version": torch.__version__,
       "device": device, "amp": amp or "none",
@@ -164,6 +165,7 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
       "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
       "train_images_per_s": round(batch / step_s, 3),
       "infer_ms_per_image": round(1e3 * infer_s / infer_batch, 3),
+      "infer_calls": len(infer_times),
       "torch_gflops_per_image": round(counted / batch / 1e9, 3),
       "final_loss": round(float(loss), 4),
       "base_rss_mb": round(base, 1), "runtime_rss_mb": round(runtime_rss, 1), "peak_rss_mb": round(max(rss_mb(), build_rss), 1),
@@ -186,6 +188,7 @@ def main() -> None:
   p.add_argument("--infer_batch", type=int, default=1)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--infer_repeats", type=int, default=0, help="timed inference calls (0: --repeats)")
   p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
   p.add_argument("--channels_last", action="store_true")
   p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -200,7 +203,7 @@ def main() -> None:
            "peak_gflops": round(peak_gflops(a.threads, a.peak_n, device=a.device, dtype=a.peak_dtype), 2)}
   elif a.spec:
     out = run(json.loads(a.spec), a.batch, a.size, a.infer_batch, a.warmup, a.repeats, a.threads,
-              a.channels_last, a.device, a.amp, a.smp)
+              a.channels_last, a.device, a.amp, a.smp, a.infer_repeats)
   else:
     raise SystemExit("Pass --spec=JSON (a model) or --peak.")
   print("RESULT " + json.dumps(out), flush=True)

@@ -16,7 +16,7 @@ def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench_models.json"
   rep = bench_models.main([
       "--models=unet", "--batch=2", "--size=32", "--infer_batch=1", "--warmup=1", "--repeats=1",
-      "--set=depth=2", "--set=width=4", "--peak_gflops=100", f"--out={out}"])
+      "--infer_repeats=3", "--set=depth=2", "--set=width=4", "--peak_gflops=100", f"--out={out}"])
   return rep, json.loads(out.read_text())
 
 
@@ -32,6 +32,7 @@ def test_models_suite_writes_positive_measurements(report):
     assert j[field] > 0, field
   assert j["model_config"]["width"] == 4 and j["model_config"]["num_classes"] == 11
   assert j["step_programs"] == 2 and written["settings"]["step_programs"] == 2  # the trainer's default
+  assert j["infer_calls"] == 3 and written["settings"]["infer_repeats"] == 3
   # Training does more work than inference per image.
   assert j["train_gflops_per_image"] > j["infer_gflops_per_image"]
   assert rep["results"][0]["model"] == "unet"
@@ -45,6 +46,7 @@ def test_torch_twin_matches_parameter_count(report):
   assert "error" not in t, t.get("error")
   assert t["params"] == row["jseg"]["params"]
   assert t["train_images_per_s"] > 0 and t["infer_ms_per_image"] > 0
+  assert t["infer_calls"] == 3  # as many timed inference calls as jseg's
   assert row["ratio"]["train"] > 0 and row["ratio"]["infer"] > 0
 
 

@@ -9,7 +9,8 @@ training step over the device mesh, two programs unless ``split_update`` is off:
 - ``train_images_per_s``: batch / median step time over ``--repeats`` steps,
   after ``--warmup`` steps;
 - ``infer_ms_per_image``: median latency of the jitted eval forward
-  (``train=False``) at ``--infer_batch`` images, divided by that batch;
+  (``train=False``) at ``--infer_batch`` images over ``--infer_repeats`` calls (20),
+  divided by that batch;
 - ``params``, ``train_gflops_per_image`` and ``infer_gflops_per_image`` (XLA's
   ``cost_analysis()`` of the compiled executables: every op on CPU, but on GPU
   the convolutions sit in cuDNN calls it does not count);
@@ -171,7 +172,8 @@ def _flops(compiled) -> float:
 
 
 def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, repeats: int,
-             preset: str, overrides: dict[str, Any], step_programs: int = 2) -> dict[str, Any]:
+             preset: str, overrides: dict[str, Any], step_programs: int = 2,
+             infer_repeats: int = 0) -> dict[str, Any]:
   """Measures one model in this process (call in a fresh subprocess)."""
   base_rss = rss_mb()
   import jax
@@ -234,7 +236,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   infer_model_flops = jaxpr_flops(infer_jaxpr)
   for _ in range(max(warmup, 1)):
     jax.block_until_ready(infer(variables, x))
-  infer_s, _ = _median_time(lambda: infer(variables, x), repeats)
+  infer_s, infer_times = _median_time(lambda: infer(variables, x), infer_repeats or repeats)
   out = {
       "framework": "jseg", "model": name,
       "model_config": json.loads(config.model.to_json_best_effort()),
@@ -245,6 +247,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in step_times],
       "train_images_per_s": round(batch / step_s, 3),
       "infer_ms_per_image": round(1e3 * infer_s / infer_batch, 3),
+      "infer_calls": len(infer_times),
       "train_gflops_per_image": round(train_flops / batch / 1e9, 3),
       "infer_gflops_per_image": round(infer_flops / infer_batch / 1e9, 3),
       "model_gflops_per_image": round(model_flops / batch / 1e9, 3),
@@ -318,7 +321,7 @@ def _child(args) -> None:
            "peak_gflops": round(measure_peak_jax(n, dtype=args.peak_dtype), 2)}
   else:
     out = run_jseg(args.child, args.size, args.batch, args.infer_batch, args.warmup, args.repeats,
-                   args.preset, _parse_sets(args.set), args.step_programs)
+                   args.preset, _parse_sets(args.set), args.step_programs, args.infer_repeats)
   print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -437,6 +440,10 @@ def main(argv: list[str]) -> dict[str, Any]:
   parser.add_argument("--infer_batch", type=int, default=1)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--infer_repeats", type=int, default=20,
+                      help="timed inference calls per model and framework (their median; "
+                           "0: --repeats). A call is 10-150 ms here, so 20 cost little and "
+                           "steady the median on a shared machine")
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--preset", default="bench", choices=tuple(PRESETS))
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -495,7 +502,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     env["JAX_COMPILATION_CACHE_DIR"] = str(Path(args.compilation_cache).expanduser())
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")  # as jseg.runtime
   common = ["--batch", str(args.batch), "--size", str(args.size), "--infer_batch", str(args.infer_batch),
-            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+            "--infer_repeats", str(args.infer_repeats), "--threads", str(args.threads)]
   me = [sys.executable, "-m", "jseg.bench", "models"]
 
   peak = {}
@@ -594,7 +602,8 @@ def _report(args, argv, env, peak, rows, torch_device) -> dict[str, Any]:
       "command": "python -m jseg.bench models " + " ".join(argv),
       "settings": {"batch": args.batch, "size": args.size, "infer_batch": args.infer_batch,
                    "rounds": args.rounds, "step_programs": args.step_programs,
-                   "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+                   "warmup": args.warmup, "repeats": args.repeats,
+                   "infer_repeats": args.infer_repeats or args.repeats, "threads": args.threads,
                    "preset": args.preset, "set": args.set, "num_classes": NUM_CLASSES,
                    "optimizer": "sgd momentum 0.9, weight decay 1e-4 on kernels, lr 0.01",
                    "loss": "cross-entropy (ignore 255) + aux_weight * aux heads",
