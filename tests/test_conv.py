@@ -292,14 +292,15 @@ def test_scratchpad_is_an_xla_workspace_output():
   np.testing.assert_allclose(gk, rk, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("form", ["conv_kernel", "then_conv"])
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_conv_kernel_and_as_function_equal_the_conv_module(use_bias):
+def test_conv_kernel_and_as_function_equal_the_conv_module(use_bias, form):
   """``ConvKernel`` creates the parameters ``Conv`` would (same path, shape, initialiser and
   key; the bias after the kernel) and ``as_function`` computes what the bound module
   computes."""
   from flax import linen as nn
 
-  from jseg.models.conv import Conv, ConvKernel, as_function
+  from jseg.models.conv import Conv, ConvKernel, as_function, then_conv
   init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
   bias_init = nn.initializers.normal(0.5)  # random: the bias's key must match too
   kw = dict(strides=2, padding=((2, 2), (2, 2)), kernel_dilation=2, use_bias=use_bias,
@@ -310,6 +311,9 @@ def test_conv_kernel_and_as_function_equal_the_conv_module(use_bias):
 
     @nn.compact
     def __call__(self, x):
+      if self.functional and form == "then_conv":  # the helper the networks use
+        fn, p = then_conv(Conv(6, (3, 3), parent=None, name="c", **kw), x.shape[-1])
+        return fn(x, *p)
       if self.functional:
         p = ConvKernel(6, (3, 3), init, use_bias, bias_init, name="c")(x.shape[-1])
         return as_function(Conv(6, (3, 3), parent=None, **kw))(x, *(p if use_bias else (p,)))

@@ -316,6 +316,17 @@ def as_function(conv: nn.Module) -> Callable[..., jax.Array]:
   return functools.partial(_apply_with_kernel, conv)
 
 
+def then_conv(conv: nn.Module, in_features: int,
+              name: str | None = None) -> tuple[Callable[..., jax.Array], tuple[jax.Array, ...]]:
+  """``(fn, params)`` for ``norm.BatchNorm``'s ``then``: the unbound ``conv``
+  (``Conv(..., parent=None)``) as a function of its parameters, which are created in the
+  calling module under ``name`` (default: ``conv.name``) exactly as the bound ``Conv``
+  would create them (path, shapes, initialisers, keys): checkpoints are unchanged."""
+  p = ConvKernel(conv.features, tuple(conv.kernel_size), conv.kernel_init, conv.use_bias,
+                 conv.bias_init, name=name or conv.name)(in_features)
+  return as_function(conv), (p if conv.use_bias else (p,))
+
+
 def _apply_with_kernel(conv: nn.Module, x: jax.Array, kernel: jax.Array,
                        bias: jax.Array | None = None) -> jax.Array:
   params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}

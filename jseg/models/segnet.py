@@ -26,7 +26,7 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.vgg import VGG
-from jseg.models.conv import Conv, ConvKernel, as_function
+from jseg.models.conv import Conv, ConvKernel, as_function, then_conv
 from jseg.models.layers import check_min_size, check_nhwc
 from jseg.registry import MODELS
 from jseg.models.norm import BatchNorm
@@ -160,9 +160,7 @@ class SegNet(nn.Module):
         if j + 1 < len(units):
           then = (units[j + 1].conv_fn, units[j + 1].params(unit.features))
         elif stage == 1:
-          then = (as_function(classifier),
-                  ConvKernel(self.num_classes, (3, 3), use_bias=True,
-                             name="conv1_1_D")(unit.features))
+          then = then_conv(classifier, unit.features, name="conv1_1_D")
         else:
           then = None
         z = unit.normalise(z, train, then=then)

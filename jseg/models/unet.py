@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from jseg.models.conv import Conv, ConvKernel, as_function
+from jseg.models.conv import Conv, then_conv
 from jseg.models.layers import (
     PixelTransposeConv,
     check_min_size,
@@ -75,8 +75,7 @@ class DoubleConv(nn.Module):
       return nn.relu(conv(2)(nn.relu(x)))
     # bn1 feeds conv2 through ``then``: on CPU its output is recomputed in the backward
     # instead of kept (norm.BatchNorm); conv2's kernel keeps its path, shape and init.
-    k = ConvKernel(self.features, (3, 3), init, name="conv2")(x.shape[-1])
-    x = bn(1)(x, then=(as_function(conv(2, parent=None)), (k,)))
+    x = bn(1)(x, then=then_conv(conv(2, parent=None), x.shape[-1]))
     return bn(2)(x)
 
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.conv import Conv, ConvKernel, as_function
-from jseg.models.layers import DepthwiseConv
+from jseg.models.conv import Conv, as_function, then_conv
+from jseg.models.layers import DepthwiseConv, DepthwiseKernel
 from jseg.models.norm import BatchNorm
 
 Dtype = Any
@@ -83,15 +83,15 @@ class InvertedResidual(nn.Module):
     # kernels keep their paths, shapes and initialisers.
     if self.expansion != 1:
       y = _conv1x1(hidden, self.dtype, "expand_conv")(x)
-      dw_k = ConvKernel(hidden, (3, 3), nn.initializers.lecun_normal(), name="dw_conv")(1)
+      dw_k = DepthwiseKernel(3, name="dw_conv")(hidden)
       y = _bn(train, self.dtype, "expand_bn")(
           y, then=(functools.partial(_after_relu6, as_function(depthwise)), (dw_k,)))
     else:
       y = DepthwiseConv(3, self.stride, self.dilation, dtype=self.dtype, name="dw_conv")(x)
-    project = _conv1x1(self.features, self.dtype, None, parent=None)
-    k = ConvKernel(self.features, (1, 1), _FAN_OUT, name="project_conv")(hidden)
+    project, k = then_conv(_conv1x1(self.features, self.dtype, "project_conv", parent=None),
+                           hidden)
     y = _bn(train, self.dtype, "dw_bn")(
-        y, then=(functools.partial(_after_relu6, as_function(project)), (k,)))
+        y, then=(functools.partial(_after_relu6, project), k))
     y = _bn(train, self.dtype, "project_bn")(y)
     if self.stride == 1 and in_ch == self.features:
       y = x + y

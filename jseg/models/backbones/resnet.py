@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.conv import Conv, ConvKernel, as_function
+from jseg.models.conv import Conv, then_conv
 from jseg.models.layers import max_pool_3x3_s2, pad_same
 from jseg.models.norm import BatchNorm
 
@@ -71,9 +71,8 @@ def _then_conv(x: jax.Array, features: int, kernel: int, stride: int, dilation: 
   """``then`` for the BatchNorm before ``_conv(...)``, with the conv's kernel param created
   under ``name``: on CPU that BatchNorm's output is recomputed in the backward instead of
   kept for the convolution (``norm.BatchNorm``)."""
-  k = ConvKernel(features, (kernel, kernel), _KERNEL_INIT, name=name)(x.shape[-1])
-  fn = as_function(_conv(features, kernel, stride, dilation, None, dtype, parent=None))
-  return fn, (k,)
+  return then_conv(_conv(features, kernel, stride, dilation, name, dtype, parent=None),
+                   x.shape[-1])
 
 
 class BasicBlock(nn.Module):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.conv import Conv, ConvKernel, as_function
+from jseg.models.conv import Conv, then_conv
 from jseg.models.layers import check_min_size, max_pool_2x2
 from jseg.models.norm import BatchNorm
 
@@ -120,9 +120,7 @@ class VGG(nn.Module):
         if i + 1 < n_convs:
           # The BatchNorm feeds the stage's next conv through ``then``: on CPU its
           # output is recomputed in the backward instead of kept (norm.BatchNorm).
-          k, b = ConvKernel(ch, (3, 3), _INIT, use_bias=True,
-                            name=f"conv{s + 1}_{i + 2}")(x.shape[-1])
-          x = bn(x, then=(as_function(conv(i + 1, parent=None)), (k, b)))
+          x = bn(x, then=then_conv(conv(i + 1, parent=None), x.shape[-1]))
         else:
           x = bn(x)
       feats[f"conv{s + 1}"] = x
