@@ -57,11 +57,22 @@ CASES = [
     ((3, 7, 5, 4), (3, 3, 4, 5), (1, 1), "SAME", (1, 1), 1),
     ((2, 12, 12, 4), (3, 3, 4, 6), (2, 2), "SAME", (1, 1), 1),
     ((2, 12, 12, 4), (3, 3, 4, 6), (1, 1), "VALID", (2, 2), 1),
+    # One image: the forward is cut into bands of output rows (conv.conv_split), whose
+    # first/last bands take the padding; strided, dilated, asymmetric, two output rows.
+    ((1, 17, 13, 8), (3, 3, 8, 16), (2, 2), "SAME", (1, 1), 1),
+    ((1, 33, 9, 6), (7, 7, 6, 5), (2, 2), ((3, 2), (3, 3)), (1, 1), 1),
+    ((1, 20, 20, 16), (3, 3, 16, 8), (1, 1), ((4, 4), (4, 4)), (4, 4), 1),
+    ((1, 3, 5, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    ((4, 9, 7, 8), (3, 3, 1, 8), (1, 1), "SAME", (1, 1), 8),  # 4 images, depthwise
 ]
 
 
+@pytest.mark.parametrize("threads", ["xla", "openmp"])
 @pytest.mark.parametrize("xs,ks,strides,padding,dilation,groups", CASES)
-def test_values_and_gradients_match_lax(xs, ks, strides, padding, dilation, groups):
+def test_values_and_gradients_match_lax(xs, ks, strides, padding, dilation, groups, threads,
+                                        monkeypatch):
+  """Both ways of running a call: cut into parts on XLA's threads, and whole on OpenMP's."""
+  monkeypatch.setenv("JSEG_CONV_THREADS", threads)
   x, k = _rand(xs, 0), _rand(ks, 1)
 
   def ours(x, k):
@@ -92,6 +103,82 @@ def test_onednn_picks_an_optimised_implementation(kind, case):
       feature_group_count=groups), jnp.zeros(xs), jnp.zeros(ks)).shape
   name = native.onednn_impl(kind, xs, ks, y, strides, dilation, padding, groups)
   assert name and not name.startswith("ref"), name  # 'ref' is oneDNN's slow reference code
+
+
+@pytest.mark.parametrize("threads,n,kind,oh,want", [
+    (2, 4, "f", 8, (1, 2)), (2, 4, "w", 8, (1, 2)), (2, 2, "d", 8, (1, 2)),
+    (4, 6, "w", 8, (1, 3)),  # the most threads that divide the batch
+    (2, 3, "f", 8, (0, 1)), (2, 3, "w", 8, (0, 1)),  # odd batch: one call on OpenMP
+    (2, 1, "f", 8, (2, 2)), (16, 1, "f", 5, (2, 5)),  # one image: bands of output rows
+    (2, 1, "d", 8, (0, 1)), (2, 1, "w", 8, (0, 1)), (2, 1, "f", 1, (0, 1)),
+    (1, 4, "f", 8, (0, 1)),  # one thread
+])
+def test_conv_split_cuts_calls_over_xla_threads(threads, n, kind, oh, want, monkeypatch):
+  monkeypatch.setattr(conv, "_intra_op_threads", lambda: threads)
+  assert conv.conv_split(kind, (n, 2 * oh, 8, 4), (n, oh, 8, 4)) == want
+  monkeypatch.setenv("JSEG_CONV_THREADS", "openmp")
+  assert conv.conv_split(kind, (n, 2 * oh, 8, 4), (n, oh, 8, 4)) == (0, 1)
+  monkeypatch.setenv("JSEG_CONV_THREADS", "tbb")
+  with pytest.raises(ValueError, match="JSEG_CONV_THREADS must be one of"):
+    conv.conv_split(kind, (n, 2 * oh, 8, 4), (n, oh, 8, 4))
+
+
+def test_split_calls_are_in_the_program_and_match_the_whole_call(monkeypatch):
+  """The lowered calls carry the split; the parts' results equal one whole call's (the
+  kernel gradient up to the grouping of its float32 sum), and a split call's workspace
+  holds each part's scratchpad, so it differs from the whole call's."""
+  monkeypatch.setattr(conv, "_intra_op_threads", lambda: 2)
+  x, k = _rand((4, 12, 12, 8), 0), _rand((3, 3, 8, 16), 1)
+  f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+  out = {}
+  for threads in ("xla", "openmp"):
+    monkeypatch.setenv("JSEG_CONV_THREADS", threads)
+    text = jax.jit(lambda x, k: _value_and_grads(f, x, k)).lower(x, k).as_text()
+    calls = [line for line in text.splitlines() if "@JsegConv" in line]
+    assert len(calls) == 3
+    want = "split = 1 : i64" if threads == "xla" else "split = 0 : i64"
+    assert all(want in line for line in calls), calls[0][-300:]
+    out[threads] = _value_and_grads(f, x, k)
+  y, (dx, dk) = out["xla"]
+  y0, (dx0, dk0) = out["openmp"]
+  np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dx, dx0, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dk, dk0, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(dk0))))
+  monkeypatch.setenv("JSEG_CONV_THREADS", "xla")  # the same parts again: the same bits
+  again = _value_and_grads(f, x, k)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(out["xla"])))
+  geom = ((4, 12, 12, 8), (3, 3, 8, 16), (4, 12, 12, 16), (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
+  assert native.onednn_workspace("w", *geom, 1, 2) != native.onednn_workspace("w", *geom)
+  assert not native.onednn_impl("w", *geom, 1, 2).startswith("ref")
+
+
+def test_split_call_without_its_workspace_uses_its_own_buffer(monkeypatch):
+  """A workspace too small for the parts (here 1 byte) falls back to a buffer of the call's
+  own, with the same results."""
+  monkeypatch.setattr(conv, "_intra_op_threads", lambda: 2)
+  x, k = _rand((2, 10, 10, 8), 2), _rand((3, 3, 8, 8), 3)
+  f = lambda x, k: conv.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=DN)  # noqa: E731
+  want = _value_and_grads(f, x, k)
+  monkeypatch.setattr(native, "onednn_workspace", lambda *args: 1)
+  jax.clear_caches()  # the custom VJP's traced calls are cached with their workspace size
+  got = _value_and_grads(f, x, k)
+  assert "tensor<1xui8>" in jax.jit(f).lower(x, k).as_text()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_split_the_call_cannot_take_is_a_clear_error():
+  native.onednn()  # registers the custom calls
+  x, k = jnp.asarray(_rand((2, 8, 8, 4), 0)), jnp.asarray(_rand((3, 3, 4, 4), 1))
+  call = jax.ffi.ffi_call("JsegConvFwd", (jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32),
+                                          jax.ShapeDtypeStruct((1 << 16,), jnp.uint8)))
+  for split, chunks in ((1, 3), (2, 2), (3, 2)):  # 3 parts of 2 images; rows of 2 images
+    with pytest.raises(Exception, match="invalid split/chunks"):
+      jax.block_until_ready(call(x, k, **conv._attrs((1, 1), (1, 1), ((1, 1), (1, 1)), 1,
+                                                      split, chunks)))
+  with pytest.raises(native.NativeBuildError, match="rejected"):
+    native.onednn_workspace("f", (2, 8, 8, 4), (3, 3, 4, 4), (2, 8, 8, 4), (1, 1), (1, 1),
+                            ((1, 1), (1, 1)), 1, 1, 3)
 
 
 def test_flax_conv_wrapper_has_flax_params_and_values():
@@ -277,7 +364,8 @@ def test_scratchpad_is_an_xla_workspace_output():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 8)), jnp.float32)
   k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 16)), jnp.float32)
   geom = ((2, 16, 16, 8), (3, 3, 8, 16), (2, 16, 16, 16), (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
-  sizes = {kind: native.onednn_workspace(kind, *geom) for kind in "fdw"}
+  sizes = {kind: native.onednn_workspace(kind, *geom, *conv.conv_split(kind, geom[0], geom[2]))
+           for kind in "fdw"}
   assert all(n >= 4096 and n % 4096 == 0 for n in sizes.values()), sizes
   f = lambda x, k: jnp.sum(conv.onednn_conv(x, k, (1, 1), (1, 1), ((1, 1), (1, 1)), 1) ** 2)
   text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, k).as_text()

@@ -34,6 +34,9 @@ Changes (``--change``):
   separable convolutions).
 - ``pool_position``: the ResNet stem's 3x3/2 max pool differentiated by autodiff (before)
   vs its custom VJP keeping the int8 window position of each maximum (now).
+- ``conv_threads``: each oneDNN convolution one call on OpenMP's threads (before,
+  ``JSEG_CONV_THREADS=openmp``) vs cut into single-threaded parts on XLA's threads (now,
+  ``conv.conv_split``).
 
 ``--now_first`` times the current form first in every round (order effects on this
 shared machine move medians by up to 10%; run both orders).
@@ -126,7 +129,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -192,6 +195,8 @@ def main() -> None:
     elif a.change == "conv_workspace":
       from jseg import native
       native.onednn_workspace = (lambda *args: 1) if before else workspace
+    elif a.change == "conv_threads":
+      os.environ["JSEG_CONV_THREADS"] = "openmp" if before else "xla"
     elif a.change == "pool_position":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = autodiff_pool if before else pool

@@ -14,12 +14,17 @@ XLA's to float32 rounding (``tests/test_conv.py``).
 
 Which implementation is chosen is read when a function is traced: the environment
 variable ``JSEG_CONV`` = ``auto`` (default: oneDNN on a single CPU device when it
-builds), ``onednn`` (raise if it cannot be used) or ``xla`` (never use it).
+builds), ``onednn`` (raise if it cannot be used) or ``xla`` (never use it). How a call
+uses the cores is ``JSEG_CONV_THREADS`` (``conv_split``): by default it is cut into
+single-threaded oneDNN calls on XLA's own threads (per image group, or per band of output
+rows for one image), so oneDNN's OpenMP threads do not compete with XLA's (training steps
+3-26% faster, ``experiments/performance/README.md``, eleventh pass).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -108,12 +113,51 @@ def _require_onednn() -> None:
     raise RuntimeError(f"The oneDNN extension is unavailable: {native.onednn_error()}")
 
 
-def _attrs(strides, dilation, padding, groups) -> dict[str, Any]:
+_THREAD_MODES = ("xla", "openmp")
+
+
+def _intra_op_threads() -> int:
+  """The threads of XLA:CPU's intra-op pool: one per CPU this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def conv_split(kind: str, x_shape, y_shape) -> tuple[int, int]:
+  """How one oneDNN call is cut over XLA:CPU's intra-op threads: ``(split, chunks)``.
+
+  ``JSEG_CONV_THREADS`` (read when a function is traced) = ``xla`` (default): a call with
+  a batch of n >= 2 images runs as ``chunks`` groups of n / chunks images (the most
+  threads that divide n), a forward call on one image as ``chunks`` bands of output rows,
+  each part a single-threaded oneDNN call on one of XLA's threads; so oneDNN starts no
+  OpenMP threads of its own to compete with XLA's for the cores. Parts' kernel gradients
+  are added in part order, so results do not depend on the thread count at run time
+  (but do on ``chunks``: float32 sums in another grouping). ``openmp``: one oneDNN call on
+  OpenMP's threads (``(0, 1)``), as before; also the answer with one thread, or for an
+  input-/kernel-gradient call on one image.
+  """
+  mode = native.env_mode("JSEG_CONV_THREADS", _THREAD_MODES)
+  threads = _intra_op_threads()
+  n = x_shape[0]
+  if mode == "openmp" or threads < 2:
+    return 0, 1
+  if n >= 2:
+    chunks = max(c for c in range(1, min(n, threads) + 1) if n % c == 0)
+    return (1, chunks) if chunks >= 2 else (0, 1)
+  if kind == "f" and y_shape[1] >= 2:
+    return 2, min(threads, y_shape[1])
+  return 0, 1
+
+
+def _attrs(strides, dilation, padding, groups, split=0, chunks=1) -> dict[str, Any]:
   return dict(
       strides=np.asarray(strides, np.int64),
       dilation=np.asarray(dilation, np.int64),
       padding=np.asarray([p for pair in padding for p in pair], np.int64),
       groups=np.int64(groups),
+      split=np.int64(split),
+      chunks=np.int64(chunks),
   )
 
 
@@ -121,11 +165,14 @@ def _call(target: str, kind: str, out_shape, x_shape, k_shape, y_shape, strides,
           padding, groups, *operands) -> jax.Array:
   """One oneDNN custom call: its float32 result, plus a uint8 workspace output (oneDNN's
   scratchpad and reordered kernel) that XLA allocates among its temporaries and drops."""
+  split, chunks = conv_split(kind, x_shape, y_shape)
   ws = native.onednn_workspace(kind, tuple(x_shape), tuple(k_shape), tuple(y_shape),
-                               tuple(strides), tuple(dilation), tuple(padding), int(groups))
+                               tuple(strides), tuple(dilation), tuple(padding), int(groups),
+                               split, chunks)
   return jax.ffi.ffi_call(
       target, (jax.ShapeDtypeStruct(out_shape, jnp.float32), jax.ShapeDtypeStruct((ws,), jnp.uint8)),
-      vmap_method="sequential")(*operands, **_attrs(strides, dilation, padding, groups))[0]
+      vmap_method="sequential")(*operands, **_attrs(strides, dilation, padding, groups, split,
+                                                     chunks))[0]
 
 
 def _out_hw(x_shape, k_shape, strides, dilation, padding) -> tuple[int, int]:

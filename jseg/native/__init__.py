@@ -178,33 +178,37 @@ def _dims(x_shape, k_shape, y_shape, strides, dilation, padding):
 
 @functools.lru_cache(maxsize=4096)
 def onednn_workspace(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
-                     groups: int) -> int:
-  """Bytes of workspace (oneDNN's scratchpad and reordered kernel, page-aligned) one call
-  wants; the convolution's custom call returns it as a second, unused output so that XLA
-  allocates it with its other temporaries. Arguments as ``onednn_impl``'s, as tuples."""
+                     groups: int, split: int = 0, chunks: int = 1) -> int:
+  """Bytes of workspace (oneDNN's scratchpad and reordered kernel, page-aligned; of every
+  part of a split call, and the parts' kernel gradients) one call wants; the convolution's
+  custom call returns it as a second, unused output so that XLA allocates it with its
+  other temporaries. Arguments as ``onednn_impl``'s, as tuples."""
   lib = onednn()
   if lib is None:
     raise NativeBuildError(onednn_error())
   n = lib.jseg_onednn_workspace(_dims(x_shape, k_shape, y_shape, strides, dilation, padding),
-                                ctypes.c_int64(groups), ctypes.c_char(kind.encode()))
+                                ctypes.c_int64(groups), ctypes.c_char(kind.encode()),
+                                ctypes.c_int64(split), ctypes.c_int64(chunks))
   if n < 0:
     raise NativeBuildError("oneDNN rejected the convolution (workspace query)")
   return int(n)
 
 
 def onednn_impl(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
-                groups: int) -> str:
+                groups: int, split: int = 0, chunks: int = 1) -> str:
   """oneDNN's name for the implementation it picks for one convolution.
 
   ``kind``: ``"f"`` forward, ``"d"`` input gradient, ``"w"`` kernel gradient. A name
-  starting with ``ref`` would mean oneDNN's slow reference code.
+  starting with ``ref`` would mean oneDNN's slow reference code. ``split``/``chunks``: as
+  the custom call's (``jseg.models.conv.conv_split``); a split call's first part's name.
   """
   lib = onednn()
   if lib is None:
     raise NativeBuildError(onednn_error())
   dims = _dims(x_shape, k_shape, y_shape, strides, dilation, padding)
   buf = ctypes.create_string_buffer(256)
-  rc = lib.jseg_onednn_impl(dims, ctypes.c_int64(groups), ctypes.c_char(kind.encode()), buf, 256)
+  rc = lib.jseg_onednn_impl(dims, ctypes.c_int64(groups), ctypes.c_char(kind.encode()),
+                            ctypes.c_int64(split), ctypes.c_int64(chunks), buf, 256)
   if rc:
     raise NativeBuildError(f"oneDNN rejected the convolution: {buf.value.decode()}")
   return buf.value.decode()

@@ -7,6 +7,8 @@
 // group-major). Activations are handed to oneDNN as they are (nhwc); kernels are reordered
 // to and from the blocked layout oneDNN picks, which is cheap (kernels are small).
 // float32 only. Built by jseg/native/__init__.py; used through jseg/models/conv.py.
+// A call runs whole on OpenMP's threads or cut into single-threaded parts on XLA's intra-op
+// threads (RunSplit; the `split` and `chunks` attributes, chosen by conv.conv_split).
 //
 // Also BatchNorm's training forward and backward (optionally with the ReLU after it) over
 // [M, C] rows, each one call with two passes over the data: XLA:CPU compiles a
@@ -30,6 +32,10 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
+// GNU OpenMP, which oneDNN's wheel links: its thread count is per calling thread.
+extern "C" int omp_get_max_threads(void);
+extern "C" void omp_set_num_threads(int);
+
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
@@ -41,6 +47,21 @@ dnnl::engine& Engine() {
   static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
   return eng;
 }
+
+// Sets this thread's OpenMP thread count for a scope (threads > 0), so that a oneDNN
+// primitive built and run inside it is single-threaded: no OpenMP team is started.
+class OmpThreads {
+ public:
+  explicit OmpThreads(int threads) : prev_(threads > 0 ? omp_get_max_threads() : 0) {
+    if (threads > 0) omp_set_num_threads(threads);
+  }
+  ~OmpThreads() {
+    if (prev_ > 0) omp_set_num_threads(prev_);
+  }
+
+ private:
+  int prev_;
+};
 
 // Geometry of one convolution, from the NHWC input, HWIO kernel and NHWC output shapes.
 struct Geom {
@@ -112,13 +133,15 @@ dnnl::primitive_attr UserScratch() {
   return a;
 }
 
-std::shared_ptr<Prims> Get(const Geom& g, char kind) {
-  std::string key = g.Key(kind);
+// threads: 0 builds the primitive for OpenMP's default team, 1 for one thread.
+std::shared_ptr<Prims> Get(const Geom& g, char kind, int threads = 0) {
+  std::string key = g.Key(kind) + (threads ? "/1" : "");
   {
     std::lock_guard<std::mutex> l(cache_mu);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
+  OmpThreads scope(threads);
   auto fwd_pd = FwdPd(g);
   auto p = std::make_shared<Prims>();
   if (kind == 'f') {
@@ -248,57 +271,6 @@ void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t
   s.wait();
 }
 
-}  // namespace
-
-// y = conv(x, k)
-ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> ws,
-                       ffi::Span<const int64_t> strides,
-                       ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
-                       int64_t groups) {
-  Geom g;
-  auto err = MakeGeom(x.dimensions(), k.dimensions(), y->dimensions(), strides, dilation,
-                      padding, groups, &g);
-  if (!err.success()) return err;
-  return Guard([&] {
-    Run(g, 'f', x.typed_data(), k.typed_data(), y->typed_data(), ws->untyped_data(),
-        ws->size_bytes());
-  });
-}
-
-// dx = conv_transpose(dy, k): the input gradient.
-ffi::Error ConvBwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
-                           ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::U8> ws,
-                           ffi::Span<const int64_t> strides,
-                           ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
-                           int64_t groups) {
-  Geom g;
-  auto err = MakeGeom(dx->dimensions(), k.dimensions(), dy.dimensions(), strides, dilation,
-                      padding, groups, &g);
-  if (!err.success()) return err;
-  return Guard([&] {
-    Run(g, 'd', dy.typed_data(), k.typed_data(), dx->typed_data(), ws->untyped_data(),
-        ws->size_bytes());
-  });
-}
-
-// dk = correlation of x with dy: the kernel gradient.
-ffi::Error ConvBwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                              ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::U8> ws,
-                              ffi::Span<const int64_t> strides,
-                              ffi::Span<const int64_t> dilation,
-                              ffi::Span<const int64_t> padding, int64_t groups) {
-  Geom g;
-  auto err = MakeGeom(x.dimensions(), dk->dimensions(), dy.dimensions(), strides, dilation,
-                      padding, groups, &g);
-  if (!err.success()) return err;
-  return Guard([&] {
-    Run(g, 'w', x.typed_data(), dy.typed_data(), dk->typed_data(), ws->untyped_data(),
-        ws->size_bytes());
-  });
-}
-
-namespace {
 
 // Rows and channels of an array whose last axis is the channel axis.
 void RowsCols(ffi::Span<const int64_t> d, int64_t* m, int64_t* c) {
@@ -338,6 +310,234 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements, const F& f)
   work();
   while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
+
+// How a convolution call is cut over XLA's intra-op threads (its `split` attribute):
+// 0: one oneDNN call on OpenMP's team (oneDNN's own threads, which then compete with
+// XLA's for the cores while XLA runs other kernels beside the call); 1: `chunks` equal
+// groups of images; 2: `chunks` bands of output rows of one image (forward only). Each
+// part is a single-threaded oneDNN call on one of XLA's threads (ParallelFor), so no
+// second pool of threads exists; the parts' kernel gradients are added in part order,
+// so the bits do not depend on which thread ran which part.
+struct Part {
+  Geom g;
+  int64_t src_off, dst_off;  // offsets (floats) of the part's first input / output element
+};
+
+std::vector<Part> Parts(const Geom& g, int64_t split, int64_t chunks) {
+  std::vector<Part> out;
+  if (split == 1) {
+    const int64_t nq = g.n / chunks;
+    for (int64_t q = 0; q < chunks; ++q) {
+      Part p{g, q * nq * g.h * g.w * g.c, q * nq * g.oh * g.ow * g.oc};
+      p.g.n = nq;
+      out.push_back(p);
+    }
+    return out;
+  }
+  const int64_t s = g.strides[0], eff = (g.kh - 1) * (g.dil[0] + 1) + 1;
+  for (int64_t q = 0; q < chunks; ++q) {
+    const int64_t r0 = q * g.oh / chunks, r1 = (q + 1) * g.oh / chunks;
+    const int64_t start = r0 * s - g.pad_l[0], end = (r1 - 1) * s - g.pad_l[0] + eff;
+    const int64_t lo = std::max<int64_t>(0, start), hi = std::min(g.h, end);
+    Part p{g, lo * g.w * g.c, r0 * g.ow * g.oc};
+    p.g.h = hi - lo;
+    p.g.oh = r1 - r0;
+    p.g.pad_l[0] = lo - start;
+    p.g.pad_r[0] = end - hi;
+    out.push_back(p);
+  }
+  return out;
+}
+
+ffi::Error CheckSplit(const Geom& g, char kind, int64_t split, int64_t chunks) {
+  if (split == 0 && chunks == 1) return ffi::Error::Success();
+  if (split == 1 && chunks >= 2 && g.n % chunks == 0) return ffi::Error::Success();
+  if (split == 2 && kind == 'f' && g.n == 1 && chunks >= 2 && chunks <= g.oh) {
+    for (const Part& p : Parts(g, split, chunks))
+      if (p.g.h < 1) return ffi::Error::InvalidArgument("onednn conv: a row band reads no input row");
+    return ffi::Error::Success();
+  }
+  return ffi::Error::InvalidArgument("onednn conv: invalid split/chunks for this call");
+}
+
+// A split call's primitives (single-threaded) and where its workspace puts each part's
+// scratchpad and kernel: `wei[q]` is the kernel in part q's layout (forward / input
+// gradient: shared by the parts whose layout is part 0's) or part q's kernel gradient
+// (kernel gradient: every part but part 0 without a reorder, which writes the output).
+struct SplitPlan {
+  std::vector<Part> parts;
+  std::vector<std::shared_ptr<Prims>> prims;
+  std::vector<size_t> scratch_at, wei_at;  // byte offsets from the aligned base
+  std::vector<bool> owns_wei;              // whether part q reorders / writes its own
+  size_t bytes = 0;                        // workspace wanted, with a page to align
+};
+
+std::mutex plan_mu;
+std::unordered_map<std::string, std::shared_ptr<const SplitPlan>> plans;
+
+// Built once per geometry, kind and split, like the primitives.
+std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, int64_t chunks) {
+  const std::string key = g.Key(kind) + "/" + std::to_string(split) + "x" + std::to_string(chunks);
+  {
+    std::lock_guard<std::mutex> l(plan_mu);
+    auto it = plans.find(key);
+    if (it != plans.end()) return it->second;
+  }
+  auto made = std::make_shared<SplitPlan>();
+  SplitPlan& sp = *made;
+  sp.parts = Parts(g, split, chunks);
+  size_t at = 0;
+  for (size_t q = 0; q < sp.parts.size(); ++q) {
+    auto p = Get(sp.parts[q].g, kind, 1);
+    sp.prims.push_back(p);
+    sp.scratch_at.push_back(at);
+    at += Pages(p->scratch.get_size());
+    bool own;
+    if (kind == 'w')
+      own = p->reorder || q > 0;
+    else
+      own = p->reorder && (q == 0 || !sp.prims[0]->reorder || p->wei != sp.prims[0]->wei);
+    sp.owns_wei.push_back(own);
+    sp.wei_at.push_back(own ? at : 0);
+    if (own) at += Pages(p->wei.get_size());
+  }
+  sp.bytes = 4096 + at;
+  std::lock_guard<std::mutex> l(plan_mu);
+  plans.emplace(key, made);
+  return made;
+}
+
+// Runs a split call (split 1 or 2) on XLA's buffers; a, b, out as Run's.
+void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a, float* b,
+              float* out, void* ws, size_t ws_bytes, ffi::ThreadPool& pool) {
+  const SplitPlan& sp = *Plan(g, kind, split, chunks);
+  Buffer own;
+  char* base = ws && ws_bytes >= sp.bytes
+                   ? reinterpret_cast<char*>(Pages(reinterpret_cast<uintptr_t>(ws)))
+                   : static_cast<char*>(own.Get(sp.bytes));
+  const int64_t n = static_cast<int64_t>(sp.parts.size());
+  OmpThreads one(1);
+  dnnl::stream s(Engine());
+  memory user_w(g.WeiUser(), Engine(), kind == 'w' ? out : b);
+  // The kernel each part reads (forward, input gradient) or writes (kernel gradient).
+  std::vector<memory> w(n);
+  for (int64_t q = 0; q < n; ++q) {
+    const Prims& p = *sp.prims[q];
+    if (sp.owns_wei[q]) {
+      w[q] = memory(p.wei, Engine(), base + sp.wei_at[q]);
+      if (kind != 'w') p.to_wei.execute(s, user_w, w[q]);
+    } else {
+      w[q] = p.reorder ? w[0] : user_w;
+    }
+  }
+  s.wait();
+  std::mutex err_mu;
+  std::string err;
+  ParallelFor(pool, n, int64_t{1} << 40, [&](int64_t q) {
+    try {
+      OmpThreads one(1);
+      const Part& part = sp.parts[q];
+      const Prims& p = *sp.prims[q];
+      dnnl::stream sq(Engine());
+      std::unordered_map<int, memory> args{
+          {DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])}};
+      if (kind == 'f') {
+        args[DNNL_ARG_SRC] = memory(part.g.Src(), Engine(), a + part.src_off);
+        args[DNNL_ARG_WEIGHTS] = w[q];
+        args[DNNL_ARG_DST] = memory(part.g.Dst(), Engine(), out + part.dst_off);
+      } else if (kind == 'd') {
+        args[DNNL_ARG_DIFF_DST] = memory(part.g.Dst(), Engine(), a + part.dst_off);
+        args[DNNL_ARG_WEIGHTS] = w[q];
+        args[DNNL_ARG_DIFF_SRC] = memory(part.g.Src(), Engine(), out + part.src_off);
+      } else {
+        args[DNNL_ARG_SRC] = memory(part.g.Src(), Engine(), a + part.src_off);
+        args[DNNL_ARG_DIFF_DST] = memory(part.g.Dst(), Engine(), b + part.dst_off);
+        args[DNNL_ARG_DIFF_WEIGHTS] = w[q];
+      }
+      p.prim.execute(sq, args);
+      sq.wait();
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> l(err_mu);
+      err = e.what();
+    }
+  });
+  if (!err.empty()) throw std::runtime_error(err);
+  if (kind != 'w') return;
+  // Kernel gradient: part 0's buffer += the others', in part order, then to HWIO.
+  float* sum = static_cast<float*>(w[0].get_data_handle());
+  const int64_t elems = static_cast<int64_t>(w[0].get_desc().get_size() / sizeof(float));
+  const int64_t block = 1 << 14, blocks = (elems + block - 1) / block;
+  ParallelFor(pool, blocks, elems, [&](int64_t i) {
+    const int64_t lo = i * block, hi = std::min(elems, lo + block);
+    for (int64_t q = 1; q < n; ++q) {
+      const float* __restrict src = static_cast<const float*>(w[q].get_data_handle());
+#pragma omp simd
+      for (int64_t k = lo; k < hi; ++k) sum[k] += src[k];
+    }
+  });
+  if (sp.prims[0]->reorder) {
+    sp.prims[0]->from_wei.execute(s, w[0], user_w);
+    s.wait();
+  }
+}
+
+}  // namespace
+
+// One convolution call: checks the geometry and split, then runs it whole (split 0) or cut
+// over XLA's threads. a, b, out as Run's.
+static ffi::Error Conv(char kind, ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> k_dims,
+                ffi::Span<const int64_t> y_dims, ffi::Span<const int64_t> strides,
+                ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
+                int64_t groups, int64_t split, int64_t chunks, float* a, float* b, float* out,
+                void* ws, size_t ws_bytes, ffi::ThreadPool& pool) {
+  Geom g;
+  auto err = MakeGeom(x_dims, k_dims, y_dims, strides, dilation, padding, groups, &g);
+  if (!err.success()) return err;
+  err = CheckSplit(g, kind, split, chunks);
+  if (!err.success()) return err;
+  return Guard([&] {
+    if (split == 0)
+      Run(g, kind, a, b, out, ws, ws_bytes);
+    else
+      RunSplit(g, kind, split, chunks, a, b, out, ws, ws_bytes, pool);
+  });
+}
+
+// y = conv(x, k)
+ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> ws,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
+                       ffi::Span<const int64_t> padding, int64_t groups, int64_t split,
+                       int64_t chunks) {
+  return Conv('f', x.dimensions(), k.dimensions(), y->dimensions(), strides, dilation, padding,
+              groups, split, chunks, x.typed_data(), k.typed_data(), y->typed_data(),
+              ws->untyped_data(), ws->size_bytes(), pool);
+}
+
+// dx = conv_transpose(dy, k): the input gradient.
+ffi::Error ConvBwdDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                           ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> dx,
+                           ffi::ResultBuffer<ffi::U8> ws, ffi::Span<const int64_t> strides,
+                           ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
+                           int64_t groups, int64_t split, int64_t chunks) {
+  return Conv('d', dx->dimensions(), k.dimensions(), dy.dimensions(), strides, dilation,
+              padding, groups, split, chunks, dy.typed_data(), k.typed_data(), dx->typed_data(),
+              ws->untyped_data(), ws->size_bytes(), pool);
+}
+
+// dk = correlation of x with dy: the kernel gradient.
+ffi::Error ConvBwdWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
+                              ffi::ResultBuffer<ffi::U8> ws, ffi::Span<const int64_t> strides,
+                              ffi::Span<const int64_t> dilation,
+                              ffi::Span<const int64_t> padding, int64_t groups, int64_t split,
+                              int64_t chunks) {
+  return Conv('w', x.dimensions(), dk->dimensions(), dy.dimensions(), strides, dilation,
+              padding, groups, split, chunks, x.typed_data(), dy.typed_data(), dk->typed_data(),
+              ws->untyped_data(), ws->size_bytes(), pool);
+}
+
+namespace {
 
 // Rows are processed in tiles of T = ceil(256 / C) rows (W = T * C contiguous elements),
 // with the per-channel terms repeated T times, so the inner loops run over >= 256
@@ -909,10 +1109,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegLogProbBwd, LogProbBwdImpl,
   .Attr<ffi::Span<const int64_t>>("strides")          \
       .Attr<ffi::Span<const int64_t>>("dilation")     \
       .Attr<ffi::Span<const int64_t>>("padding")      \
-      .Attr<int64_t>("groups")
+      .Attr<int64_t>("groups")                        \
+      .Attr<int64_t>("split")                         \
+      .Attr<int64_t>("chunks")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvFwd, ConvFwdImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -920,6 +1123,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvFwd, ConvFwdImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdData, ConvBwdDataImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -927,6 +1131,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdData, ConvBwdDataImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdWeights, ConvBwdWeightsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -951,18 +1156,27 @@ Geom GeomFromDims(const int64_t* dims, int64_t groups) {
 }  // namespace
 
 // Bytes of XLA workspace one call of this geometry and kind wants (Run's ws), or -1.
-extern "C" int64_t jseg_onednn_workspace(const int64_t* dims, int64_t groups, char kind) {
+// split/chunks as the call's attributes.
+extern "C" int64_t jseg_onednn_workspace(const int64_t* dims, int64_t groups, char kind,
+                                         int64_t split, int64_t chunks) {
   try {
-    return static_cast<int64_t>(WorkspaceBytes(*Get(GeomFromDims(dims, groups), kind)));
+    const Geom g = GeomFromDims(dims, groups);
+    if (!CheckSplit(g, kind, split, chunks).success()) return -1;
+    if (split != 0) return static_cast<int64_t>(Plan(g, kind, split, chunks)->bytes);
+    return static_cast<int64_t>(WorkspaceBytes(*Get(g, kind)));
   } catch (const std::exception&) {
     return -1;
   }
 }
 
-extern "C" int jseg_onednn_impl(const int64_t* dims, int64_t groups, char kind, char* out,
-                                int out_len) {
+// Of a split call (split != 0): the implementation of its first part.
+extern "C" int jseg_onednn_impl(const int64_t* dims, int64_t groups, char kind, int64_t split,
+                                int64_t chunks, char* out, int out_len) {
   try {
-    auto p = Get(GeomFromDims(dims, groups), kind);
+    const Geom g = GeomFromDims(dims, groups);
+    if (!CheckSplit(g, kind, split, chunks).success())
+      throw std::invalid_argument("invalid split/chunks for this call");
+    auto p = split ? Plan(g, kind, split, chunks)->prims[0] : Get(g, kind);
     std::string s = p->impl;
     std::strncpy(out, s.c_str(), out_len - 1);
     out[out_len - 1] = 0;
