@@ -54,7 +54,7 @@ CASES = [
     ((2, 16, 16, 8), (1, 1, 8, 12), (2, 2), ((0, 0), (0, 0)), (1, 1), 1),  # sliced, see conv.py
     ((2, 15, 13, 8), (1, 1, 8, 12), (2, 3), "VALID", (1, 1), 1),
     ((1, 10, 10, 6), (3, 3, 2, 9), (1, 1), ((1, 1), (1, 1)), (1, 1), 3),  # grouped
-    ((3, 7, 5, 4), (3, 3, 4, 5), (1, 1), "SAME", (1, 1), 1),
+    ((3, 7, 5, 4), (3, 3, 4, 5), (1, 1), "SAME", (1, 1), 1),  # 3 images: bands (forward)
     ((2, 12, 12, 4), (3, 3, 4, 6), (2, 2), "SAME", (1, 1), 1),
     ((2, 12, 12, 4), (3, 3, 4, 6), (1, 1), "VALID", (2, 2), 1),
     # One image: the forward is cut into bands of output rows (conv.conv_split), whose
@@ -64,6 +64,7 @@ CASES = [
     ((1, 20, 20, 16), (3, 3, 16, 8), (1, 1), ((4, 4), (4, 4)), (4, 4), 1),
     ((1, 3, 5, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
     ((4, 9, 7, 8), (3, 3, 1, 8), (1, 1), "SAME", (1, 1), 8),  # 4 images, depthwise
+    ((3, 11, 6, 4), (3, 3, 4, 5), (2, 1), ((1, 2), (0, 1)), (1, 1), 1),  # 3 images x bands
 ]
 
 
@@ -107,9 +108,12 @@ def test_onednn_picks_an_optimised_implementation(kind, case):
 
 @pytest.mark.parametrize("threads,n,kind,oh,want", [
     (2, 4, "f", 8, (1, 2)), (2, 4, "w", 8, (1, 2)), (2, 2, "d", 8, (1, 2)),
-    (4, 6, "w", 8, (1, 3)),  # the most threads that divide the batch
-    (2, 3, "f", 8, (0, 1)), (2, 3, "w", 8, (0, 1)),  # odd batch: one call on OpenMP
-    (2, 1, "f", 8, (2, 2)), (16, 1, "f", 5, (2, 5)),  # one image: bands of output rows
+    (4, 8, "w", 8, (1, 4)), (4, 12, "d", 8, (1, 4)),  # groups of n / threads images
+    (2, 3, "f", 8, (2, 2)),  # 3 images x 2 bands: 3 parts per thread
+    (4, 6, "f", 8, (2, 2)), (16, 4, "f", 8, (2, 4)), (2, 1, "f", 8, (2, 2)),
+    (16, 1, "f", 5, (2, 5)),  # no more bands than output rows
+    (2, 3, "w", 8, (0, 1)), (4, 6, "d", 8, (0, 1)),  # gradients: whole, on OpenMP
+    (16, 4, "w", 8, (0, 1)),  # 4 groups would leave 12 threads idle
     (2, 1, "d", 8, (0, 1)), (2, 1, "w", 8, (0, 1)), (2, 1, "f", 1, (0, 1)),
     (1, 4, "f", 8, (0, 1)),  # one thread
 ])
@@ -172,7 +176,7 @@ def test_a_split_the_call_cannot_take_is_a_clear_error():
   x, k = jnp.asarray(_rand((2, 8, 8, 4), 0)), jnp.asarray(_rand((3, 3, 4, 4), 1))
   call = jax.ffi.ffi_call("JsegConvFwd", (jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32),
                                           jax.ShapeDtypeStruct((1 << 16,), jnp.uint8)))
-  for split, chunks in ((1, 3), (2, 2), (3, 2)):  # 3 parts of 2 images; rows of 2 images
+  for split, chunks in ((1, 3), (2, 9), (3, 2)):  # 3 groups of 2 images; 9 bands of 8 rows
     with pytest.raises(Exception, match="invalid split/chunks"):
       jax.block_until_ready(call(x, k, **conv._attrs((1, 1), (1, 1), ((1, 1), (1, 1)), 1,
                                                       split, chunks)))

@@ -24,6 +24,7 @@ rows for one image), so oneDNN's OpenMP threads do not compete with XLA's (train
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -127,26 +128,27 @@ def _intra_op_threads() -> int:
 def conv_split(kind: str, x_shape, y_shape) -> tuple[int, int]:
   """How one oneDNN call is cut over XLA:CPU's intra-op threads: ``(split, chunks)``.
 
-  ``JSEG_CONV_THREADS`` (read when a function is traced) = ``xla`` (default): a call with
-  a batch of n >= 2 images runs as ``chunks`` groups of n / chunks images (the most
-  threads that divide n), a forward call on one image as ``chunks`` bands of output rows,
-  each part a single-threaded oneDNN call on one of XLA's threads; so oneDNN starts no
+  ``JSEG_CONV_THREADS`` (read when a function is traced) = ``xla`` (default): with t
+  threads, a batch of n images that t divides runs as t groups of n / t images
+  (``(1, t)``); otherwise a forward call cuts every image's output rows into r bands, r =
+  t / gcd(n, t), so that the n * r parts share evenly over the threads (``(2, r)``). Each
+  part is a single-threaded oneDNN call on one of XLA's threads, so oneDNN starts no
   OpenMP threads of its own to compete with XLA's for the cores. Parts' kernel gradients
-  are added in part order, so results do not depend on the thread count at run time
-  (but do on ``chunks``: float32 sums in another grouping). ``openmp``: one oneDNN call on
-  OpenMP's threads (``(0, 1)``), as before; also the answer with one thread, or for an
-  input-/kernel-gradient call on one image.
+  are added in part order: results do not depend on which thread ran which part, but do
+  on t (float32 sums grouped otherwise). Input- and kernel-gradient calls whose batch t
+  does not divide, and every call under ``openmp`` or with one thread, run whole on
+  oneDNN's OpenMP threads (``(0, 1)``), as before this option existed.
   """
   mode = native.env_mode("JSEG_CONV_THREADS", _THREAD_MODES)
   threads = _intra_op_threads()
   n = x_shape[0]
   if mode == "openmp" or threads < 2:
     return 0, 1
-  if n >= 2:
-    chunks = max(c for c in range(1, min(n, threads) + 1) if n % c == 0)
-    return (1, chunks) if chunks >= 2 else (0, 1)
-  if kind == "f" and y_shape[1] >= 2:
-    return 2, min(threads, y_shape[1])
+  if n % threads == 0:
+    return 1, threads
+  bands = min(threads // math.gcd(n, threads), y_shape[1])
+  if kind == "f" and n * bands >= 2:
+    return 2, bands
   return 0, 1
 
 

@@ -314,7 +314,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements, const F& f)
 // How a convolution call is cut over XLA's intra-op threads (its `split` attribute):
 // 0: one oneDNN call on OpenMP's team (oneDNN's own threads, which then compete with
 // XLA's for the cores while XLA runs other kernels beside the call); 1: `chunks` equal
-// groups of images; 2: `chunks` bands of output rows of one image (forward only). Each
+// groups of images; 2: every image's output rows in `chunks` bands (forward only). Each
 // part is a single-threaded oneDNN call on one of XLA's threads (ParallelFor), so no
 // second pool of threads exists; the parts' kernel gradients are added in part order,
 // so the bits do not depend on which thread ran which part.
@@ -335,16 +335,19 @@ std::vector<Part> Parts(const Geom& g, int64_t split, int64_t chunks) {
     return out;
   }
   const int64_t s = g.strides[0], eff = (g.kh - 1) * (g.dil[0] + 1) + 1;
-  for (int64_t q = 0; q < chunks; ++q) {
-    const int64_t r0 = q * g.oh / chunks, r1 = (q + 1) * g.oh / chunks;
-    const int64_t start = r0 * s - g.pad_l[0], end = (r1 - 1) * s - g.pad_l[0] + eff;
-    const int64_t lo = std::max<int64_t>(0, start), hi = std::min(g.h, end);
-    Part p{g, lo * g.w * g.c, r0 * g.ow * g.oc};
-    p.g.h = hi - lo;
-    p.g.oh = r1 - r0;
-    p.g.pad_l[0] = lo - start;
-    p.g.pad_r[0] = end - hi;
-    out.push_back(p);
+  for (int64_t i = 0; i < g.n; ++i) {
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t r0 = q * g.oh / chunks, r1 = (q + 1) * g.oh / chunks;
+      const int64_t start = r0 * s - g.pad_l[0], end = (r1 - 1) * s - g.pad_l[0] + eff;
+      const int64_t lo = std::max<int64_t>(0, start), hi = std::min(g.h, end);
+      Part p{g, (i * g.h + lo) * g.w * g.c, (i * g.oh + r0) * g.ow * g.oc};
+      p.g.n = 1;
+      p.g.h = hi - lo;
+      p.g.oh = r1 - r0;
+      p.g.pad_l[0] = lo - start;
+      p.g.pad_r[0] = end - hi;
+      out.push_back(p);
+    }
   }
   return out;
 }
@@ -352,7 +355,7 @@ std::vector<Part> Parts(const Geom& g, int64_t split, int64_t chunks) {
 ffi::Error CheckSplit(const Geom& g, char kind, int64_t split, int64_t chunks) {
   if (split == 0 && chunks == 1) return ffi::Error::Success();
   if (split == 1 && chunks >= 2 && g.n % chunks == 0) return ffi::Error::Success();
-  if (split == 2 && kind == 'f' && g.n == 1 && chunks >= 2 && chunks <= g.oh) {
+  if (split == 2 && kind == 'f' && chunks >= 1 && chunks <= g.oh && g.n * chunks >= 2) {
     for (const Part& p : Parts(g, split, chunks))
       if (p.g.h < 1) return ffi::Error::InvalidArgument("onednn conv: a row band reads no input row");
     return ffi::Error::Success();
