@@ -105,6 +105,22 @@ def test_adaptive_avg_pool_matches_numpy(hw, bins):
                              _np_adaptive_avg_pool(x, bins), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hw", [(12, 12), (7, 11), (4, 5)])
+def test_adaptive_avg_pools_equal_one_pool_per_bin_with_their_gradient(hw):
+  """The stacked pooling PSPNet uses gives each bin's pool and the same input gradient."""
+  bins = (1, 2, 3, 6)
+  x = _rand((2, *hw, 3))
+  pools = jax.jit(layers.adaptive_avg_pools, static_argnums=1)(x, bins)
+  assert [p.shape for p in pools] == [(2, b, b, 3) for b in bins]
+  for p, b in zip(pools, bins):
+    np.testing.assert_allclose(p, _np_adaptive_avg_pool(x, b), rtol=1e-5, atol=1e-6)
+  w = [_rand((2, b, b, 3), seed=b) for b in bins]
+  loss = lambda ps: sum(jnp.sum(p * wi) for p, wi in zip(ps, w))  # noqa: E731
+  g = jax.grad(lambda x: loss(layers.adaptive_avg_pools(x, bins)))(x)
+  g_ref = jax.grad(lambda x: loss([layers.adaptive_avg_pool(x, b) for b in bins]))(x)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
 def _np_resize_bilinear(x, size):
   """Half-pixel bilinear (torch align_corners=False): src = (dst + 0.5) * in/out - 0.5."""
 

@@ -34,6 +34,8 @@ Changes (``--change``):
   separable convolutions).
 - ``pool_position``: the ResNet stem's 3x3/2 max pool differentiated by autodiff (before)
   vs its custom VJP keeping the int8 window position of each maximum (now).
+- ``ppm_pools``: PSPNet's pyramid pooling as one ``adaptive_avg_pool`` per bin (before) vs
+  one stacked pooling for all bins (now, ``layers.adaptive_avg_pools``).
 - ``conv_threads``: each oneDNN convolution one call on OpenMP's threads (before,
   ``JSEG_CONV_THREADS=openmp``) vs cut into single-threaded parts on XLA's threads (now,
   ``conv.conv_split``).
@@ -129,7 +131,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -163,6 +165,7 @@ def main() -> None:
   workspace = native_mod.onednn_workspace
   recomputed_then = norm._batch_norm_then_native
   pool = layers.max_pool_3x3_s2
+  pools = layers.adaptive_avg_pools
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
     y, new_mean, new_var = norm._batch_norm_train_native(x, scale, bias, None, ra_mean, ra_var,
@@ -195,6 +198,8 @@ def main() -> None:
     elif a.change == "conv_workspace":
       from jseg import native
       native.onednn_workspace = (lambda *args: 1) if before else workspace
+    elif a.change == "ppm_pools":
+      pspnet.adaptive_avg_pools = (lambda x, bins: [layers.adaptive_avg_pool(x, b) for b in bins]) if before else pools
     elif a.change == "conv_threads":
       os.environ["JSEG_CONV_THREADS"] = "openmp" if before else "xla"
     elif a.change == "pool_position":

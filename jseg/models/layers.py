@@ -11,6 +11,7 @@ elementwise or plain matmuls. Tests check each against the stock op.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -226,6 +227,23 @@ def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
   ph = jnp.asarray(_pool_matrix(h, bins), x.dtype)
   pw = jnp.asarray(_pool_matrix(w, bins), x.dtype)
   return jnp.einsum("ih,nhwc,jw->nijc", ph, x, pw)
+
+
+def adaptive_avg_pools(x: jax.Array, bins: Sequence[int]) -> list[jax.Array]:
+  """``[adaptive_avg_pool(x, b) for b in bins]`` as one pooling of ``x``.
+
+  The bins' averaging matrices are stacked ([sum(bins), H] and [sum(bins), W]) and applied
+  in one einsum, whose diagonal blocks are the pools: the map is read once, and in the
+  backward the bins' gradients reach ``x`` as one full-size array instead of one per bin
+  summed afterwards (PSPNet's pyramid pooling at 512² batch 2: that sum was a 9.6 ms
+  fusion of a ~290 ms step). Same values up to float32 rounding.
+  """
+  _, h, w, _ = x.shape
+  ph = jnp.asarray(np.concatenate([_pool_matrix(h, b) for b in bins]), x.dtype)
+  pw = jnp.asarray(np.concatenate([_pool_matrix(w, b) for b in bins]), x.dtype)
+  pooled = jnp.einsum("ih,nhwc,jw->nijc", ph, x, pw)
+  starts = np.cumsum([0, *bins])
+  return [pooled[:, a : a + b, a : a + b] for a, b in zip(starts, bins)]
 
 
 def _pool_matrix(size: int, bins: int) -> np.ndarray:

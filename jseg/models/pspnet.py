@@ -21,7 +21,7 @@ from jseg.models.backbones.resnet import ResNet
 from jseg.models.conv import Conv
 from jseg.models.layers import (
     ConvBNReLU,
-    adaptive_avg_pool,
+    adaptive_avg_pools,
     check_min_size,
     check_nhwc,
     resize_bilinear,
@@ -43,8 +43,7 @@ class PyramidPooling(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     size = x.shape[1:3]
     outs = [x]
-    for b in self.bins:
-      y = adaptive_avg_pool(x, b)
+    for b, y in zip(self.bins, adaptive_avg_pools(x, self.bins)):
       y = ConvBNReLU(self.reduction_features, kernel=1, dtype=self.dtype, name=f"bin{b}")(y, train)
       outs.append(resize_bilinear(y, size))
     return jnp.concatenate(outs, axis=-1)
