@@ -65,6 +65,9 @@ CASES = [
     ((1, 3, 5, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
     ((4, 9, 7, 8), (3, 3, 1, 8), (1, 1), "SAME", (1, 1), 8),  # 4 images, depthwise
     ((3, 11, 6, 4), (3, 3, 4, 5), (2, 1), ((1, 2), (0, 1)), (1, 1), 1),  # 3 images x bands
+    # kernel gradients by output channels: a kernel heavier than the images; an odd batch
+    ((2, 4, 5, 32), (3, 3, 32, 16), (1, 1), "SAME", (1, 1), 1),
+    ((3, 7, 5, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (0, 2)), (1, 1), 1),
 ]
 
 
@@ -106,25 +109,31 @@ def test_onednn_picks_an_optimised_implementation(kind, case):
   assert name and not name.startswith("ref"), name  # 'ref' is oneDNN's slow reference code
 
 
-@pytest.mark.parametrize("threads,n,kind,oh,want", [
-    (2, 4, "f", 8, (1, 2)), (2, 4, "w", 8, (1, 2)), (2, 2, "d", 8, (1, 2)),
-    (4, 8, "w", 8, (1, 4)), (4, 12, "d", 8, (1, 4)),  # groups of n / threads images
-    (2, 3, "f", 8, (2, 2)),  # 3 images x 2 bands: 3 parts per thread
-    (4, 6, "f", 8, (2, 2)), (16, 4, "f", 8, (2, 4)), (2, 1, "f", 8, (2, 2)),
-    (16, 1, "f", 5, (2, 5)),  # no more bands than output rows
-    (2, 3, "w", 8, (0, 1)), (4, 6, "d", 8, (0, 1)),  # gradients: whole, on OpenMP
-    (16, 4, "w", 8, (0, 1)),  # 4 groups would leave 12 threads idle
-    (2, 1, "d", 8, (0, 1)), (2, 1, "w", 8, (0, 1)), (2, 1, "f", 1, (0, 1)),
-    (1, 4, "f", 8, (0, 1)),  # one thread
+@pytest.mark.parametrize("threads,n,kind,oh,cin,want", [
+    (2, 4, "f", 8, 4, (1, 2)), (2, 4, "w", 8, 4, (1, 2)), (2, 2, "d", 8, 4, (1, 2)),
+    (4, 8, "w", 8, 4, (1, 4)), (4, 12, "d", 8, 4, (1, 4)),  # groups of n / threads images
+    (2, 3, "f", 8, 4, (2, 2)),  # 3 images x 2 bands: 3 parts per thread
+    (4, 6, "f", 8, 4, (2, 2)), (16, 4, "f", 8, 4, (2, 4)), (2, 1, "f", 8, 4, (2, 2)),
+    (16, 1, "f", 5, 4, (2, 5)),  # no more bands than output rows
+    (2, 3, "w", 8, 4, (3, 2)), (2, 1, "w", 8, 4, (3, 2)),  # kernel gradient: by channels
+    (4, 6, "d", 8, 4, (0, 1)), (2, 1, "d", 8, 4, (0, 1)),  # input gradient: whole, on OpenMP
+    (16, 4, "w", 8, 4, (0, 1)),  # 4 channels, 4 images: no cut gives every thread a part
+    (2, 1, "f", 1, 4, (0, 1)),
+    (1, 4, "f", 8, 4, (0, 1)),  # one thread
+    # a 3x3 cin->cin kernel against one part's input (2 images of 16x8xcin): 9 cin^2 vs 256 cin
+    (2, 4, "w", 8, 28, (1, 2)), (2, 4, "w", 8, 30, (3, 2)),
+    (2, 4, "w", 8, 29, (1, 2)),  # odd channel count: by images anyway
+    (2, 4, "d", 8, 512, (1, 2)), (2, 4, "f", 8, 512, (1, 2)),  # by images whatever the kernel
 ])
-def test_conv_split_cuts_calls_over_xla_threads(threads, n, kind, oh, want, monkeypatch):
+def test_conv_split_cuts_calls_over_xla_threads(threads, n, kind, oh, cin, want, monkeypatch):
   monkeypatch.setattr(conv, "_intra_op_threads", lambda: threads)
-  assert conv.conv_split(kind, (n, 2 * oh, 8, 4), (n, oh, 8, 4)) == want
+  shapes = ((n, 2 * oh, 8, cin), (n, oh, 8, cin), (3, 3, cin, cin))
+  assert conv.conv_split(kind, *shapes) == want
   monkeypatch.setenv("JSEG_CONV_THREADS", "openmp")
-  assert conv.conv_split(kind, (n, 2 * oh, 8, 4), (n, oh, 8, 4)) == (0, 1)
+  assert conv.conv_split(kind, *shapes) == (0, 1)
   monkeypatch.setenv("JSEG_CONV_THREADS", "tbb")
   with pytest.raises(ValueError, match="JSEG_CONV_THREADS must be one of"):
-    conv.conv_split(kind, (n, 2 * oh, 8, 4), (n, oh, 8, 4))
+    conv.conv_split(kind, *shapes)
 
 
 def test_split_calls_are_in_the_program_and_match_the_whole_call(monkeypatch):
@@ -368,7 +377,7 @@ def test_scratchpad_is_an_xla_workspace_output():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 8)), jnp.float32)
   k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 16)), jnp.float32)
   geom = ((2, 16, 16, 8), (3, 3, 8, 16), (2, 16, 16, 16), (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
-  sizes = {kind: native.onednn_workspace(kind, *geom, *conv.conv_split(kind, geom[0], geom[2]))
+  sizes = {kind: native.onednn_workspace(kind, *geom, *conv.conv_split(kind, geom[0], geom[2], geom[1]))
            for kind in "fdw"}
   assert all(n >= 4096 and n % 4096 == 0 for n in sizes.values()), sizes
   f = lambda x, k: jnp.sum(conv.onednn_conv(x, k, (1, 1), (1, 1), ((1, 1), (1, 1)), 1) ** 2)

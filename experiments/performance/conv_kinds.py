@@ -54,7 +54,7 @@ def main() -> None:
       bd = jax.jit(lambda dy, k: conv._call("JsegConvBwdData", "d", x.shape, *geom, dy, k))
       bw = jax.jit(lambda x, dy: conv._call("JsegConvBwdWeights", "w", k.shape, *geom, x, dy))
       ms = [timed(f, x, k), timed(bd, dy, k), timed(bw, x, dy)]
-      print(f"{mode:6s} {n}x{h}x{h}x{c}->{o} k{kk} d{d} split {conv.conv_split('f', x.shape, dy.shape)}: "
+      print(f"{mode:6s} {n}x{h}x{h}x{c}->{o} k{kk} d{d} split {[conv.conv_split(kind, x.shape, dy.shape, k.shape) for kind in 'fdw']}: "
             + ", ".join(f"{name} {t:.2f} ms ({gflop / t * 1e3:.0f} GFLOP/s)"
                         for name, t in zip(("fwd", "dx", "dk"), ms)))
 

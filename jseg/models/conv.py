@@ -16,9 +16,9 @@ Which implementation is chosen is read when a function is traced: the environmen
 variable ``JSEG_CONV`` = ``auto`` (default: oneDNN on a single CPU device when it
 builds), ``onednn`` (raise if it cannot be used) or ``xla`` (never use it). How a call
 uses the cores is ``JSEG_CONV_THREADS`` (``conv_split``): by default it is cut into
-single-threaded oneDNN calls on XLA's own threads (per image group, or per band of output
-rows for one image), so oneDNN's OpenMP threads do not compete with XLA's (training steps
-3-26% faster, ``experiments/performance/README.md``, eleventh pass).
+single-threaded oneDNN calls on XLA's own threads (per image group, band of output rows
+or group of output channels), so oneDNN's OpenMP threads do not compete with XLA's
+(training steps 3-26% faster, ``experiments/performance/README.md``, eleventh pass).
 """
 
 from __future__ import annotations
@@ -125,31 +125,45 @@ def _intra_op_threads() -> int:
     return os.cpu_count() or 1
 
 
-def conv_split(kind: str, x_shape, y_shape) -> tuple[int, int]:
+# A kernel gradient whose kernel has more elements than this many times one part's input is
+# cut over output channels, not images: with images, each part would stream the whole
+# kernel through its core's cache and write a whole kernel gradient, summed afterwards
+# (eleventh pass: a 3x3 512->512 layer on 8x8 maps, batch 4, 6.7-7.1 ms in image parts
+# against 4.9-5.0 whole; t threads would hold t kernels).
+KERNEL_SPLIT_RATIO = 1.0
+
+
+def conv_split(kind: str, x_shape, y_shape, k_shape) -> tuple[int, int]:
   """How one oneDNN call is cut over XLA:CPU's intra-op threads: ``(split, chunks)``.
 
   ``JSEG_CONV_THREADS`` (read when a function is traced) = ``xla`` (default): with t
   threads, a batch of n images that t divides runs as t groups of n / t images
   (``(1, t)``); otherwise a forward call cuts every image's output rows into r bands, r =
-  t / gcd(n, t), so that the n * r parts share evenly over the threads (``(2, r)``). Each
-  part is a single-threaded oneDNN call on one of XLA's threads, so oneDNN starts no
-  OpenMP threads of its own to compete with XLA's for the cores. Parts' kernel gradients
-  are added in part order: results do not depend on which thread ran which part, but do
-  on t (float32 sums grouped otherwise). Input- and kernel-gradient calls whose batch t
-  does not divide, and every call under ``openmp`` or with one thread, run whole on
-  oneDNN's OpenMP threads (``(0, 1)``), as before this option existed.
+  t / gcd(n, t), so that the n * r parts share evenly over the threads (``(2, r)``). A
+  kernel gradient whose kernel outweighs one part's input (``KERNEL_SPLIT_RATIO``; or
+  whose batch t does not divide) runs as t groups of output channels instead (``(3, t)``,
+  ungrouped convolutions with t | channels). Each part is a single-threaded oneDNN call on
+  one of XLA's threads, so oneDNN starts no OpenMP threads of its own to compete with
+  XLA's for the cores. Image parts' kernel gradients are added in part order: results do
+  not depend on which thread ran which part, but do on t (float32 sums grouped otherwise).
+  Other input-gradient calls whose batch t does not divide, and every call under
+  ``openmp`` or with one thread, run whole on oneDNN's OpenMP threads (``(0, 1)``), as
+  before this option existed.
   """
   mode = native.env_mode("JSEG_CONV_THREADS", _THREAD_MODES)
   threads = _intra_op_threads()
   n = x_shape[0]
   if mode == "openmp" or threads < 2:
     return 0, 1
+  if kind == "w":
+    by_channels = x_shape[3] == k_shape[2] and k_shape[3] % threads == 0
+    heavy = math.prod(k_shape) > KERNEL_SPLIT_RATIO * math.prod(x_shape) / threads
+    if by_channels and (heavy or n % threads):
+      return 3, threads
   if n % threads == 0:
     return 1, threads
   bands = min(threads // math.gcd(n, threads), y_shape[1])
-  if kind == "f" and n * bands >= 2:
-    return 2, bands
-  return 0, 1
+  return (2, bands) if kind == "f" and n * bands >= 2 else (0, 1)
 
 
 def _attrs(strides, dilation, padding, groups, split=0, chunks=1) -> dict[str, Any]:
@@ -167,7 +181,7 @@ def _call(target: str, kind: str, out_shape, x_shape, k_shape, y_shape, strides,
           padding, groups, *operands) -> jax.Array:
   """One oneDNN custom call: its float32 result, plus a uint8 workspace output (oneDNN's
   scratchpad and reordered kernel) that XLA allocates among its temporaries and drops."""
-  split, chunks = conv_split(kind, x_shape, y_shape)
+  split, chunks = conv_split(kind, x_shape, y_shape, k_shape)
   ws = native.onednn_workspace(kind, tuple(x_shape), tuple(k_shape), tuple(y_shape),
                                tuple(strides), tuple(dilation), tuple(padding), int(groups),
                                split, chunks)

@@ -314,7 +314,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements, const F& f)
 // How a convolution call is cut over XLA's intra-op threads (its `split` attribute):
 // 0: one oneDNN call on OpenMP's team (oneDNN's own threads, which then compete with
 // XLA's for the cores while XLA runs other kernels beside the call); 1: `chunks` equal
-// groups of images; 2: every image's output rows in `chunks` bands (forward only). Each
+// groups of images; 2: every image's output rows in `chunks` bands (forward only); 3:
+// `chunks` groups of output channels (kernel gradient only: each part reads every image and
+// writes its own channels of the kernel gradient, so no part holds a whole kernel). Each
 // part is a single-threaded oneDNN call on one of XLA's threads (ParallelFor), so no
 // second pool of threads exists; the parts' kernel gradients are added in part order,
 // so the bits do not depend on which thread ran which part.
@@ -325,6 +327,14 @@ struct Part {
 
 std::vector<Part> Parts(const Geom& g, int64_t split, int64_t chunks) {
   std::vector<Part> out;
+  if (split == 3) {  // dst_off: the part's first output channel
+    for (int64_t q = 0; q < chunks; ++q) {
+      Part p{g, 0, q * (g.oc / chunks)};
+      p.g.oc = g.oc / chunks;
+      out.push_back(p);
+    }
+    return out;
+  }
   if (split == 1) {
     const int64_t nq = g.n / chunks;
     for (int64_t q = 0; q < chunks; ++q) {
@@ -360,6 +370,8 @@ ffi::Error CheckSplit(const Geom& g, char kind, int64_t split, int64_t chunks) {
       if (p.g.h < 1) return ffi::Error::InvalidArgument("onednn conv: a row band reads no input row");
     return ffi::Error::Success();
   }
+  if (split == 3 && kind == 'w' && g.groups == 1 && chunks >= 2 && g.oc % chunks == 0)
+    return ffi::Error::Success();
   return ffi::Error::InvalidArgument("onednn conv: invalid split/chunks for this call");
 }
 
@@ -372,8 +384,16 @@ struct SplitPlan {
   std::vector<std::shared_ptr<Prims>> prims;
   std::vector<size_t> scratch_at, wei_at;  // byte offsets from the aligned base
   std::vector<bool> owns_wei;              // whether part q reorders / writes its own
+  std::vector<size_t> dy_at;               // split 3: each part's channels of dy
+  std::vector<dnnl::reorder> to_out;       // split 3: its kernel gradient into the output's
   size_t bytes = 0;                        // workspace wanted, with a page to align
 };
+
+// Split 3: part q's channels [o0, o0 + oc_q) of the HWIO kernel gradient, in place.
+memory::desc OutChannels(const Geom& full, const Geom& part) {
+  return memory::desc(part.WeiDims(), dt::f32,
+                      memory::dims{1, full.oc, full.kw * full.ci_g * full.oc, full.ci_g * full.oc});
+}
 
 std::mutex plan_mu;
 std::unordered_map<std::string, std::shared_ptr<const SplitPlan>> plans;
@@ -396,7 +416,14 @@ std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, i
     sp.scratch_at.push_back(at);
     at += Pages(p->scratch.get_size());
     bool own;
-    if (kind == 'w')
+    if (split == 3) {
+      own = true;
+      sp.dy_at.push_back(at);
+      at += Pages(sizeof(float) * g.n * g.oh * g.ow * sp.parts[q].g.oc);
+      OmpThreads scope(1);
+      sp.to_out.push_back(dnnl::reorder(dnnl::reorder::primitive_desc(
+          Engine(), p->wei, Engine(), OutChannels(g, sp.parts[q].g))));
+    } else if (kind == 'w')
       own = p->reorder || q > 0;
     else
       own = p->reorder && (q == 0 || !sp.prims[0]->reorder || p->wei != sp.prims[0]->wei);
@@ -410,7 +437,41 @@ std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, i
   return made;
 }
 
-// Runs a split call (split 1 or 2) on XLA's buffers; a, b, out as Run's.
+// Split 3 (kernel gradient by output channels): part q copies its channels of dy, computes
+// their kernel gradient from every image and writes it into its channels of the output.
+void RunOutChannels(const SplitPlan& sp, const Geom& g, const float* x, const float* dy,
+                    float* out, char* base, ffi::ThreadPool& pool) {
+  const int64_t n = static_cast<int64_t>(sp.parts.size());
+  const int64_t pixels = g.n * g.oh * g.ow;
+  std::mutex err_mu;
+  std::string err;
+  ParallelFor(pool, n, int64_t{1} << 40, [&](int64_t q) {
+    try {
+      OmpThreads one(1);
+      const Part& part = sp.parts[q];
+      const Prims& p = *sp.prims[q];
+      const int64_t oq = part.g.oc, o0 = part.dst_off;
+      float* dyq = reinterpret_cast<float*>(base + sp.dy_at[q]);
+      for (int64_t i = 0; i < pixels; ++i)
+        std::memcpy(dyq + i * oq, dy + i * g.oc + o0, sizeof(float) * oq);
+      dnnl::stream sq(Engine());
+      memory w(p.wei, Engine(), base + sp.wei_at[q]);
+      p.prim.execute(sq, {{DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])},
+                          {DNNL_ARG_SRC, memory(part.g.Src(), Engine(), const_cast<float*>(x))},
+                          {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), dyq)},
+                          {DNNL_ARG_DIFF_WEIGHTS, w}});
+      memory dk(OutChannels(g, part.g), Engine(), out + o0);
+      sp.to_out[q].execute(sq, w, dk);
+      sq.wait();
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> l(err_mu);
+      err = e.what();
+    }
+  });
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
+// Runs a split call (split 1, 2 or 3) on XLA's buffers; a, b, out as Run's.
 void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a, float* b,
               float* out, void* ws, size_t ws_bytes, ffi::ThreadPool& pool) {
   const SplitPlan& sp = *Plan(g, kind, split, chunks);
@@ -419,6 +480,10 @@ void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a,
                    ? reinterpret_cast<char*>(Pages(reinterpret_cast<uintptr_t>(ws)))
                    : static_cast<char*>(own.Get(sp.bytes));
   const int64_t n = static_cast<int64_t>(sp.parts.size());
+  if (split == 3) {
+    RunOutChannels(sp, g, a, b, out, base, pool);
+    return;
+  }
   OmpThreads one(1);
   dnnl::stream s(Engine());
   memory user_w(g.WeiUser(), Engine(), kind == 'w' ? out : b);
