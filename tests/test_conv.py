@@ -165,6 +165,29 @@ def test_split_calls_are_in_the_program_and_match_the_whole_call(monkeypatch):
   assert not native.onednn_impl("w", *geom, 1, 2).startswith("ref")
 
 
+@pytest.mark.parametrize("kind", ["f", "d", "w"])
+def test_split_calls_cut_the_kernel_reorder_and_keep_the_values(kind, monkeypatch):
+  """A layer wide enough for oneDNN's blocked kernel layout to hold two blocks reorders its
+  kernel in pieces on XLA's threads; values and gradients still match XLA's."""
+  monkeypatch.setattr(conv, "_intra_op_threads", lambda: 2)
+  xs, ks = (2, 4, 4, 256), (3, 3, 256, 256)
+  geom = (xs, ks, xs, (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
+  split, chunks = conv.conv_split(kind, xs, xs, ks)
+  if kind == "w":  # by channels: each part reorders its own channels; by images instead
+    assert (split, chunks) == (3, 2)
+    monkeypatch.setattr(conv, "KERNEL_SPLIT_RATIO", float("inf"))
+    split, chunks = conv.conv_split(kind, xs, xs, ks)
+  assert (split, chunks) == (1, 2)
+  assert native.onednn_reorder_pieces(kind, *geom, split, chunks) == 2
+  x, k = _rand(xs, 0), _rand(ks, 1) * 0.05
+  f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN,  # noqa: E731
+                                             precision=lax.Precision.HIGHEST)
+  got, want = _value_and_grads(f, x, k), _value_and_grads(ref, x, k)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
 def test_split_call_without_its_workspace_uses_its_own_buffer(monkeypatch):
   """A workspace too small for the parts (here 1 byte) falls back to a buffer of the call's
   own, with the same results."""

@@ -155,6 +155,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     lib.jseg_onednn_impl.restype = ctypes.c_int
     lib.jseg_onednn_workspace.restype = ctypes.c_int64
+    lib.jseg_onednn_reorder_pieces.restype = ctypes.c_int64
     return lib, ""
   except (NativeBuildError, OSError, AttributeError) as e:
     return None, f"{type(e).__name__}: {e}"
@@ -191,6 +192,22 @@ def onednn_workspace(kind: str, x_shape, k_shape, y_shape, strides, dilation, pa
                                 ctypes.c_int64(split), ctypes.c_int64(chunks))
   if n < 0:
     raise NativeBuildError("oneDNN rejected the convolution (workspace query)")
+  return int(n)
+
+
+def onednn_reorder_pieces(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
+                          groups: int, split: int, chunks: int) -> int:
+  """Into how many pieces (run on XLA's threads) a split call cuts its kernel's reorder to or
+  from oneDNN's layout; 0 = one whole reorder (no layout change, or one that pads the
+  kernel). For tests and benchmarks; arguments as ``onednn_impl``'s."""
+  lib = onednn()
+  if lib is None:
+    raise NativeBuildError(onednn_error())
+  n = lib.jseg_onednn_reorder_pieces(_dims(x_shape, k_shape, y_shape, strides, dilation, padding),
+                                     ctypes.c_int64(groups), ctypes.c_char(kind.encode()),
+                                     ctypes.c_int64(split), ctypes.c_int64(chunks))
+  if n < 0:
+    raise NativeBuildError("oneDNN rejected the convolution or its split (reorder query)")
   return int(n)
 
 

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -375,6 +376,72 @@ ffi::Error CheckSplit(const Geom& g, char kind, int64_t split, int64_t chunks) {
   return ffi::Error::InvalidArgument("onednn conv: invalid split/chunks for this call");
 }
 
+// A kernel's reorder between two layouts cut along the kernel's first dimension (output
+// channels; groups when grouped) into pieces whose bounds fall on both layouts' blocks,
+// each a single-threaded reorder of a sub-memory, so that the parts' threads share it.
+// Empty (use the whole reorder) when a layout pads the kernel (a piece would leave the
+// padding unwritten) or there is less than two blocks' worth.
+struct ChunkedReorder {
+  std::vector<dnnl::reorder> prims;
+  std::vector<memory::desc> from, to;
+};
+
+ChunkedReorder MakeChunked(const memory::desc& from, const memory::desc& to, int64_t chunks) {
+  ChunkedReorder c;
+  const memory::dims dims = from.get_dims();
+  if (chunks < 2 || from.get_padded_dims() != dims || to.get_padded_dims() != dims) return c;
+  int64_t block = 1;
+  for (const memory::desc* d : {&from, &to}) {
+    const memory::dims blks = d->get_inner_blks(), idxs = d->get_inner_idxs();
+    int64_t b = 1;
+    for (size_t i = 0; i < blks.size(); ++i)
+      if (idxs[i] == 0) b *= blks[i];
+    block = std::lcm(block, b);
+  }
+  if (dims[0] % block) return c;
+  const int64_t units = dims[0] / block, pieces = std::min(chunks, units);
+  if (pieces < 2) return c;
+  OmpThreads one(1);
+  for (int64_t q = 0; q < pieces; ++q) {
+    const int64_t u0 = q * units / pieces, u1 = (q + 1) * units / pieces;
+    memory::dims sub = dims, offsets(dims.size(), 0);
+    sub[0] = (u1 - u0) * block;
+    offsets[0] = u0 * block;
+    c.from.push_back(from.submemory_desc(sub, offsets));
+    c.to.push_back(to.submemory_desc(sub, offsets));
+    c.prims.emplace_back(dnnl::reorder::primitive_desc(Engine(), c.from.back(), Engine(), c.to.back()));
+  }
+  return c;
+}
+
+// Runs `c`'s pieces on XLA's threads (or, when it is empty, `whole` on this thread).
+void Reorder(const ChunkedReorder& c, const dnnl::reorder& whole, const memory& from,
+             const memory& to, ffi::ThreadPool& pool) {
+  if (c.prims.empty()) {
+    dnnl::stream s(Engine());
+    whole.execute(s, const_cast<memory&>(from), const_cast<memory&>(to));
+    s.wait();
+    return;
+  }
+  std::mutex err_mu;
+  std::string err;
+  void* a = from.get_data_handle();
+  void* b = to.get_data_handle();
+  ParallelFor(pool, static_cast<int64_t>(c.prims.size()), int64_t{1} << 40, [&](int64_t q) {
+    try {
+      OmpThreads one(1);
+      dnnl::stream sq(Engine());
+      memory mf(c.from[q], Engine(), a), mt(c.to[q], Engine(), b);
+      c.prims[q].execute(sq, mf, mt);
+      sq.wait();
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> l(err_mu);
+      err = e.what();
+    }
+  });
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
 // A split call's primitives (single-threaded) and where its workspace puts each part's
 // scratchpad and kernel: `wei[q]` is the kernel in part q's layout (forward / input
 // gradient: shared by the parts whose layout is part 0's) or part q's kernel gradient
@@ -386,6 +453,7 @@ struct SplitPlan {
   std::vector<bool> owns_wei;              // whether part q reorders / writes its own
   std::vector<size_t> dy_at;               // split 3: each part's channels of dy
   std::vector<dnnl::reorder> to_out;       // split 3: its kernel gradient into the output's
+  ChunkedReorder wei0;                     // part 0's kernel reorder (to or from HWIO), cut
   size_t bytes = 0;                        // workspace wanted, with a page to align
 };
 
@@ -432,6 +500,10 @@ std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, i
     if (own) at += Pages(p->wei.get_size());
   }
   sp.bytes = 4096 + at;
+  const Prims& p0 = *sp.prims[0];
+  if (split != 3 && p0.reorder)
+    sp.wei0 = kind == 'w' ? MakeChunked(p0.wei, g.WeiUser(), chunks)
+                          : MakeChunked(g.WeiUser(), p0.wei, chunks);
   std::lock_guard<std::mutex> l(plan_mu);
   plans.emplace(key, made);
   return made;
@@ -493,7 +565,10 @@ void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a,
     const Prims& p = *sp.prims[q];
     if (sp.owns_wei[q]) {
       w[q] = memory(p.wei, Engine(), base + sp.wei_at[q]);
-      if (kind != 'w') p.to_wei.execute(s, user_w, w[q]);
+      if (kind != 'w' && q == 0)
+        Reorder(sp.wei0, p.to_wei, user_w, w[q], pool);
+      else if (kind != 'w')
+        p.to_wei.execute(s, user_w, w[q]);
     } else {
       w[q] = p.reorder ? w[0] : user_w;
     }
@@ -543,10 +618,7 @@ void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a,
       for (int64_t k = lo; k < hi; ++k) sum[k] += src[k];
     }
   });
-  if (sp.prims[0]->reorder) {
-    sp.prims[0]->from_wei.execute(s, w[0], user_w);
-    s.wait();
-  }
+  if (sp.prims[0]->reorder) Reorder(sp.wei0, sp.prims[0]->from_wei, w[0], user_w, pool);
 }
 
 }  // namespace
@@ -1232,6 +1304,18 @@ extern "C" int64_t jseg_onednn_workspace(const int64_t* dims, int64_t groups, ch
     if (!CheckSplit(g, kind, split, chunks).success()) return -1;
     if (split != 0) return static_cast<int64_t>(Plan(g, kind, split, chunks)->bytes);
     return static_cast<int64_t>(WorkspaceBytes(*Get(g, kind)));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+// How many pieces a split call's kernel reorder is cut into (0: one whole reorder), or -1.
+extern "C" int64_t jseg_onednn_reorder_pieces(const int64_t* dims, int64_t groups, char kind,
+                                              int64_t split, int64_t chunks) {
+  try {
+    const Geom g = GeomFromDims(dims, groups);
+    if (split == 0 || !CheckSplit(g, kind, split, chunks).success()) return -1;
+    return static_cast<int64_t>(Plan(g, kind, split, chunks)->wei0.prims.size());
   } catch (const std::exception&) {
     return -1;
   }
