@@ -115,8 +115,11 @@ def test_onednn_picks_an_optimised_implementation(kind, case):
     (2, 3, "f", 8, 4, (2, 2)),  # 3 images x 2 bands: 3 parts per thread
     (4, 6, "f", 8, 4, (2, 2)), (16, 4, "f", 8, 4, (2, 4)), (2, 1, "f", 8, 4, (2, 2)),
     (16, 1, "f", 5, 4, (2, 5)),  # no more bands than output rows
-    (2, 3, "w", 8, 4, (3, 2)), (2, 1, "w", 8, 4, (3, 2)),  # kernel gradient: by channels
-    (4, 6, "d", 8, 4, (0, 1)), (2, 1, "d", 8, 4, (0, 1)),  # input gradient: whole, on OpenMP
+    (2, 3, "w", 8, 4, (3, 2)),  # odd batches: by output channels
+    (2, 1, "w", 8, 4, (2, 2)), (4, 2, "w", 8, 4, (2, 2)),  # fewer images than threads: bands
+    (4, 6, "d", 8, 4, (4, 4)), (2, 1, "d", 8, 4, (4, 2)),  # ... and by input channels
+    (2, 1, "d", 8, 5, (0, 1)), (2, 3, "w", 8, 5, (0, 1)),  # odd channels: whole, on OpenMP
+    (2, 1, "w", 8, 64, (3, 2)),  # one image, a heavy kernel: by channels
     (16, 4, "w", 8, 4, (0, 1)),  # 4 channels, 4 images: no cut gives every thread a part
     (2, 1, "f", 1, 4, (0, 1)),
     (1, 4, "f", 8, 4, (0, 1)),  # one thread
@@ -201,6 +204,29 @@ def test_split_call_without_its_workspace_uses_its_own_buffer(monkeypatch):
   assert "tensor<1xui8>" in jax.jit(f).lower(x, k).as_text()
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_cut_onednn_cannot_plan_falls_back_to_the_whole_call(monkeypatch):
+  """When oneDNN cannot take the chosen cut (row bands whose kernel gradients come in
+  different layouts), the call runs whole instead of failing."""
+  workspace = native.onednn_workspace
+
+  def no_cuts(*args):
+    if args[-2] != 0:
+      raise native.NativeBuildError("oneDNN rejected the convolution (workspace query)")
+    return workspace(*args)
+
+  monkeypatch.setattr(native, "onednn_workspace", no_cuts)
+  jax.clear_caches()
+  x, k = _rand((1, 20, 20, 16), 0), _rand((3, 3, 16, 8), 1)
+  f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+  text = jax.jit(lambda x, k: _value_and_grads(f, x, k)).lower(x, k).as_text()
+  calls = [line for line in text.splitlines() if "@JsegConv" in line]
+  assert len(calls) == 3 and all("split = 0 : i64" in line for line in calls)
+  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+  for a, b in zip(jax.tree.leaves(_value_and_grads(f, x, k)), jax.tree.leaves(_value_and_grads(ref, x, k))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+  jax.clear_caches()
 
 
 def test_a_split_the_call_cannot_take_is_a_clear_error():

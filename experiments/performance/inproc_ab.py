@@ -36,6 +36,8 @@ Changes (``--change``):
   vs its custom VJP keeping the int8 window position of each maximum (now).
 - ``kernel_split``: every kernel gradient cut by images (before) vs by output channels
   where its kernel outweighs one part's input (now, ``conv.KERNEL_SPLIT_RATIO``).
+- ``input_channels``: input gradients of a batch the thread count does not divide whole on
+  OpenMP's threads (before) vs cut by input channels on XLA's (now, ``conv_split`` 4).
 - ``ppm_pools``: PSPNet's pyramid pooling as one ``adaptive_avg_pool`` per bin (before) vs
   one stacked pooling for all bins (now, ``layers.adaptive_avg_pools``).
 - ``conv_threads``: each oneDNN convolution one call on OpenMP's threads (before,
@@ -133,7 +135,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -163,6 +165,7 @@ def main() -> None:
   from jseg.models import conv as conv_mod
   trim = conv_mod.trim_dead_taps
   ratio = conv_mod.KERNEL_SPLIT_RATIO
+  split_fn = conv_mod.conv_split
   autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
   from jseg import native as native_mod
   workspace = native_mod.onednn_workspace
@@ -201,6 +204,8 @@ def main() -> None:
     elif a.change == "conv_workspace":
       from jseg import native
       native.onednn_workspace = (lambda *args: 1) if before else workspace
+    elif a.change == "input_channels":
+      conv_mod.conv_split = (lambda *args: (lambda r: (0, 1) if r[0] == 4 else r)(split_fn(*args))) if before else split_fn
     elif a.change == "kernel_split":
       conv_mod.KERNEL_SPLIT_RATIO = float("inf") if before else ratio
     elif a.change == "ppm_pools":

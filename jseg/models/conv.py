@@ -142,27 +142,33 @@ def conv_split(kind: str, x_shape, y_shape, k_shape) -> tuple[int, int]:
   t / gcd(n, t), so that the n * r parts share evenly over the threads (``(2, r)``). A
   kernel gradient whose kernel outweighs one part's input (``KERNEL_SPLIT_RATIO``; or
   whose batch t does not divide) runs as t groups of output channels instead (``(3, t)``,
-  ungrouped convolutions with t | channels). Each part is a single-threaded oneDNN call on
-  one of XLA's threads, so oneDNN starts no OpenMP threads of its own to compete with
-  XLA's for the cores. Image parts' kernel gradients are added in part order: results do
+  ungrouped convolutions with t | channels), except a light kernel's gradient over fewer
+  images than threads, which runs in row bands like the forward (their sums added); an input gradient whose batch t does not
+  divide, as t groups of input channels (``(4, t)``). Each part is a single-threaded
+  oneDNN call on one of XLA's threads, so oneDNN starts no OpenMP threads of its own to
+  compete with XLA's for the cores. Image parts' kernel gradients are added in part order: results do
   not depend on which thread ran which part, but do on t (float32 sums grouped otherwise).
-  Other input-gradient calls whose batch t does not divide, and every call under
-  ``openmp`` or with one thread, run whole on oneDNN's OpenMP threads (``(0, 1)``), as
-  before this option existed.
+  Other gradient calls that t does not divide (grouped convolutions, channel counts), and
+  every call under ``openmp`` or with one thread, run whole on oneDNN's OpenMP threads
+  (``(0, 1)``), as before this option existed.
   """
   mode = native.env_mode("JSEG_CONV_THREADS", _THREAD_MODES)
   threads = _intra_op_threads()
   n = x_shape[0]
   if mode == "openmp" or threads < 2:
     return 0, 1
+  ungrouped = x_shape[3] == k_shape[2]
+  bands = min(threads // math.gcd(n, threads), y_shape[1])
   if kind == "w":
-    by_channels = x_shape[3] == k_shape[2] and k_shape[3] % threads == 0
     heavy = math.prod(k_shape) > KERNEL_SPLIT_RATIO * math.prod(x_shape) / threads
-    if by_channels and (heavy or n % threads):
+    if not heavy and n < threads and n * bands >= threads:
+      return 2, bands
+    if ungrouped and k_shape[3] % threads == 0 and (heavy or n % threads):
       return 3, threads
+  if kind == "d" and ungrouped and n % threads and k_shape[2] % threads == 0:
+    return 4, threads
   if n % threads == 0:
     return 1, threads
-  bands = min(threads // math.gcd(n, threads), y_shape[1])
   return (2, bands) if kind == "f" and n * bands >= 2 else (0, 1)
 
 
@@ -181,10 +187,16 @@ def _call(target: str, kind: str, out_shape, x_shape, k_shape, y_shape, strides,
           padding, groups, *operands) -> jax.Array:
   """One oneDNN custom call: its float32 result, plus a uint8 workspace output (oneDNN's
   scratchpad and reordered kernel) that XLA allocates among its temporaries and drops."""
+  geom = (kind, tuple(x_shape), tuple(k_shape), tuple(y_shape), tuple(strides),
+          tuple(dilation), tuple(padding), int(groups))
   split, chunks = conv_split(kind, x_shape, y_shape, k_shape)
-  ws = native.onednn_workspace(kind, tuple(x_shape), tuple(k_shape), tuple(y_shape),
-                               tuple(strides), tuple(dilation), tuple(padding), int(groups),
-                               split, chunks)
+  try:
+    ws = native.onednn_workspace(*geom, split, chunks)
+  except native.NativeBuildError:
+    if split == 0:
+      raise
+    split, chunks = 0, 1  # oneDNN cannot take this cut (row bands in different layouts)
+    ws = native.onednn_workspace(*geom, split, chunks)
   return jax.ffi.ffi_call(
       target, (jax.ShapeDtypeStruct(out_shape, jnp.float32), jax.ShapeDtypeStruct((ws,), jnp.uint8)),
       vmap_method="sequential")(*operands, **_attrs(strides, dilation, padding, groups, split,

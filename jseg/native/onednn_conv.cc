@@ -315,9 +315,12 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements, const F& f)
 // How a convolution call is cut over XLA's intra-op threads (its `split` attribute):
 // 0: one oneDNN call on OpenMP's team (oneDNN's own threads, which then compete with
 // XLA's for the cores while XLA runs other kernels beside the call); 1: `chunks` equal
-// groups of images; 2: every image's output rows in `chunks` bands (forward only); 3:
+// groups of images; 2: every image's output rows in `chunks` bands (forward; kernel
+// gradient, whose bands are then added like image groups'); 3:
 // `chunks` groups of output channels (kernel gradient only: each part reads every image and
-// writes its own channels of the kernel gradient, so no part holds a whole kernel). Each
+// writes its own channels of the kernel gradient, so no part holds a whole kernel); 4:
+// `chunks` groups of input channels (input gradient only: each part reads all of dy and its
+// channels of the kernel, and writes its channels of dx through a buffer). Each
 // part is a single-threaded oneDNN call on one of XLA's threads (ParallelFor), so no
 // second pool of threads exists; the parts' kernel gradients are added in part order,
 // so the bits do not depend on which thread ran which part.
@@ -328,6 +331,14 @@ struct Part {
 
 std::vector<Part> Parts(const Geom& g, int64_t split, int64_t chunks) {
   std::vector<Part> out;
+  if (split == 4) {  // src_off: the part's first input channel
+    for (int64_t q = 0; q < chunks; ++q) {
+      Part p{g, q * (g.c / chunks), 0};
+      p.g.c = p.g.ci_g = g.c / chunks;
+      out.push_back(p);
+    }
+    return out;
+  }
   if (split == 3) {  // dst_off: the part's first output channel
     for (int64_t q = 0; q < chunks; ++q) {
       Part p{g, 0, q * (g.oc / chunks)};
@@ -366,12 +377,15 @@ std::vector<Part> Parts(const Geom& g, int64_t split, int64_t chunks) {
 ffi::Error CheckSplit(const Geom& g, char kind, int64_t split, int64_t chunks) {
   if (split == 0 && chunks == 1) return ffi::Error::Success();
   if (split == 1 && chunks >= 2 && g.n % chunks == 0) return ffi::Error::Success();
-  if (split == 2 && kind == 'f' && chunks >= 1 && chunks <= g.oh && g.n * chunks >= 2) {
+  if (split == 2 && (kind == 'f' || kind == 'w') && chunks >= 1 && chunks <= g.oh &&
+      g.n * chunks >= 2) {
     for (const Part& p : Parts(g, split, chunks))
       if (p.g.h < 1) return ffi::Error::InvalidArgument("onednn conv: a row band reads no input row");
     return ffi::Error::Success();
   }
   if (split == 3 && kind == 'w' && g.groups == 1 && chunks >= 2 && g.oc % chunks == 0)
+    return ffi::Error::Success();
+  if (split == 4 && kind == 'd' && g.groups == 1 && chunks >= 2 && g.c % chunks == 0)
     return ffi::Error::Success();
   return ffi::Error::InvalidArgument("onednn conv: invalid split/chunks for this call");
 }
@@ -451,14 +465,16 @@ struct SplitPlan {
   std::vector<std::shared_ptr<Prims>> prims;
   std::vector<size_t> scratch_at, wei_at;  // byte offsets from the aligned base
   std::vector<bool> owns_wei;              // whether part q reorders / writes its own
-  std::vector<size_t> dy_at;               // split 3: each part's channels of dy
-  std::vector<dnnl::reorder> to_out;       // split 3: its kernel gradient into the output's
+  std::vector<size_t> dy_at;               // split 3: each part's channels of dy; 4: of dx
+  std::vector<dnnl::reorder> to_out;       // split 3: its kernel gradient into the output's;
+                                           // 4: its channels of the kernel into its layout
   ChunkedReorder wei0;                     // part 0's kernel reorder (to or from HWIO), cut
   size_t bytes = 0;                        // workspace wanted, with a page to align
 };
 
-// Split 3: part q's channels [o0, o0 + oc_q) of the HWIO kernel gradient, in place.
-memory::desc OutChannels(const Geom& full, const Geom& part) {
+// Split 3 / 4: part q's output / input channels of the HWIO kernel (or its gradient), in
+// place: the part's kernel dimensions with the whole kernel's strides.
+memory::desc KernelPart(const Geom& full, const Geom& part) {
   return memory::desc(part.WeiDims(), dt::f32,
                       memory::dims{1, full.oc, full.kw * full.ci_g * full.oc, full.ci_g * full.oc});
 }
@@ -490,7 +506,14 @@ std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, i
       at += Pages(sizeof(float) * g.n * g.oh * g.ow * sp.parts[q].g.oc);
       OmpThreads scope(1);
       sp.to_out.push_back(dnnl::reorder(dnnl::reorder::primitive_desc(
-          Engine(), p->wei, Engine(), OutChannels(g, sp.parts[q].g))));
+          Engine(), p->wei, Engine(), KernelPart(g, sp.parts[q].g))));
+    } else if (split == 4) {
+      own = true;
+      sp.dy_at.push_back(at);
+      at += Pages(sizeof(float) * g.n * g.h * g.w * sp.parts[q].g.c);
+      OmpThreads scope(1);
+      sp.to_out.push_back(dnnl::reorder(dnnl::reorder::primitive_desc(
+          Engine(), KernelPart(g, sp.parts[q].g), Engine(), p->wei)));
     } else if (kind == 'w')
       own = p->reorder || q > 0;
     else
@@ -501,7 +524,11 @@ std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, i
   }
   sp.bytes = 4096 + at;
   const Prims& p0 = *sp.prims[0];
-  if (split != 3 && p0.reorder)
+  if (kind == 'w' && split == 2)  // the bands' kernel gradients are added in one layout
+    for (const auto& p : sp.prims)
+      if (p->reorder != p0.reorder || p->wei != p0.wei)
+        throw std::runtime_error("row bands whose kernel gradients differ in layout");
+  if (split < 3 && p0.reorder)
     sp.wei0 = kind == 'w' ? MakeChunked(p0.wei, g.WeiUser(), chunks)
                           : MakeChunked(g.WeiUser(), p0.wei, chunks);
   std::lock_guard<std::mutex> l(plan_mu);
@@ -532,7 +559,7 @@ void RunOutChannels(const SplitPlan& sp, const Geom& g, const float* x, const fl
                           {DNNL_ARG_SRC, memory(part.g.Src(), Engine(), const_cast<float*>(x))},
                           {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), dyq)},
                           {DNNL_ARG_DIFF_WEIGHTS, w}});
-      memory dk(OutChannels(g, part.g), Engine(), out + o0);
+      memory dk(KernelPart(g, part.g), Engine(), out + o0);
       sp.to_out[q].execute(sq, w, dk);
       sq.wait();
     } catch (const std::exception& e) {
@@ -543,7 +570,42 @@ void RunOutChannels(const SplitPlan& sp, const Geom& g, const float* x, const fl
   if (!err.empty()) throw std::runtime_error(err);
 }
 
-// Runs a split call (split 1, 2 or 3) on XLA's buffers; a, b, out as Run's.
+// Split 4 (input gradient by input channels): part q reorders its channels of the kernel,
+// computes their input gradient from all of dy into a buffer and copies it into its
+// channels of dx.
+void RunInChannels(const SplitPlan& sp, const Geom& g, const float* dy, const float* k,
+                   float* dx, char* base, ffi::ThreadPool& pool) {
+  const int64_t n = static_cast<int64_t>(sp.parts.size());
+  const int64_t pixels = g.n * g.h * g.w;
+  std::mutex err_mu;
+  std::string err;
+  ParallelFor(pool, n, int64_t{1} << 40, [&](int64_t q) {
+    try {
+      OmpThreads one(1);
+      const Part& part = sp.parts[q];
+      const Prims& p = *sp.prims[q];
+      const int64_t cq = part.g.c, c0 = part.src_off;
+      float* dxq = reinterpret_cast<float*>(base + sp.dy_at[q]);
+      dnnl::stream sq(Engine());
+      memory kq(KernelPart(g, part.g), Engine(), const_cast<float*>(k) + c0 * g.oc);
+      memory w(p.wei, Engine(), base + sp.wei_at[q]);
+      sp.to_out[q].execute(sq, kq, w);
+      p.prim.execute(sq, {{DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])},
+                          {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), const_cast<float*>(dy))},
+                          {DNNL_ARG_WEIGHTS, w},
+                          {DNNL_ARG_DIFF_SRC, memory(part.g.Src(), Engine(), dxq)}});
+      sq.wait();
+      for (int64_t i = 0; i < pixels; ++i)
+        std::memcpy(dx + i * g.c + c0, dxq + i * cq, sizeof(float) * cq);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> l(err_mu);
+      err = e.what();
+    }
+  });
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
+// Runs a split call (split 1 to 4) on XLA's buffers; a, b, out as Run's.
 void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a, float* b,
               float* out, void* ws, size_t ws_bytes, ffi::ThreadPool& pool) {
   const SplitPlan& sp = *Plan(g, kind, split, chunks);
@@ -554,6 +616,10 @@ void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a,
   const int64_t n = static_cast<int64_t>(sp.parts.size());
   if (split == 3) {
     RunOutChannels(sp, g, a, b, out, base, pool);
+    return;
+  }
+  if (split == 4) {
+    RunInChannels(sp, g, a, b, out, base, pool);
     return;
   }
   OmpThreads one(1);
