@@ -227,6 +227,27 @@ size_t WorkspaceBytes(const Prims& p) {
   return 4096 + Pages(p.scratch.get_size()) + (p.reorder ? Pages(p.wei.get_size()) : 0);
 }
 
+// A convolution primitive's arguments. 'f': a = x, out = y; 'd': a = dy, out = dx; 'w': a
+// = x, b = dy; w = the kernel ('f', 'd') or its gradient ('w') in the primitive's layout.
+std::unordered_map<int, memory> Args(char kind, const Geom& g, void* a, void* b, void* out,
+                                     const memory& w, const memory& scratch) {
+  std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, scratch}};
+  if (kind == 'f') {
+    args[DNNL_ARG_SRC] = memory(g.Src(), Engine(), a);
+    args[DNNL_ARG_WEIGHTS] = w;
+    args[DNNL_ARG_DST] = memory(g.Dst(), Engine(), out);
+  } else if (kind == 'd') {
+    args[DNNL_ARG_DIFF_DST] = memory(g.Dst(), Engine(), a);
+    args[DNNL_ARG_WEIGHTS] = w;
+    args[DNNL_ARG_DIFF_SRC] = memory(g.Src(), Engine(), out);
+  } else {
+    args[DNNL_ARG_SRC] = memory(g.Src(), Engine(), a);
+    args[DNNL_ARG_DIFF_DST] = memory(g.Dst(), Engine(), b);
+    args[DNNL_ARG_DIFF_WEIGHTS] = w;
+  }
+  return args;
+}
+
 // Runs one cached primitive on XLA's buffers. 'f': a = x, b = k, out = y; 'd': a = dy,
 // b = k, out = dx; 'w': a = x, b = dy, out = dk.
 // ws: XLA's workspace output of the call (WorkspaceBytes), so the scratchpad and the
@@ -252,22 +273,7 @@ void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t
     w = memory(p->wei, Engine(), wei_ptr);
     if (kernel_in) p->to_wei.execute(s, user_w, w);
   }
-  std::unordered_map<int, memory> args{
-      {DNNL_ARG_SCRATCHPAD, memory(p->scratch, Engine(), scratch_ptr)}};
-  if (kind == 'f') {
-    args[DNNL_ARG_SRC] = memory(g.Src(), Engine(), a);
-    args[DNNL_ARG_WEIGHTS] = w;
-    args[DNNL_ARG_DST] = memory(g.Dst(), Engine(), out);
-  } else if (kind == 'd') {
-    args[DNNL_ARG_DIFF_DST] = memory(g.Dst(), Engine(), a);
-    args[DNNL_ARG_WEIGHTS] = w;
-    args[DNNL_ARG_DIFF_SRC] = memory(g.Src(), Engine(), out);
-  } else {
-    args[DNNL_ARG_SRC] = memory(g.Src(), Engine(), a);
-    args[DNNL_ARG_DIFF_DST] = memory(g.Dst(), Engine(), b);
-    args[DNNL_ARG_DIFF_WEIGHTS] = w;
-  }
-  p->prim.execute(s, args);
+  p->prim.execute(s, Args(kind, g, a, b, out, w, memory(p->scratch, Engine(), scratch_ptr)));
   if (!kernel_in && p->reorder) p->from_wei.execute(s, w, user_w);
   s.wait();
 }
@@ -310,6 +316,25 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements, const F& f)
   }
   work();
   while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// ParallelFor over the parts of a oneDNN call, each run single-threaded (OmpThreads(1)). A
+// part that throws (a oneDNN error) records it; the first is rethrown here once every part
+// has finished, so no part outlives the buffers of the call.
+template <class F>
+void ParallelParts(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  std::mutex mu;
+  std::string err;
+  ParallelFor(pool, n, int64_t{1} << 40, [&](int64_t q) {
+    try {
+      OmpThreads one(1);
+      f(q);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> l(mu);
+      if (err.empty()) err = e.what();
+    }
+  });
+  if (!err.empty()) throw std::runtime_error(err);
 }
 
 // How a convolution call is cut over XLA's intra-op threads (its `split` attribute):
@@ -437,23 +462,14 @@ void Reorder(const ChunkedReorder& c, const dnnl::reorder& whole, const memory& 
     s.wait();
     return;
   }
-  std::mutex err_mu;
-  std::string err;
   void* a = from.get_data_handle();
   void* b = to.get_data_handle();
-  ParallelFor(pool, static_cast<int64_t>(c.prims.size()), int64_t{1} << 40, [&](int64_t q) {
-    try {
-      OmpThreads one(1);
-      dnnl::stream sq(Engine());
-      memory mf(c.from[q], Engine(), a), mt(c.to[q], Engine(), b);
-      c.prims[q].execute(sq, mf, mt);
-      sq.wait();
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> l(err_mu);
-      err = e.what();
-    }
+  ParallelParts(pool, static_cast<int64_t>(c.prims.size()), [&](int64_t q) {
+    dnnl::stream sq(Engine());
+    memory mf(c.from[q], Engine(), a), mt(c.to[q], Engine(), b);
+    c.prims[q].execute(sq, mf, mt);
+    sq.wait();
   });
-  if (!err.empty()) throw std::runtime_error(err);
 }
 
 // A split call's primitives (single-threaded) and where its workspace puts each part's
@@ -542,32 +558,23 @@ void RunOutChannels(const SplitPlan& sp, const Geom& g, const float* x, const fl
                     float* out, char* base, ffi::ThreadPool& pool) {
   const int64_t n = static_cast<int64_t>(sp.parts.size());
   const int64_t pixels = g.n * g.oh * g.ow;
-  std::mutex err_mu;
-  std::string err;
-  ParallelFor(pool, n, int64_t{1} << 40, [&](int64_t q) {
-    try {
-      OmpThreads one(1);
-      const Part& part = sp.parts[q];
-      const Prims& p = *sp.prims[q];
-      const int64_t oq = part.g.oc, o0 = part.dst_off;
-      float* dyq = reinterpret_cast<float*>(base + sp.dy_at[q]);
-      for (int64_t i = 0; i < pixels; ++i)
-        std::memcpy(dyq + i * oq, dy + i * g.oc + o0, sizeof(float) * oq);
-      dnnl::stream sq(Engine());
-      memory w(p.wei, Engine(), base + sp.wei_at[q]);
-      p.prim.execute(sq, {{DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])},
-                          {DNNL_ARG_SRC, memory(part.g.Src(), Engine(), const_cast<float*>(x))},
-                          {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), dyq)},
-                          {DNNL_ARG_DIFF_WEIGHTS, w}});
-      memory dk(KernelPart(g, part.g), Engine(), out + o0);
-      sp.to_out[q].execute(sq, w, dk);
-      sq.wait();
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> l(err_mu);
-      err = e.what();
-    }
+  ParallelParts(pool, n, [&](int64_t q) {
+    const Part& part = sp.parts[q];
+    const Prims& p = *sp.prims[q];
+    const int64_t oq = part.g.oc, o0 = part.dst_off;
+    float* dyq = reinterpret_cast<float*>(base + sp.dy_at[q]);
+    for (int64_t i = 0; i < pixels; ++i)
+      std::memcpy(dyq + i * oq, dy + i * g.oc + o0, sizeof(float) * oq);
+    dnnl::stream sq(Engine());
+    memory w(p.wei, Engine(), base + sp.wei_at[q]);
+    p.prim.execute(sq, {{DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])},
+                        {DNNL_ARG_SRC, memory(part.g.Src(), Engine(), const_cast<float*>(x))},
+                        {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), dyq)},
+                        {DNNL_ARG_DIFF_WEIGHTS, w}});
+    memory dk(KernelPart(g, part.g), Engine(), out + o0);
+    sp.to_out[q].execute(sq, w, dk);
+    sq.wait();
   });
-  if (!err.empty()) throw std::runtime_error(err);
 }
 
 // Split 4 (input gradient by input channels): part q reorders its channels of the kernel,
@@ -577,32 +584,23 @@ void RunInChannels(const SplitPlan& sp, const Geom& g, const float* dy, const fl
                    float* dx, char* base, ffi::ThreadPool& pool) {
   const int64_t n = static_cast<int64_t>(sp.parts.size());
   const int64_t pixels = g.n * g.h * g.w;
-  std::mutex err_mu;
-  std::string err;
-  ParallelFor(pool, n, int64_t{1} << 40, [&](int64_t q) {
-    try {
-      OmpThreads one(1);
-      const Part& part = sp.parts[q];
-      const Prims& p = *sp.prims[q];
-      const int64_t cq = part.g.c, c0 = part.src_off;
-      float* dxq = reinterpret_cast<float*>(base + sp.dy_at[q]);
-      dnnl::stream sq(Engine());
-      memory kq(KernelPart(g, part.g), Engine(), const_cast<float*>(k) + c0 * g.oc);
-      memory w(p.wei, Engine(), base + sp.wei_at[q]);
-      sp.to_out[q].execute(sq, kq, w);
-      p.prim.execute(sq, {{DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])},
-                          {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), const_cast<float*>(dy))},
-                          {DNNL_ARG_WEIGHTS, w},
-                          {DNNL_ARG_DIFF_SRC, memory(part.g.Src(), Engine(), dxq)}});
-      sq.wait();
-      for (int64_t i = 0; i < pixels; ++i)
-        std::memcpy(dx + i * g.c + c0, dxq + i * cq, sizeof(float) * cq);
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> l(err_mu);
-      err = e.what();
-    }
+  ParallelParts(pool, n, [&](int64_t q) {
+    const Part& part = sp.parts[q];
+    const Prims& p = *sp.prims[q];
+    const int64_t cq = part.g.c, c0 = part.src_off;
+    float* dxq = reinterpret_cast<float*>(base + sp.dy_at[q]);
+    dnnl::stream sq(Engine());
+    memory kq(KernelPart(g, part.g), Engine(), const_cast<float*>(k) + c0 * g.oc);
+    memory w(p.wei, Engine(), base + sp.wei_at[q]);
+    sp.to_out[q].execute(sq, kq, w);
+    p.prim.execute(sq, {{DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])},
+                        {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), const_cast<float*>(dy))},
+                        {DNNL_ARG_WEIGHTS, w},
+                        {DNNL_ARG_DIFF_SRC, memory(part.g.Src(), Engine(), dxq)}});
+    sq.wait();
+    for (int64_t i = 0; i < pixels; ++i)
+      std::memcpy(dx + i * g.c + c0, dxq + i * cq, sizeof(float) * cq);
   });
-  if (!err.empty()) throw std::runtime_error(err);
 }
 
 // Runs a split call (split 1 to 4) on XLA's buffers; a, b, out as Run's.
@@ -640,37 +638,18 @@ void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a,
     }
   }
   s.wait();
-  std::mutex err_mu;
-  std::string err;
-  ParallelFor(pool, n, int64_t{1} << 40, [&](int64_t q) {
-    try {
-      OmpThreads one(1);
-      const Part& part = sp.parts[q];
-      const Prims& p = *sp.prims[q];
-      dnnl::stream sq(Engine());
-      std::unordered_map<int, memory> args{
-          {DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])}};
-      if (kind == 'f') {
-        args[DNNL_ARG_SRC] = memory(part.g.Src(), Engine(), a + part.src_off);
-        args[DNNL_ARG_WEIGHTS] = w[q];
-        args[DNNL_ARG_DST] = memory(part.g.Dst(), Engine(), out + part.dst_off);
-      } else if (kind == 'd') {
-        args[DNNL_ARG_DIFF_DST] = memory(part.g.Dst(), Engine(), a + part.dst_off);
-        args[DNNL_ARG_WEIGHTS] = w[q];
-        args[DNNL_ARG_DIFF_SRC] = memory(part.g.Src(), Engine(), out + part.src_off);
-      } else {
-        args[DNNL_ARG_SRC] = memory(part.g.Src(), Engine(), a + part.src_off);
-        args[DNNL_ARG_DIFF_DST] = memory(part.g.Dst(), Engine(), b + part.dst_off);
-        args[DNNL_ARG_DIFF_WEIGHTS] = w[q];
-      }
-      p.prim.execute(sq, args);
-      sq.wait();
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> l(err_mu);
-      err = e.what();
-    }
+  ParallelParts(pool, n, [&](int64_t q) {
+    const Part& part = sp.parts[q];
+    const Prims& p = *sp.prims[q];
+    dnnl::stream sq(Engine());
+    // Each part's first element: x/dx at src_off, y/dy at dst_off.
+    float* pa = a + (kind == 'd' ? part.dst_off : part.src_off);
+    float* pb = kind == 'w' ? b + part.dst_off : nullptr;
+    float* po = kind == 'w' ? nullptr : out + (kind == 'f' ? part.dst_off : part.src_off);
+    p.prim.execute(sq, Args(kind, part.g, pa, pb, po, w[q],
+                            memory(p.scratch, Engine(), base + sp.scratch_at[q])));
+    sq.wait();
   });
-  if (!err.empty()) throw std::runtime_error(err);
   if (kind != 'w') return;
   // Kernel gradient: part 0's buffer += the others', in part order, then to HWIO.
   float* sum = static_cast<float*>(w[0].get_data_handle());
