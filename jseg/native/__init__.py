@@ -171,10 +171,17 @@ def onednn_error() -> str:
   return _load()[1]
 
 
-def _dims(x_shape, k_shape, y_shape, strides, dilation, padding):
+def _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups, split,
+               chunks) -> tuple[ctypes.CDLL, tuple]:
+  """The loaded library and the C arguments every per-call query takes: the flat geometry
+  (x, k, output h/w, strides, dilation, padding), groups, kind, split, chunks."""
+  lib = onednn()
+  if lib is None:
+    raise NativeBuildError(onednn_error())
   vals = [*x_shape, *k_shape, y_shape[1], y_shape[2], *strides, *dilation,
           *[p for pair in padding for p in pair]]
-  return (ctypes.c_int64 * len(vals))(*vals)
+  return lib, ((ctypes.c_int64 * len(vals))(*vals), ctypes.c_int64(groups),
+               ctypes.c_char(kind.encode()), ctypes.c_int64(split), ctypes.c_int64(chunks))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -184,12 +191,9 @@ def onednn_workspace(kind: str, x_shape, k_shape, y_shape, strides, dilation, pa
   part of a split call, and the parts' kernel gradients) one call wants; the convolution's
   custom call returns it as a second, unused output so that XLA allocates it with its
   other temporaries. Arguments as ``onednn_impl``'s, as tuples."""
-  lib = onednn()
-  if lib is None:
-    raise NativeBuildError(onednn_error())
-  n = lib.jseg_onednn_workspace(_dims(x_shape, k_shape, y_shape, strides, dilation, padding),
-                                ctypes.c_int64(groups), ctypes.c_char(kind.encode()),
-                                ctypes.c_int64(split), ctypes.c_int64(chunks))
+  lib, args = _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups,
+                         split, chunks)
+  n = lib.jseg_onednn_workspace(*args)
   if n < 0:
     raise NativeBuildError("oneDNN rejected the convolution (workspace query)")
   return int(n)
@@ -200,12 +204,9 @@ def onednn_reorder_pieces(kind: str, x_shape, k_shape, y_shape, strides, dilatio
   """Into how many pieces (run on XLA's threads) a split call cuts its kernel's reorder to or
   from oneDNN's layout; 0 = one whole reorder (no layout change, or one that pads the
   kernel). For tests and benchmarks; arguments as ``onednn_impl``'s."""
-  lib = onednn()
-  if lib is None:
-    raise NativeBuildError(onednn_error())
-  n = lib.jseg_onednn_reorder_pieces(_dims(x_shape, k_shape, y_shape, strides, dilation, padding),
-                                     ctypes.c_int64(groups), ctypes.c_char(kind.encode()),
-                                     ctypes.c_int64(split), ctypes.c_int64(chunks))
+  lib, args = _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups,
+                         split, chunks)
+  n = lib.jseg_onednn_reorder_pieces(*args)
   if n < 0:
     raise NativeBuildError("oneDNN rejected the convolution or its split (reorder query)")
   return int(n)
@@ -219,13 +220,10 @@ def onednn_impl(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding
   starting with ``ref`` would mean oneDNN's slow reference code. ``split``/``chunks``: as
   the custom call's (``jseg.models.conv.conv_split``); a split call's first part's name.
   """
-  lib = onednn()
-  if lib is None:
-    raise NativeBuildError(onednn_error())
-  dims = _dims(x_shape, k_shape, y_shape, strides, dilation, padding)
+  lib, args = _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups,
+                         split, chunks)
   buf = ctypes.create_string_buffer(256)
-  rc = lib.jseg_onednn_impl(dims, ctypes.c_int64(groups), ctypes.c_char(kind.encode()),
-                            ctypes.c_int64(split), ctypes.c_int64(chunks), buf, 256)
+  rc = lib.jseg_onednn_impl(*args, buf, 256)
   if rc:
     raise NativeBuildError(f"oneDNN rejected the convolution: {buf.value.decode()}")
   return buf.value.decode()
