@@ -136,21 +136,24 @@ KERNEL_SPLIT_RATIO = 1.0
 def conv_split(kind: str, x_shape, y_shape, k_shape) -> tuple[int, int]:
   """How one oneDNN call is cut over XLA:CPU's intra-op threads: ``(split, chunks)``.
 
-  ``JSEG_CONV_THREADS`` (read when a function is traced) = ``xla`` (default): with t
-  threads, a batch of n images that t divides runs as t groups of n / t images
-  (``(1, t)``); otherwise a forward call cuts every image's output rows into r bands, r =
-  t / gcd(n, t), so that the n * r parts share evenly over the threads (``(2, r)``). A
-  kernel gradient whose kernel outweighs one part's input (``KERNEL_SPLIT_RATIO``; or
-  whose batch t does not divide) runs as t groups of output channels instead (``(3, t)``,
-  ungrouped convolutions with t | channels), except a light kernel's gradient over fewer
-  images than threads, which runs in row bands like the forward (their sums added); an input gradient whose batch t does not
-  divide, as t groups of input channels (``(4, t)``). Each part is a single-threaded
-  oneDNN call on one of XLA's threads, so oneDNN starts no OpenMP threads of its own to
-  compete with XLA's for the cores. Image parts' kernel gradients are added in part order: results do
-  not depend on which thread ran which part, but do on t (float32 sums grouped otherwise).
-  Other gradient calls that t does not divide (grouped convolutions, channel counts), and
-  every call under ``openmp`` or with one thread, run whole on oneDNN's OpenMP threads
-  (``(0, 1)``), as before this option existed.
+  ``JSEG_CONV_THREADS`` (read when a function is traced) = ``xla`` (default), with t
+  threads and n images:
+
+  - t divides n: t groups of n / t images (``(1, t)``), except as below;
+  - a forward call otherwise: every image's output rows in r = t / gcd(n, t) bands, so the
+    n * r parts share evenly over the threads (``(2, r)``);
+  - a kernel gradient: in row bands like the forward when its kernel is light
+    (``KERNEL_SPLIT_RATIO``) and n < t; by t groups of output channels (``(3, t)``) when
+    its kernel outweighs one part's input or t does not divide n;
+  - an input gradient when t does not divide n: t groups of input channels (``(4, t)``).
+
+  Channel groups need an ungrouped convolution and t | channels. Each part is a
+  single-threaded oneDNN call on one of XLA's threads, so oneDNN starts no OpenMP threads
+  of its own to compete with XLA's for the cores. Image and band parts' kernel gradients
+  are added in part order: results do not depend on which thread ran which part, but do on
+  t (float32 sums grouped otherwise). Calls none of these fit, and every call under
+  ``openmp`` or with one thread, run whole on oneDNN's OpenMP threads (``(0, 1)``), as
+  before this option existed.
   """
   mode = native.env_mode("JSEG_CONV_THREADS", _THREAD_MODES)
   threads = _intra_op_threads()
