@@ -52,6 +52,14 @@ def test_onednn_convolutions_count_as_the_convolutions_they_compute():
   assert count_flops(grads((0, 1)), v, x) == 3 * fwd
   # Gradient w.r.t. the kernel only: the input gradient is not computed (as in torch).
   assert count_flops(grads(0), v, x) == 2 * fwd
+  # With an epilogue (a BatchNorm folded in at evaluation): the same convolution.
+  from jseg.models import conv as conv_lib
+  k = v["params"]["kernel"]
+  ep = conv_lib.Epilogue(jnp.ones(8), jnp.zeros(8), True)
+  fused = lambda x, k: conv_lib.conv_general_dilated(  # noqa: E731
+      x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), epilogue=ep)
+  assert "JsegConvBias" in jax.jit(fused).lower(x, k).as_text()
+  assert count_flops(fused, x, k, custom_calls_only=True) == fwd
 
 
 def test_scan_counts_its_body_length_times_and_cond_its_largest_branch():

@@ -477,3 +477,116 @@ def test_conv_kernel_and_as_function_equal_the_conv_module(use_bias, form):
   for a, b in zip(jax.tree.leaves(v_f), jax.tree.leaves(v_m)):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(Module(True).apply(v_f, x), Module(False).apply(v_m, x))
+
+
+# (input NHWC, kernel HWIO, strides, padding, dilation, groups): outputs that outweigh the
+# kernel, so the epilogue runs in the oneDNN call.
+EPILOGUE_CASES = [CASES[i] for i in (0, 3, 5, 8, 10, 12, 16, 19)] + [
+    ((1, 24, 24, 8), (3, 3, 1, 8), (1, 1), "SAME", (2, 2), 8),  # one image: bands
+    ((1, 32, 32, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), (1, 1), 1),  # a stem
+]
+
+
+def _epilogue(ys, seed, relu, residual):
+  rng = np.random.default_rng(seed)
+  o = ys[-1]
+  return conv.Epilogue(jnp.asarray(rng.uniform(-1.5, 1.5, o), jnp.float32),
+                       jnp.asarray(rng.standard_normal(o), jnp.float32), relu,
+                       jnp.asarray(rng.standard_normal(ys), jnp.float32) if residual else None)
+
+
+@pytest.mark.parametrize("threads", ["xla", "openmp"])
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, False), (False, True),
+                                           (True, True)])
+@pytest.mark.parametrize("xs,ks,strides,padding,dilation,groups", EPILOGUE_CASES)
+def test_epilogue_in_the_call_equals_separate_operations(xs, ks, strides, padding, dilation,
+                                                         groups, relu, residual, threads,
+                                                         monkeypatch):
+  """``relu?(conv * scale + shift [+ residual])`` as one oneDNN call (scale folded into the
+  kernel, bias / sum / ReLU post-ops, split or whole) equals the convolution followed by
+  ``Epilogue.apply``, in value and in the gradients of every input."""
+  monkeypatch.setenv("JSEG_CONV_THREADS", threads)
+  monkeypatch.setattr(conv, "_intra_op_threads", lambda: 2)
+  x, k = jnp.asarray(_rand(xs, 0)), jnp.asarray(_rand(ks, 1))
+  lax_conv = lambda x, k: lax.conv_general_dilated(  # noqa: E731
+      x, k, strides, padding, None, dilation, DN, groups)
+  ys = jax.eval_shape(lax_conv, x, k).shape
+  ep = _epilogue(ys, 2, relu, residual)
+
+  def fused(x, k, scale, shift, res):
+    return conv.conv_general_dilated(x, k, strides, padding, None, dilation, DN, groups,
+                                     epilogue=conv.Epilogue(scale, shift, relu, res))
+
+  def separate(x, k, scale, shift, res):
+    return conv.Epilogue(scale, shift, relu, res).apply(lax_conv(x, k))
+
+  args = (x, k, ep.scale, ep.shift, ep.residual)
+  text = jax.jit(fused).lower(*args).as_text()
+  assert ("JsegConvBiasAdd" if residual else "JsegConvBias") in text
+  r = jnp.asarray(_rand(ys, 3))
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * r), argnums=tuple(range(5 if residual else 4)))  # noqa: E731
+  np.testing.assert_allclose(jax.jit(fused)(*args), separate(*args), rtol=1e-5, atol=1e-4)
+  for a, b in zip(jax.jit(grads(fused))(*args), grads(separate)(*args)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * max(1.0, float(jnp.abs(b).max())))
+
+
+def test_epilogue_not_folded_where_the_kernel_outweighs_the_output():
+  """A kernel larger than the output (deep layers of small maps) keeps the plain call and a
+  separate pass: folding the scale would pass over more kernel than output."""
+  x, k = jnp.asarray(_rand((1, 4, 4, 64), 0)), jnp.asarray(_rand((3, 3, 64, 64), 1))
+  ep = _epilogue((1, 4, 4, 64), 2, True, False)
+  f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN,  # noqa: E731
+                                             epilogue=ep)
+  text = jax.jit(f).lower(x, k).as_text()
+  assert "JsegConvFwd" in text and "JsegConvBias" not in text
+  ref = ep.apply(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN))
+  np.testing.assert_allclose(jax.jit(f)(x, k), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_epilogue_residual_still_read_afterwards_is_not_overwritten():
+  """The output is the residual's buffer when XLA can give it (aliasing); a residual that
+  is read again afterwards keeps its values (XLA copies it first)."""
+  x, k = jnp.asarray(_rand((2, 16, 16, 8), 0)), jnp.asarray(_rand((3, 3, 8, 8), 1))
+  ep = _epilogue((2, 16, 16, 8), 2, True, True)
+
+  def f(x, k, res):
+    y = conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN,
+                                  epilogue=ep._replace(residual=res))
+    return y, res * 2.0
+
+  y, twice = jax.jit(f)(x, k, ep.residual)
+  ref = ep.apply(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN))
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(twice, ep.residual * 2.0)
+
+
+def test_epilogue_on_the_xla_path_is_the_separate_pass(monkeypatch):
+  monkeypatch.setenv("JSEG_CONV", "xla")
+  x, k = jnp.asarray(_rand((2, 9, 11, 8), 0)), jnp.asarray(_rand((3, 3, 8, 16), 1))
+  ep = _epilogue((2, 9, 11, 16), 2, True, True)
+  f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN,  # noqa: E731
+                                             epilogue=ep)
+  assert "JsegConv" not in jax.jit(f).lower(x, k).as_text()
+  ref = ep.apply(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN))
+  np.testing.assert_array_equal(jax.jit(f)(x, k), jax.jit(lambda x, k: ref)(x, k))
+
+
+@pytest.mark.parametrize("kind", ["p", "q", "r", "s"])
+def test_epilogue_kinds_use_optimised_implementations(kind):
+  geom = ((1, 32, 32, 16), (3, 3, 16, 16), (1, 32, 32, 16), (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
+  for split, chunks in ((0, 1), (2, 2)):
+    assert not native.onednn_impl(kind, *geom, split, chunks).startswith("ref")
+    assert native.onednn_workspace(kind, *geom, split, chunks) > 0
+
+
+def test_epilogue_bad_shapes_are_clear_errors():
+  x, k = jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 4, 8))
+  bad = conv.Epilogue(jnp.ones(8), jnp.ones(5))
+  with pytest.raises(ValueError, match="shift shape"):
+    conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN, epilogue=bad)
+  bad = conv.Epilogue(jnp.ones(8), jnp.ones(8), residual=jnp.ones((1, 8, 8, 4)))
+  with pytest.raises(ValueError, match="residual shape"):
+    conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN, epilogue=bad)
+  fn = conv.as_function(conv.Conv(8, (3, 3), use_bias=True, parent=None))
+  with pytest.raises(ValueError, match="epilogue"):
+    fn(x, k, jnp.ones(8), epilogue=conv.Epilogue(jnp.ones(8), jnp.ones(8)))

@@ -433,3 +433,102 @@ def test_then_recomputes_the_output_in_the_backward(monkeypatch):
   assert temps[True] <= temps[False] - 2.5 * act, (temps, act)
   with pytest.raises(ValueError, match="then"):
     BatchNorm(use_running_average=False).apply(vs[0], x, residual=x, then=(_conv3x3, (ks[0],)))
+
+
+def _conv_pair(features, in_features, use_bias=False, name="conv"):
+  """A module creating a conv's parameters (``then_conv``) and returning the pair."""
+  from jseg.models.conv import Conv, then_conv
+  return lambda: then_conv(Conv(features, (3, 3), padding="SAME", use_bias=use_bias,
+                                bias_init=nn.initializers.normal(0.5), parent=None,
+                                name=name), in_features)
+
+
+class _ConvBN(nn.Module):
+  """conv -> BatchNorm, either as ``BatchNorm(conv=...)`` or applied one after the other."""
+  relu: bool
+  use_bias: bool
+  folded_form: bool
+
+  @nn.compact
+  def __call__(self, x, train, residual=None):
+    fn, p = _conv_pair(6, x.shape[-1], self.use_bias)()
+    bn = BatchNorm(use_running_average=not train, relu=self.relu, name="bn", **KW)
+    if self.folded_form:
+      return bn(x, conv=(fn, p), residual=residual)
+    return bn(fn(x, *p), residual=residual)
+
+
+def _trained_variables(m, x):
+  v = m.init(jax.random.key(0), x, False)
+  rng = np.random.default_rng(5)
+  stats = {"mean": jnp.asarray(rng.standard_normal(6), jnp.float32),
+           "var": jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)}
+  params = dict(v["params"], bn={"scale": jnp.asarray(rng.uniform(-1.5, 1.5, 6), jnp.float32),
+                                 "bias": jnp.asarray(rng.standard_normal(6), jnp.float32)})
+  return {"params": params, "batch_stats": {"bn": stats}}
+
+
+@pytest.mark.parametrize("relu,residual,use_bias", [(True, False, False), (False, True, False),
+                                                    (True, True, True)])
+def test_conv_folds_into_the_convolution_at_evaluation(relu, residual, use_bias):
+  """``BatchNorm(conv=(fn, params))``: at evaluation the layer is the convolution's
+  epilogue (one oneDNN call, a conv bias folded into the shift), equal to the convolution
+  followed by the layer; in training the same computation as applying them in turn (bits),
+  running statistics included. Same variables either way."""
+  from jseg import native
+  x = _x((2, 9, 7, 5), offset=0.3)
+  res = _x((2, 9, 7, 6), seed=3) if residual else None
+  folded, separate = (_ConvBN(relu, use_bias, f) for f in (True, False))
+  v = _trained_variables(folded, x)
+  assert jax.tree.structure(v) == jax.tree.structure(_trained_variables(separate, x))
+  y = jax.jit(lambda v, x, r: folded.apply(v, x, False, r))(v, x, res)
+  np.testing.assert_allclose(y, separate.apply(v, x, False, res), rtol=1e-5, atol=1e-5)
+  text = jax.jit(lambda v, x, r: folded.apply(v, x, False, r)).lower(v, x, res).as_text()
+  if native.onednn() is not None:
+    assert ("JsegConvBiasAdd" if residual else "JsegConvBias") in text
+  train = lambda m: jax.jit(lambda v, x, r: m.apply(v, x, True, r, mutable=["batch_stats"]))  # noqa: E731
+  for a, b in zip(jax.tree.leaves(train(folded)(v, x, res)), jax.tree.leaves(train(separate)(v, x, res))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_conv_is_not_folded_off_onednn(monkeypatch):
+  monkeypatch.setenv("JSEG_CONV", "xla")
+  x = _x((2, 9, 7, 5))
+  folded, separate = _ConvBN(True, False, True), _ConvBN(True, False, False)
+  v = _trained_variables(folded, x)
+  text = jax.jit(lambda v, x: folded.apply(v, x, False)).lower(v, x).as_text()
+  assert "JsegConv" not in text
+  np.testing.assert_array_equal(jax.jit(lambda v, x: folded.apply(v, x, False))(v, x),
+                                jax.jit(lambda v, x: separate.apply(v, x, False))(v, x))
+
+
+class _Chain(nn.Module):
+  explicit: bool
+
+  @nn.compact
+  def __call__(self, x, train, res):
+    from jseg.models.norm import conv_bn_chain
+    convs = [_conv_pair(6, x.shape[-1], name="c1")(), _conv_pair(6, 6, name="c2")()]
+    bns = [BatchNorm(use_running_average=not train, relu=True, name=f"bn{i}", **KW)
+           for i in (1, 2)]
+    if self.explicit:
+      (f1, p1), (f2, p2) = convs
+      return bns[1](f2(bns[0](f1(x, *p1)), *p2), residual=res)
+    return conv_bn_chain(x, convs, bns, train, residual=lambda: res)
+
+
+def test_conv_bn_chain_equals_the_layers_in_turn():
+  """Training (each BatchNorm feeding the next conv through ``then``) gives the bits of
+  the layers applied in turn; evaluation (each folded into its conv) their values."""
+  from jseg.models.norm import conv_bn_chain
+  x, res = _x((2, 8, 8, 4)), _x((2, 8, 8, 6), seed=2)
+  chain, explicit = _Chain(False), _Chain(True)
+  v = chain.init(jax.random.key(1), x, False, res)
+  assert jax.tree.structure(v) == jax.tree.structure(explicit.init(jax.random.key(1), x, False, res))
+  for a, b in zip(jax.tree.leaves(chain.apply(v, x, True, res, mutable=["batch_stats"])),
+                  jax.tree.leaves(explicit.apply(v, x, True, res, mutable=["batch_stats"]))):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(jax.jit(lambda v, x: chain.apply(v, x, False, res))(v, x),
+                             explicit.apply(v, x, False, res), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="2 convolutions for 1 BatchNorms"):
+    conv_bn_chain(x, [None, None], [None], True)

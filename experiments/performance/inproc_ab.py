@@ -43,6 +43,8 @@ Changes (``--change``):
 - ``conv_threads``: each oneDNN convolution one call on OpenMP's threads (before,
   ``JSEG_CONV_THREADS=openmp``) vs cut into single-threaded parts on XLA's threads (now,
   ``conv.conv_split``).
+- ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
+  pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
 ``--now_first`` times the current form first in every round (order effects on this
 shared machine move medians by up to 10%; run both orders).
@@ -135,7 +137,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -166,6 +168,7 @@ def main() -> None:
   trim = conv_mod.trim_dead_taps
   ratio = conv_mod.KERNEL_SPLIT_RATIO
   split_fn = conv_mod.conv_split
+  folds = conv_mod.folds_epilogue
   autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
   from jseg import native as native_mod
   workspace = native_mod.onednn_workspace
@@ -212,6 +215,8 @@ def main() -> None:
       pspnet.adaptive_avg_pools = (lambda x, bins: [layers.adaptive_avg_pool(x, b) for b in bins]) if before else pools
     elif a.change == "conv_threads":
       os.environ["JSEG_CONV_THREADS"] = "openmp" if before else "xla"
+    elif a.change == "bn_fold":
+      conv_mod.folds_epilogue = (lambda fn: False) if before else folds
     elif a.change == "pool_position":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = autodiff_pool if before else pool

@@ -106,7 +106,7 @@ def _onednn_conv_flops(eqn) -> float:
   """A oneDNN convolution (forward, input or kernel gradient): 2 x |dy| x KH x KW x C_in/G."""
   target = eqn.params["target_name"]
   ins, out = [v.aval for v in eqn.invars], eqn.outvars[0].aval
-  if target == "JsegConvFwd":
+  if target in ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd"):
     dy, k = out, ins[1]
   elif target == "JsegConvBwdData":
     dy, k = ins[0], ins[1]

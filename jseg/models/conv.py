@@ -27,7 +27,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +115,8 @@ def _require_onednn() -> None:
 
 
 _THREAD_MODES = ("xla", "openmp")
+# Call kinds of a forward convolution: plain, and with an epilogue (native.onednn_impl).
+FORWARD_KINDS = ("f", "p", "q", "r", "s")
 
 
 def _intra_op_threads() -> int:
@@ -172,7 +174,7 @@ def conv_split(kind: str, x_shape, y_shape, k_shape) -> tuple[int, int]:
     return 4, threads
   if n % threads == 0:
     return 1, threads
-  return (2, bands) if kind == "f" and n * bands >= 2 else (0, 1)
+  return (2, bands) if kind in FORWARD_KINDS and n * bands >= 2 else (0, 1)
 
 
 def _attrs(strides, dilation, padding, groups, split=0, chunks=1) -> dict[str, Any]:
@@ -187,9 +189,12 @@ def _attrs(strides, dilation, padding, groups, split=0, chunks=1) -> dict[str, A
 
 
 def _call(target: str, kind: str, out_shape, x_shape, k_shape, y_shape, strides, dilation,
-          padding, groups, *operands) -> jax.Array:
+          padding, groups, *operands, relu: bool | None = None,
+          aliases: dict[int, int] | None = None) -> jax.Array:
   """One oneDNN custom call: its float32 result, plus a uint8 workspace output (oneDNN's
-  scratchpad and reordered kernel) that XLA allocates among its temporaries and drops."""
+  scratchpad and reordered kernel) that XLA allocates among its temporaries and drops.
+  ``relu``: the epilogue calls' attribute; ``aliases``: operand -> result buffers XLA
+  shares (the residual an epilogue adds is the output's buffer)."""
   geom = (kind, tuple(x_shape), tuple(k_shape), tuple(y_shape), tuple(strides),
           tuple(dilation), tuple(padding), int(groups))
   split, chunks = conv_split(kind, x_shape, y_shape, k_shape)
@@ -200,10 +205,12 @@ def _call(target: str, kind: str, out_shape, x_shape, k_shape, y_shape, strides,
       raise
     split, chunks = 0, 1  # oneDNN cannot take this cut (row bands in different layouts)
     ws = native.onednn_workspace(*geom, split, chunks)
+  attrs = _attrs(strides, dilation, padding, groups, split, chunks)
+  if relu is not None:
+    attrs["relu"] = np.int64(relu)
   return jax.ffi.ffi_call(
       target, (jax.ShapeDtypeStruct(out_shape, jnp.float32), jax.ShapeDtypeStruct((ws,), jnp.uint8)),
-      vmap_method="sequential")(*operands, **_attrs(strides, dilation, padding, groups, split,
-                                                     chunks))[0]
+      vmap_method="sequential", input_output_aliases=aliases)(*operands, **attrs)[0]
 
 
 def _out_hw(x_shape, k_shape, strides, dilation, padding) -> tuple[int, int]:
@@ -214,9 +221,29 @@ def _out_hw(x_shape, k_shape, strides, dilation, padding) -> tuple[int, int]:
   )
 
 
+class Epilogue(NamedTuple):
+  """What a forward convolution does to its output: ``relu?(y * scale + shift [+
+  residual])`` (``scale``, ``shift`` per output channel), a BatchNorm at evaluation
+  (``norm.BatchNorm(conv=...)``). On oneDNN, where the output outweighs the kernel, the
+  scale is folded into the kernel and the rest runs in the convolution's own call (bias,
+  sum and ReLU post-ops): the output is written once instead of written, re-read and
+  re-written by a separate pass. Elsewhere it is that separate pass."""
+
+  scale: jax.Array
+  shift: jax.Array
+  relu: bool = False
+  residual: jax.Array | None = None
+
+  def apply(self, y: jax.Array) -> jax.Array:
+    """The same function as separate operations (every path but oneDNN's)."""
+    y = y * self.scale.astype(y.dtype) + self.shift.astype(y.dtype)
+    y = y if self.residual is None else y + self.residual.astype(y.dtype)
+    return jnp.maximum(y, 0) if self.relu else y
+
+
 def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
                 dilation: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]],
-                groups: int) -> jax.Array:
+                groups: int, epilogue: Epilogue | None = None) -> jax.Array:
   """NHWC x HWIO -> NHWC float32 convolution by oneDNN (explicit non-negative padding).
 
   A strided 1x1 convolution without padding reads every s-th pixel: it is computed as
@@ -227,7 +254,17 @@ def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
   if k.shape[:2] == (1, 1) and max(strides) > 1 and padding == ((0, 0), (0, 0)):
     x, strides = x[:, ::strides[0], ::strides[1]], (1, 1)
-  return _onednn_conv(x, k, strides, tuple(dilation), padding, int(groups))
+  dilation, groups = tuple(dilation), int(groups)
+  if epilogue is None:
+    return _onednn_conv(x, k, strides, dilation, padding, groups)
+  y_shape = (x.shape[0], *_out_hw(x.shape, k.shape, strides, dilation, padding), k.shape[3])
+  if math.prod(y_shape) < math.prod(k.shape):
+    # Folding would pass over a kernel larger than the pass over the output it saves.
+    return epilogue.apply(_onednn_conv(x, k, strides, dilation, padding, groups))
+  f32 = lambda v: None if v is None else jnp.asarray(v, jnp.float32)
+  return _onednn_conv_epilogue(x, k * f32(epilogue.scale), f32(epilogue.shift),
+                               f32(epilogue.residual), strides, dilation, padding, groups,
+                               bool(epilogue.relu))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -266,6 +303,44 @@ def _bwd(strides, dilation, padding, groups, res, dy):
 _onednn_conv.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _onednn_conv_epilogue(x: jax.Array, k: jax.Array, bias: jax.Array,
+                          residual: jax.Array | None, strides: tuple[int, int],
+                          dilation: tuple[int, int],
+                          padding: tuple[tuple[int, int], tuple[int, int]], groups: int,
+                          relu: bool) -> jax.Array:
+  """relu?(conv(x, k) + bias [+ residual]) as one oneDNN call (bias, sum and ReLU)."""
+  _require_onednn()
+  oh, ow = _out_hw(x.shape, k.shape, strides, dilation, padding)
+  y_shape = (x.shape[0], oh, ow, k.shape[3])
+  if bias.shape != (k.shape[3],):
+    raise ValueError(f"conv epilogue: shift shape {bias.shape} is not ({k.shape[3]},).")
+  geom = (y_shape, x.shape, k.shape, y_shape, strides, dilation, padding, groups)
+  if residual is None:
+    return _call("JsegConvBias", "q" if relu else "p", *geom, x, k, bias, relu=relu)
+  if residual.shape != y_shape:
+    raise ValueError(f"conv epilogue: residual shape {residual.shape} is not the output's {y_shape}.")
+  return _call("JsegConvBiasAdd", "s" if relu else "r", *geom, x, k, bias, residual,
+               relu=relu, aliases={3: 0})
+
+
+def _epilogue_fwd(x, k, bias, residual, strides, dilation, padding, groups, relu):
+  y = _onednn_conv_epilogue(x, k, bias, residual, strides, dilation, padding, groups, relu)
+  return y, (x, k, y if relu else None, residual is None)
+
+
+def _epilogue_bwd(strides, dilation, padding, groups, relu, res, dy):
+  # Evaluation graphs are rarely differentiated; when they are (saliency, attacks on an
+  # eval-mode network) this is the unfused layers' gradient.
+  x, k, y, no_residual = res
+  dz = (jnp.where(y > 0, dy, 0) if relu else dy).astype(jnp.float32)
+  dx, dk = _bwd(strides, dilation, padding, groups, (x, k, True, True), dz)
+  return dx, dk, dz.sum((0, 1, 2)), None if no_residual else dz
+
+
+_onednn_conv_epilogue.defvjp(_epilogue_fwd, _epilogue_bwd)
+
+
 def _explicit_padding(padding: Padding, x_shape, k_shape, strides, dilation):
   if isinstance(padding, str):
     eff = [(k_shape[i] - 1) * dilation[i] + 1 for i in range(2)]
@@ -293,8 +368,13 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision: Any = None,
     preferred_element_type: Any = None,
+    epilogue: Epilogue | None = None,
 ) -> jax.Array:
-  """``lax.conv_general_dilated``, by oneDNN where it applies (see the module docstring)."""
+  """``lax.conv_general_dilated``, by oneDNN where it applies (see the module docstring).
+
+  ``epilogue``: applied to the output (``Epilogue``), in the convolution's own call on
+  oneDNN, else as separate operations."""
+  after = (lambda y: y) if epilogue is None else epilogue.apply
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           feature_group_count, batch_group_count, precision, preferred_element_type)
   ok = (  # an NHWC/HWIO convolution with explicit geometry: dead taps can be dropped
@@ -315,10 +395,11 @@ def conv_general_dilated(
     float32 = (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
                and preferred_element_type in (None, jnp.float32, np.float32))
     if float32 and onednn_active():
-      return onednn_conv(lhs, rhs, strides, dilation, pads, int(feature_group_count))
-    return lax.conv_general_dilated(lhs, rhs, strides, pads, None, dilation, dimension_numbers,
-                                    feature_group_count, 1, precision, preferred_element_type)
-  return lax.conv_general_dilated(*args)
+      return onednn_conv(lhs, rhs, strides, dilation, pads, int(feature_group_count), epilogue)
+    return after(lax.conv_general_dilated(lhs, rhs, strides, pads, None, dilation,
+                                          dimension_numbers, feature_group_count, 1, precision,
+                                          preferred_element_type))
+  return after(lax.conv_general_dilated(*args))
 
 
 def live_taps(size: int, kernel: int, stride: int, dilation: int,
@@ -406,6 +487,22 @@ def then_conv(conv: nn.Module, in_features: int,
 
 
 def _apply_with_kernel(conv: nn.Module, x: jax.Array, kernel: jax.Array,
-                       bias: jax.Array | None = None) -> jax.Array:
+                       bias: jax.Array | None = None,
+                       epilogue: Epilogue | None = None) -> jax.Array:
+  if epilogue is not None:  # a bias is the caller's to fold into the epilogue's shift
+    if bias is not None or not isinstance(conv, nn.Conv):
+      raise ValueError("an epilogue needs a flax Conv applied without its bias")
+    conv = conv.clone(use_bias=False, conv_general_dilated=functools.partial(
+        conv.conv_general_dilated, epilogue=epilogue))
+    return conv.apply({"params": {"kernel": kernel}}, x)
   params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
   return conv.apply({"params": params}, x)
+
+
+def folds_epilogue(fn: Callable[..., jax.Array]) -> bool:
+  """Whether ``fn`` (``as_function`` / ``then_conv``'s) takes an ``epilogue=``: a flax
+  ``Conv`` computing with this module's ``conv_general_dilated``."""
+  return (isinstance(fn, functools.partial) and fn.func is _apply_with_kernel
+          and isinstance(fn.args[0], nn.Conv)
+          and getattr(fn.args[0].conv_general_dilated, "func",
+                      fn.args[0].conv_general_dilated) is conv_general_dilated)

@@ -20,8 +20,9 @@ import numpy as np
 from flax import linen as nn
 
 from jseg.inference import interp_matrix
-from jseg.models.conv import Conv, conv_general_dilated, onednn_active, onednn_depthwise_without_gemm
-from jseg.models.norm import BatchNorm
+from jseg.models.conv import (Conv, conv_general_dilated, onednn_active,
+                              onednn_depthwise_without_gemm, then_conv)
+from jseg.models.norm import BatchNorm, conv_bn_chain
 
 Dtype = Any
 
@@ -273,7 +274,7 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv(
+    conv = Conv(
         self.features,
         (self.kernel, self.kernel),
         strides=self.stride,
@@ -282,11 +283,14 @@ class ConvBNReLU(nn.Module):
         use_bias=False,
         dtype=self.dtype,
         name="conv",
-    )(x)
-    return BatchNorm(
+        parent=None,
+    )
+    bn = BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
         relu=self.relu, name="bn",
-    )(x)
+    )
+    # At evaluation the BatchNorm (and ReLU) run in the convolution's call (conv_bn_chain).
+    return conv_bn_chain(x, [then_conv(conv, x.shape[-1])], [bn], train)
 
 
 class PixelTransposeConv(nn.Module):

@@ -29,6 +29,7 @@ so values equal the XLA form's to float32 rounding (``tests/test_norm.py``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -37,7 +38,7 @@ import numpy as np
 from flax import linen as nn
 
 from jseg import native
-from jseg.models import conv
+from jseg.models import conv as conv_lib
 
 Dtype = Any
 
@@ -64,29 +65,49 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None,
                residual: jax.Array | None = None,
-               then: tuple[Callable, tuple] | None = None) -> jax.Array:
+               then: tuple[Callable, tuple] | None = None,
+               conv: tuple[Callable, tuple] | None = None) -> jax.Array:
     """Normalised ``x`` (plus ``residual``, before the ReLU: a ResNet block's end).
 
     ``then=(fn, args)`` returns ``fn(y, *args)`` for the normalised ``y`` instead, e.g. the
     convolution this layer feeds. In training on the native kernels ``y`` is then not kept
     for the backward (the convolution would keep it as its input): the backward recomputes
     it from ``x`` and the batch statistics in one pass, bit for bit (``JsegBnApply``).
+
+    ``conv=(fn, params)`` (``conv.then_conv``'s pair): ``x`` is the input of the
+    convolution this layer normalises, ``fn(x, *params)``. At evaluation with oneDNN the
+    layer is that convolution's epilogue (``conv.Epilogue``: scale folded into the kernel,
+    shift as its bias, residual and ReLU as post-ops), so the activation is written once
+    instead of written and re-read by an affine + ReLU pass. Everywhere else it is ``fn``
+    then this layer.
     """
     if then is not None and residual is not None:
       raise ValueError("BatchNorm: `then` and `residual` cannot be combined.")
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-    c = x.shape[-1]
+    dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+    if conv is not None:
+      fn, conv_params = conv
+      fold = (use_ra and x.dtype == jnp.float32 and jnp.dtype(dtype) == jnp.float32
+              and self.param_dtype == jnp.float32 and conv_lib.folds_epilogue(fn)
+              and conv_lib.onednn_active())
+      if not fold:
+        x, conv = fn(x, *conv_params), None
+    c = x.shape[-1] if conv is None else conv_params[0].shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
     scale = (self.param("scale", self.scale_init, (c,), self.param_dtype) if self.use_scale
              else None)
     bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
-    dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
     if use_ra:
       a = jax.lax.rsqrt(ra_var.value + self.epsilon)
       a = a if scale is None else a * scale
       b = -ra_mean.value * a
       b = b if bias is None else b + bias
+      if conv is not None:  # folded (above)
+        kernel, conv_bias = conv_params[0], (conv_params[1] if len(conv_params) > 1 else None)
+        shift = b if conv_bias is None else b + a * conv_bias
+        y = fn(x, kernel, epilogue=conv_lib.Epilogue(a, shift, self.relu, residual))
+        return y if then is None else then[0](y, *then[1])
       y = jnp.asarray(x * a + b, dtype)
       y = y if residual is None else y + residual
       y = nn.relu(y) if self.relu else y
@@ -134,7 +155,7 @@ def bn_native_active() -> bool:
   gather the batch instead of synchronising the statistics. ``native``: raise if the
   extension is unavailable or the backend is not CPU. ``xla``: never.
   """
-  return native.kernels_active("JSEG_BN", conv.onednn_active)
+  return native.kernels_active("JSEG_BN", conv_lib.onednn_active)
 
 
 def bn_backend_summary() -> str:
@@ -310,3 +331,31 @@ def _batch_norm_then_native_bwd(epsilon, relu, momentum, fn, res, cts):
 
 
 _batch_norm_then_native.defvjp(_batch_norm_then_native_fwd, _batch_norm_then_native_bwd)
+
+
+def conv_bn_chain(x: jax.Array, convs: Sequence[tuple[Callable, tuple]],
+                  bns: Sequence[BatchNorm], train: bool,
+                  residual: jax.Array | Callable[[], jax.Array] | None = None) -> jax.Array:
+  """``bns[-1](convs[-1](... bns[0](convs[0](x)) ...))``: convolutions each followed by
+  its BatchNorm (+ ReLU as each is built), ``residual`` added by the last one (a callable
+  is called just before it: a ResNet shortcut traced after the main path, as before).
+
+  ``convs``: ``conv.then_conv`` pairs. In training each BatchNorm feeds the next
+  convolution through ``then`` (on CPU its output is recomputed in the backward instead
+  of kept); at evaluation each is folded into its own convolution (``conv=``: one oneDNN
+  call writes the normalised, rectified activation).
+  """
+  if len(convs) != len(bns) or not bns:
+    raise ValueError(f"conv_bn_chain: {len(convs)} convolutions for {len(bns)} BatchNorms.")
+  last = len(bns) - 1
+  y = x
+  for i, bn in enumerate(bns):
+    res = None
+    if i == last and residual is not None:
+      res = residual() if callable(residual) else residual
+    if train:
+      then = convs[i + 1] if i < last else None
+      y = bn(y, conv=convs[0] if i == 0 else None, then=then, residual=res)
+    else:
+      y = bn(y, conv=convs[i], residual=res)
+  return y

@@ -41,7 +41,7 @@ from jseg.models.layers import (
     resize_bilinear,
 )
 from jseg.registry import MODELS
-from jseg.models.norm import BatchNorm
+from jseg.models.norm import BatchNorm, conv_bn_chain
 
 Dtype = Any
 
@@ -70,13 +70,14 @@ class DoubleConv(nn.Module):
       return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype, relu=True, name=f"bn{i}")
 
-    x = conv(1)(x)
     if not self.batch_norm:
-      return nn.relu(conv(2)(nn.relu(x)))
-    # bn1 feeds conv2 through ``then``: on CPU its output is recomputed in the backward
-    # instead of kept (norm.BatchNorm); conv2's kernel keeps its path, shape and init.
-    x = bn(1)(x, then=then_conv(conv(2, parent=None), x.shape[-1]))
-    return bn(2)(x)
+      return nn.relu(conv(2)(nn.relu(conv(1)(x))))
+    # Training: bn1 feeds conv2 through ``then`` (on CPU its output is recomputed in the
+    # backward instead of kept); evaluation: each BatchNorm folded into its convolution
+    # (norm.conv_bn_chain). The kernels keep their paths, shapes and inits.
+    convs = [then_conv(conv(1, parent=None), x.shape[-1]),
+             then_conv(conv(2, parent=None), self.features)]
+    return conv_bn_chain(x, convs, [bn(1), bn(2)], train)
 
 
 class Up(nn.Module):

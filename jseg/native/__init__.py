@@ -34,8 +34,9 @@ from typing import Callable
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DEFAULT_CACHE_DIR = "~/.cache/jseg/native"
-TARGETS = ("JsegConvFwd", "JsegConvBwdData", "JsegConvBwdWeights", "JsegBnFwd", "JsegBnBwd",
-           "JsegBnAddFwd", "JsegBnAddBwd", "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd")
+TARGETS = ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd", "JsegConvBwdData",
+           "JsegConvBwdWeights", "JsegBnFwd", "JsegBnBwd", "JsegBnAddFwd", "JsegBnAddBwd",
+           "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd")
 
 
 def env_mode(var: str, modes: tuple[str, ...]) -> str:
@@ -216,7 +217,9 @@ def onednn_impl(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding
                 groups: int, split: int = 0, chunks: int = 1) -> str:
   """oneDNN's name for the implementation it picks for one convolution.
 
-  ``kind``: ``"f"`` forward, ``"d"`` input gradient, ``"w"`` kernel gradient. A name
+  ``kind``: ``"f"`` forward, ``"d"`` input gradient, ``"w"`` kernel gradient; the
+  inference forward with an epilogue (``conv.Epilogue``): ``"p"`` + bias, ``"q"`` + bias
+  then ReLU, ``"r"`` + bias + residual, ``"s"`` + bias + residual then ReLU. A name
   starting with ``ref`` would mean oneDNN's slow reference code. ``split``/``chunks``: as
   the custom call's (``jseg.models.conv.conv_split``); a split call's first part's name.
   """

@@ -87,7 +87,20 @@ struct Geom {
     return memory::desc(WeiDims(), dt::f32, groups == 1 ? tag::hwio : tag::hwigo);
   }
   memory::desc WeiAny() const { return memory::desc(WeiDims(), dt::f32, tag::any); }
+  memory::desc Bias() const { return memory::desc({oc}, dt::f32, tag::a); }
 };
+
+// Call kinds: 'f' forward, 'd' input gradient, 'w' kernel gradient, and the inference
+// forward with an epilogue on its output in the same pass (a BatchNorm at evaluation, its
+// scale folded into the kernel by the caller): + a per-channel bias, then + the output
+// buffer's previous contents (a residual: oneDNN's sum post-op) for 'r' and 's', then ReLU
+// (eltwise post-op) for 'q' and 's' ('p': the bias only). Bias and ReLU cost nothing in
+// oneDNN's kernels; per-channel scale and shift as binary post-ops made brgconv slower
+// than a separate pass (twelfth pass, experiments/performance/README.md).
+bool Epilogue(char kind) { return kind >= 'p' && kind <= 's'; }
+bool Forward(char kind) { return kind == 'f' || Epilogue(kind); }
+bool EpilogueSum(char kind) { return kind == 'r' || kind == 's'; }
+bool EpilogueRelu(char kind) { return kind == 'q' || kind == 's'; }
 
 ffi::Error MakeGeom(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
                     ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
@@ -143,7 +156,6 @@ std::shared_ptr<Prims> Get(const Geom& g, char kind, int threads = 0) {
     if (it != cache.end()) return it->second;
   }
   OmpThreads scope(threads);
-  auto fwd_pd = FwdPd(g);
   auto p = std::make_shared<Prims>();
   if (kind == 'f') {
     auto pd = dnnl::convolution_forward::primitive_desc(
@@ -153,10 +165,23 @@ std::shared_ptr<Prims> Get(const Geom& g, char kind, int threads = 0) {
     p->wei = pd.weights_desc();
     p->scratch = pd.scratchpad_desc();
     p->impl = pd.impl_info_str();
+  } else if (Epilogue(kind)) {
+    dnnl::post_ops po;
+    if (EpilogueSum(kind)) po.append_sum(1.f);
+    if (EpilogueRelu(kind)) po.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    dnnl::primitive_attr attr = UserScratch();
+    attr.set_post_ops(po);
+    auto pd = dnnl::convolution_forward::primitive_desc(
+        Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        g.Src(), g.WeiAny(), g.Bias(), g.Dst(), g.strides, g.dil, g.pad_l, g.pad_r, attr);
+    p->prim = dnnl::convolution_forward(pd);
+    p->wei = pd.weights_desc();
+    p->scratch = pd.scratchpad_desc();
+    p->impl = pd.impl_info_str();
   } else if (kind == 'd') {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.WeiAny(), g.Dst(), g.strides,
-        g.dil, g.pad_l, g.pad_r, fwd_pd, UserScratch());
+        g.dil, g.pad_l, g.pad_r, FwdPd(g), UserScratch());
     p->prim = dnnl::convolution_backward_data(pd);
     p->wei = pd.weights_desc();
     p->scratch = pd.scratchpad_desc();
@@ -164,7 +189,7 @@ std::shared_ptr<Prims> Get(const Geom& g, char kind, int threads = 0) {
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.WeiAny(), g.Dst(), g.strides,
-        g.dil, g.pad_l, g.pad_r, fwd_pd, UserScratch());
+        g.dil, g.pad_l, g.pad_r, FwdPd(g), UserScratch());
     p->prim = dnnl::convolution_backward_weights(pd);
     p->wei = pd.diff_weights_desc();
     p->scratch = pd.scratchpad_desc();
@@ -227,15 +252,18 @@ size_t WorkspaceBytes(const Prims& p) {
   return 4096 + Pages(p.scratch.get_size()) + (p.reorder ? Pages(p.wei.get_size()) : 0);
 }
 
-// A convolution primitive's arguments. 'f': a = x, out = y; 'd': a = dy, out = dx; 'w': a
-// = x, b = dy; w = the kernel ('f', 'd') or its gradient ('w') in the primitive's layout.
+// A convolution primitive's arguments. 'f' (and the epilogue kinds): a = x, out = y; 'd': a
+// = dy, out = dx; 'w': a = x, b = dy; w = the kernel ('f', 'd') or its gradient ('w') in the
+// primitive's layout; bias: the epilogue kinds' bias.
 std::unordered_map<int, memory> Args(char kind, const Geom& g, void* a, void* b, void* out,
-                                     const memory& w, const memory& scratch) {
+                                     const memory& w, const memory& scratch,
+                                     const float* bias = nullptr) {
   std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, scratch}};
-  if (kind == 'f') {
+  if (Forward(kind)) {
     args[DNNL_ARG_SRC] = memory(g.Src(), Engine(), a);
     args[DNNL_ARG_WEIGHTS] = w;
     args[DNNL_ARG_DST] = memory(g.Dst(), Engine(), out);
+    if (Epilogue(kind)) args[DNNL_ARG_BIAS] = memory(g.Bias(), Engine(), const_cast<float*>(bias));
   } else if (kind == 'd') {
     args[DNNL_ARG_DIFF_DST] = memory(g.Dst(), Engine(), a);
     args[DNNL_ARG_WEIGHTS] = w;
@@ -253,7 +281,8 @@ std::unordered_map<int, memory> Args(char kind, const Geom& g, void* a, void* b,
 // ws: XLA's workspace output of the call (WorkspaceBytes), so the scratchpad and the
 // reordered kernel live in XLA's buffers, shared between calls by its buffer assignment;
 // when it is too small (or absent), per-thread buffers that only grow.
-void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t ws_bytes) {
+void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t ws_bytes,
+         const float* bias) {
   auto p = Get(g, kind);
   dnnl::stream s(Engine());
   const bool kernel_in = kind != 'w';
@@ -273,7 +302,7 @@ void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t
     w = memory(p->wei, Engine(), wei_ptr);
     if (kernel_in) p->to_wei.execute(s, user_w, w);
   }
-  p->prim.execute(s, Args(kind, g, a, b, out, w, memory(p->scratch, Engine(), scratch_ptr)));
+  p->prim.execute(s, Args(kind, g, a, b, out, w, memory(p->scratch, Engine(), scratch_ptr), bias));
   if (!kernel_in && p->reorder) p->from_wei.execute(s, w, user_w);
   s.wait();
 }
@@ -402,7 +431,7 @@ std::vector<Part> Parts(const Geom& g, int64_t split, int64_t chunks) {
 ffi::Error CheckSplit(const Geom& g, char kind, int64_t split, int64_t chunks) {
   if (split == 0 && chunks == 1) return ffi::Error::Success();
   if (split == 1 && chunks >= 2 && g.n % chunks == 0) return ffi::Error::Success();
-  if (split == 2 && (kind == 'f' || kind == 'w') && chunks >= 1 && chunks <= g.oh &&
+  if (split == 2 && (Forward(kind) || kind == 'w') && chunks >= 1 && chunks <= g.oh &&
       g.n * chunks >= 2) {
     for (const Part& p : Parts(g, split, chunks))
       if (p.g.h < 1) return ffi::Error::InvalidArgument("onednn conv: a row band reads no input row");
@@ -605,7 +634,7 @@ void RunInChannels(const SplitPlan& sp, const Geom& g, const float* dy, const fl
 
 // Runs a split call (split 1 to 4) on XLA's buffers; a, b, out as Run's.
 void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a, float* b,
-              float* out, void* ws, size_t ws_bytes, ffi::ThreadPool& pool) {
+              float* out, void* ws, size_t ws_bytes, ffi::ThreadPool& pool, const float* bias) {
   const SplitPlan& sp = *Plan(g, kind, split, chunks);
   Buffer own;
   char* base = ws && ws_bytes >= sp.bytes
@@ -645,9 +674,9 @@ void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a,
     // Each part's first element: x/dx at src_off, y/dy at dst_off.
     float* pa = a + (kind == 'd' ? part.dst_off : part.src_off);
     float* pb = kind == 'w' ? b + part.dst_off : nullptr;
-    float* po = kind == 'w' ? nullptr : out + (kind == 'f' ? part.dst_off : part.src_off);
+    float* po = kind == 'w' ? nullptr : out + (Forward(kind) ? part.dst_off : part.src_off);
     p.prim.execute(sq, Args(kind, part.g, pa, pb, po, w[q],
-                            memory(p.scratch, Engine(), base + sp.scratch_at[q])));
+                            memory(p.scratch, Engine(), base + sp.scratch_at[q]), bias));
     sq.wait();
   });
   if (kind != 'w') return;
@@ -674,7 +703,7 @@ static ffi::Error Conv(char kind, ffi::Span<const int64_t> x_dims, ffi::Span<con
                 ffi::Span<const int64_t> y_dims, ffi::Span<const int64_t> strides,
                 ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
                 int64_t groups, int64_t split, int64_t chunks, float* a, float* b, float* out,
-                void* ws, size_t ws_bytes, ffi::ThreadPool& pool) {
+                void* ws, size_t ws_bytes, ffi::ThreadPool& pool, const float* bias = nullptr) {
   Geom g;
   auto err = MakeGeom(x_dims, k_dims, y_dims, strides, dilation, padding, groups, &g);
   if (!err.success()) return err;
@@ -682,9 +711,9 @@ static ffi::Error Conv(char kind, ffi::Span<const int64_t> x_dims, ffi::Span<con
   if (!err.success()) return err;
   return Guard([&] {
     if (split == 0)
-      Run(g, kind, a, b, out, ws, ws_bytes);
+      Run(g, kind, a, b, out, ws, ws_bytes, bias);
     else
-      RunSplit(g, kind, split, chunks, a, b, out, ws, ws_bytes, pool);
+      RunSplit(g, kind, split, chunks, a, b, out, ws, ws_bytes, pool, bias);
   });
 }
 
@@ -697,6 +726,38 @@ ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return Conv('f', x.dimensions(), k.dimensions(), y->dimensions(), strides, dilation, padding,
               groups, split, chunks, x.typed_data(), k.typed_data(), y->typed_data(),
               ws->untyped_data(), ws->size_bytes(), pool);
+}
+
+// y = relu?(conv(x, k) + bias): an inference forward with its epilogue (kind 'p' / 'q').
+ffi::Error ConvBiasImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::U8> ws, ffi::Span<const int64_t> strides,
+                        ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
+                        int64_t groups, int64_t split, int64_t chunks, int64_t relu) {
+  if (bias.element_count() != static_cast<size_t>(k.dimensions().back()))
+    return ffi::Error::InvalidArgument("JsegConvBias: bias is not one value per output channel");
+  return Conv(relu ? 'q' : 'p', x.dimensions(), k.dimensions(), y->dimensions(), strides,
+              dilation, padding, groups, split, chunks, x.typed_data(), k.typed_data(),
+              y->typed_data(), ws->untyped_data(), ws->size_bytes(), pool, bias.typed_data());
+}
+
+// y = relu?(conv(x, k) + bias + res) (kind 'r' / 's'): oneDNN adds what y holds, so y is
+// XLA's alias of res (the Python side asks for it); res is copied into y when not.
+ffi::Error ConvBiasAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
+                           ffi::Buffer<ffi::F32> res, ffi::ResultBuffer<ffi::F32> y,
+                           ffi::ResultBuffer<ffi::U8> ws, ffi::Span<const int64_t> strides,
+                           ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
+                           int64_t groups, int64_t split, int64_t chunks, int64_t relu) {
+  if (bias.element_count() != static_cast<size_t>(k.dimensions().back()))
+    return ffi::Error::InvalidArgument("JsegConvBiasAdd: bias is not one value per output channel");
+  if (res.element_count() != y->element_count())
+    return ffi::Error::InvalidArgument("JsegConvBiasAdd: the residual is not the output's shape");
+  if (res.typed_data() != y->typed_data())
+    std::memcpy(y->typed_data(), res.typed_data(), sizeof(float) * res.element_count());
+  return Conv(relu ? 's' : 'r', x.dimensions(), k.dimensions(), y->dimensions(), strides,
+              dilation, padding, groups, split, chunks, x.typed_data(), k.typed_data(),
+              y->typed_data(), ws->untyped_data(), ws->size_bytes(), pool, bias.typed_data());
 }
 
 // dx = conv_transpose(dy, k): the input gradient.
@@ -1305,6 +1366,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvFwd, ConvFwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBias, ConvBiasImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBiasAdd, ConvBiasAddImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS
+                                  .Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdData, ConvBwdDataImpl,
                               ffi::Ffi::Bind()

@@ -12,6 +12,7 @@ paper's), which makes tiny CPU variants a config choice.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -20,7 +21,7 @@ from flax import linen as nn
 
 from jseg.models.conv import Conv, then_conv
 from jseg.models.layers import max_pool_3x3_s2, pad_same
-from jseg.models.norm import BatchNorm
+from jseg.models.norm import BatchNorm, conv_bn_chain
 
 Dtype = Any
 
@@ -66,13 +67,12 @@ def _conv(features: int, kernel: int, stride: int, dilation: int, name: str | No
   )
 
 
-def _then_conv(x: jax.Array, features: int, kernel: int, stride: int, dilation: int, name: str,
-               dtype: Dtype) -> tuple:
-  """``then`` for the BatchNorm before ``_conv(...)``, with the conv's kernel param created
-  under ``name``: on CPU that BatchNorm's output is recomputed in the backward instead of
-  kept for the convolution (``norm.BatchNorm``)."""
+def _conv_fn(in_features: int, features: int, kernel: int, stride: int, dilation: int,
+             name: str, dtype: Dtype) -> tuple:
+  """``_conv(...)`` as a ``conv.then_conv`` pair, its kernel param created under ``name``
+  (same path, shape and init as the module's), for ``norm.conv_bn_chain``."""
   return then_conv(_conv(features, kernel, stride, dilation, name, dtype, parent=None),
-                   x.shape[-1])
+                   in_features)
 
 
 class BasicBlock(nn.Module):
@@ -87,14 +87,21 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = _conv(self.planes, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
-    y = _bn("bn1", train, self.dtype, relu=True)(
-        y, then=_then_conv(y, self.planes, 3, 1, self.dilation, "conv2", self.dtype))
-    if self.downsample:
-      x = _conv(self.planes, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
-      x = _bn("downsample_bn", train, self.dtype)(x)
-    # relu(bn2(y) + x): one pass on CPU (norm.BatchNorm's residual).
-    return _bn("bn2", train, self.dtype, zero_init=True, relu=True)(y, residual=x)
+    shortcut = functools.partial(_shortcut, self, x, self.planes, train)
+    convs = [_conv_fn(x.shape[-1], self.planes, 3, self.stride, self.dilation, "conv1", self.dtype),
+             _conv_fn(self.planes, self.planes, 3, 1, self.dilation, "conv2", self.dtype)]
+    bns = [_bn("bn1", train, self.dtype, relu=True),
+           _bn("bn2", train, self.dtype, zero_init=True, relu=True)]
+    # relu(bn2(conv2(.)) + shortcut): one pass on CPU (norm.BatchNorm's residual).
+    return conv_bn_chain(x, convs, bns, train, residual=shortcut)
+
+
+def _shortcut(block: nn.Module, x: jax.Array, features: int, train: bool) -> jax.Array:
+  """``x``, or its 1x1 (strided) projection + BatchNorm when the block downsamples."""
+  if not block.downsample:
+    return x
+  conv = _conv_fn(x.shape[-1], features, 1, block.stride, 1, "downsample_conv", block.dtype)
+  return conv_bn_chain(x, [conv], [_bn("downsample_bn", train, block.dtype)], train)
 
 
 class Bottleneck(nn.Module):
@@ -109,15 +116,14 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = _conv(self.planes, 1, 1, 1, "conv1", self.dtype)(x)
-    y = _bn("bn1", train, self.dtype, relu=True)(
-        y, then=_then_conv(y, self.planes, 3, self.stride, self.dilation, "conv2", self.dtype))
-    y = _bn("bn2", train, self.dtype, relu=True)(
-        y, then=_then_conv(y, self.planes * 4, 1, 1, 1, "conv3", self.dtype))
-    if self.downsample:
-      x = _conv(self.planes * 4, 1, self.stride, 1, "downsample_conv", self.dtype)(x)
-      x = _bn("downsample_bn", train, self.dtype)(x)
-    return _bn("bn3", train, self.dtype, zero_init=True, relu=True)(y, residual=x)
+    shortcut = functools.partial(_shortcut, self, x, self.planes * 4, train)
+    p = self.planes
+    convs = [_conv_fn(x.shape[-1], p, 1, 1, 1, "conv1", self.dtype),
+             _conv_fn(p, p, 3, self.stride, self.dilation, "conv2", self.dtype),
+             _conv_fn(p, p * 4, 1, 1, 1, "conv3", self.dtype)]
+    bns = [_bn("bn1", train, self.dtype, relu=True), _bn("bn2", train, self.dtype, relu=True),
+           _bn("bn3", train, self.dtype, zero_init=True, relu=True)]
+    return conv_bn_chain(x, convs, bns, train, residual=shortcut)
 
 
 def stage_plan(output_stride: int) -> tuple[tuple[int, int], ...]:
@@ -157,15 +163,15 @@ class ResNet(nn.Module):
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     feats = {}
     if self.deep_stem:
-      plan = ((self.width // 2, 2), (self.width // 2, 1), (self.width, 1))
-      x = _conv(plan[0][0], 3, 2, 1, "stem_conv1", self.dtype)(x)
-      for i in (1, 2):  # stem_bn1 and stem_bn2 feed the next conv (`then`)
-        x = _bn(f"stem_bn{i}", train, self.dtype, relu=True)(
-            x, then=_then_conv(x, plan[i][0], 3, 1, 1, f"stem_conv{i + 1}", self.dtype))
-      x = _bn("stem_bn3", train, self.dtype, relu=True)(x)
+      half = self.width // 2
+      convs = [_conv_fn(x.shape[-1], half, 3, 2, 1, "stem_conv1", self.dtype),
+               _conv_fn(half, half, 3, 1, 1, "stem_conv2", self.dtype),
+               _conv_fn(half, self.width, 3, 1, 1, "stem_conv3", self.dtype)]
+      bns = [_bn(f"stem_bn{i}", train, self.dtype, relu=True) for i in (1, 2, 3)]
     else:
-      x = _conv(self.width, 7, 2, 1, "conv1", self.dtype)(x)
-      x = _bn("bn1", train, self.dtype, relu=True)(x)
+      convs = [_conv_fn(x.shape[-1], self.width, 7, 2, 1, "conv1", self.dtype)]
+      bns = [_bn("bn1", train, self.dtype, relu=True)]
+    x = conv_bn_chain(x, convs, bns, train)
     feats["stem"] = x
     x = max_pool_3x3_s2(x)
     in_ch = self.width
