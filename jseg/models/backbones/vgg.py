@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from jseg.models.conv import Conv, then_conv
 from jseg.models.layers import check_min_size, max_pool_2x2
-from jseg.models.norm import BatchNorm
+from jseg.models.norm import BatchNorm, conv_bn_chain
 
 Dtype = Any
 
@@ -109,20 +109,18 @@ class VGG(nn.Module):
     for s, (n_convs, ch) in enumerate(zip(STAGE_CONVS[self.depth], stage_channels(self.width))):
       pads = [self.first_padding if (s, i) == (0, 0) else 1 for i in range(n_convs)]
       conv = functools.partial(_conv, ch, s, pads, self.dtype)
-      x = conv(0)(x)
-      for i in range(n_convs):
-        if not self.batch_norm:
-          x = nn.relu(x)
-          x = conv(i + 1)(x) if i + 1 < n_convs else x
-          continue
-        bn = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       dtype=self.dtype, relu=True, name=f"bn{s + 1}_{i + 1}")
-        if i + 1 < n_convs:
-          # The BatchNorm feeds the stage's next conv through ``then``: on CPU its
-          # output is recomputed in the backward instead of kept (norm.BatchNorm).
-          x = bn(x, then=then_conv(conv(i + 1, parent=None), x.shape[-1]))
-        else:
-          x = bn(x)
+      if self.batch_norm:
+        # Training: each BatchNorm feeds the stage's next conv through ``then`` (on CPU its
+        # output is recomputed in the backward); evaluation: each folded into its conv.
+        convs = [then_conv(conv(i, parent=None), x.shape[-1] if i == 0 else ch)
+                 for i in range(n_convs)]
+        bns = [BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, relu=True, name=f"bn{s + 1}_{i + 1}")
+               for i in range(n_convs)]
+        x = conv_bn_chain(x, convs, bns, train)
+      else:
+        for i in range(n_convs):
+          x = nn.relu(conv(i)(x))
       feats[f"conv{s + 1}"] = x
       x = pool(x)
       rate = self.pool_dropout[s]
