@@ -104,8 +104,11 @@ class ConvBNReLUBias(nn.Module):
   def convolve(self, x: jax.Array) -> jax.Array:
     return self.conv_fn(x, *self.conv(x.shape[-1]))
 
-  def normalise(self, z: jax.Array, train: bool, then: tuple | None = None) -> jax.Array:
-    return self.bn(z, use_running_average=not train, then=then)
+  def normalise(self, z: jax.Array, train: bool, then: tuple | None = None,
+                conv: tuple | None = None) -> jax.Array:
+    """BatchNorm + ReLU of ``z``; with ``conv`` (``(conv_fn, params)``), of that conv's
+    output for the input ``z`` (``norm.BatchNorm``: folded into the conv at evaluation)."""
+    return self.bn(z, use_running_average=not train, then=then, conv=conv)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return self.normalise(self.convolve(x), train)
@@ -153,17 +156,19 @@ class SegNet(nn.Module):
       y = max_unpool_2x2(y, feats[f"conv{stage}"])
       units = [ConvBNReLUBias(self.width * mult, self.dtype, name=conv_name)
                for conv_name, mult in DECODER[stage]]
-      # Each BatchNorm feeds the next convolution through ``then`` (its output is not
-      # kept for the backward on CPU); stage 1's last one feeds the classifier.
-      z = units[0].convolve(y)
+      # Training: each BatchNorm feeds the next convolution through ``then`` (its output
+      # is not kept for the backward on CPU); evaluation: each folded into its own
+      # convolution. Stage 1's last one feeds the classifier.
+      z = units[0].convolve(y) if train else y
       for j, unit in enumerate(units):
+        conv = None if train else (unit.conv_fn, unit.params(z.shape[-1]))
         if j + 1 < len(units):
-          then = (units[j + 1].conv_fn, units[j + 1].params(unit.features))
+          then = (units[j + 1].conv_fn, units[j + 1].params(unit.features)) if train else None
         elif stage == 1:
           then = then_conv(classifier, unit.features, name="conv1_1_D")
         else:
           then = None
-        z = unit.normalise(z, train, then=then)
+        z = unit.normalise(z, train, then=then, conv=conv)
       y = z  # the stage's output (stage 1: the logits)
       if stage in (5, 4, 3) and self.dropout > 0:
         y = nn.Dropout(self.dropout, deterministic=not stochastic, name=f"dec{stage}_drop")(y)
