@@ -43,6 +43,9 @@ Changes (``--change``):
 - ``conv_threads``: each oneDNN convolution one call on OpenMP's threads (before,
   ``JSEG_CONV_THREADS=openmp``) vs cut into single-threaded parts on XLA's threads (now,
   ``conv.conv_split``).
+- ``pool_pad``: the ResNet stem's max pool on a padded copy of its input (before) vs
+  strided slices with a -inf row joined where a window leaves the map (now,
+  ``layers._window3``).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -75,6 +78,43 @@ def autodiff_pool(x):
                      xp[:, 2 : 2 * oh + 1 : 2])
   return jnp.maximum(jnp.maximum(rows[:, :, 0 : 2 * ow - 1 : 2], rows[:, :, 1 : 2 * ow : 2]),
                      rows[:, :, 2 : 2 * ow + 1 : 2])
+
+
+def padded_pool_fn():
+  """The stem pool of the tenth to twelfth passes: the same custom VJP (int8 positions) on
+  a padded copy of the input (``jnp.pad`` with -inf), before ``layers._window3``."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from jseg.models import layers
+
+  def positions(x):
+    h, w = x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    oh, ow = (h + 1) // 2, (w + 1) // 2
+    rows, row_at = layers._max3(xp[:, 0 : 2 * oh - 1 : 2], xp[:, 1 : 2 * oh : 2],
+                                xp[:, 2 : 2 * oh + 1 : 2])
+    out, col_at = layers._max3(rows[:, :, 0 : 2 * ow - 1 : 2], rows[:, :, 1 : 2 * ow : 2],
+                               rows[:, :, 2 : 2 * ow + 1 : 2])
+    return out, row_at, col_at
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+  def pool(h, w, x):
+    return positions(x)[0]
+
+  def fwd(h, w, x):
+    out, row_at, col_at = positions(x)
+    return out, (row_at, col_at)
+
+  def bwd(h, w, res, g):
+    row_at, col_at = res
+    g_rows = layers._unpool_axis(g, col_at, 2, w + 2)
+    g_xp = layers._unpool_axis(g_rows, row_at, 1, h + 2)
+    return (g_xp[:, 1 : h + 1, 1 : w + 1],)
+
+  pool.defvjp(fwd, bwd)
+  return lambda x: pool(x.shape[1], x.shape[2], x)
 
 
 def flax_bn_class():
@@ -137,7 +177,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -169,6 +209,7 @@ def main() -> None:
   ratio = conv_mod.KERNEL_SPLIT_RATIO
   split_fn = conv_mod.conv_split
   folds = conv_mod.folds_epilogue
+  padded = padded_pool_fn()
   autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
   from jseg import native as native_mod
   workspace = native_mod.onednn_workspace
@@ -217,6 +258,9 @@ def main() -> None:
       os.environ["JSEG_CONV_THREADS"] = "openmp" if before else "xla"
     elif a.change == "bn_fold":
       conv_mod.folds_epilogue = (lambda fn: False) if before else folds
+    elif a.change == "pool_pad":
+      for m in (resnet, deeplab):  # they import the pool by name
+        m.max_pool_3x3_s2 = padded if before else pool
     elif a.change == "pool_position":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = autodiff_pool if before else pool
