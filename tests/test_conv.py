@@ -311,6 +311,18 @@ def test_vmap_over_the_custom_call():
   g = lambda x: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
   np.testing.assert_allclose(jax.jit(jax.vmap(f))(x), jax.jit(jax.vmap(g))(x),
                              rtol=1e-5, atol=1e-5)
+  # An epilogue with a residual (its aliased output) under vmap, e.g. ensemble members
+  # vmapped over their parameters at evaluation.
+  xs, ks = jnp.asarray(_rand((3, 2, 16, 16, 8), 0)), jnp.asarray(_rand((3, 3, 3, 8, 8), 1))
+  ss, bs = jnp.asarray(_rand((3, 8), 2)), jnp.asarray(_rand((3, 8), 3))
+  rs = jnp.asarray(_rand((3, 2, 16, 16, 8), 4))
+  fused = lambda x, k, s, b, r: conv.conv_general_dilated(  # noqa: E731
+      x, k, (1, 1), "SAME", dimension_numbers=DN, epilogue=conv.Epilogue(s, b, True, r))
+  separate = lambda x, k, s, b, r: conv.Epilogue(s, b, True, r).apply(  # noqa: E731
+      lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN))
+  assert "JsegConvBiasAdd" in jax.jit(jax.vmap(fused)).lower(xs, ks, ss, bs, rs).as_text()
+  np.testing.assert_allclose(jax.jit(jax.vmap(fused))(xs, ks, ss, bs, rs),
+                             jax.vmap(separate)(xs, ks, ss, bs, rs), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,kw", [
