@@ -599,6 +599,13 @@ def test_epilogue_bad_shapes_are_clear_errors():
   bad = conv.Epilogue(jnp.ones(8), jnp.ones(8), residual=jnp.ones((1, 8, 8, 4)))
   with pytest.raises(ValueError, match="residual shape"):
     conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN, epilogue=bad)
+  with pytest.raises(ValueError, match="residual shape"):  # a broadcastable one too
+    conv.Epilogue(jnp.ones(8), jnp.ones(8), residual=jnp.ones((1, 8, 8, 8))).apply(
+        jnp.zeros((2, 8, 8, 8)))
   fn = conv.as_function(conv.Conv(8, (3, 3), use_bias=True, parent=None))
   with pytest.raises(ValueError, match="epilogue"):
     fn(x, k, jnp.ones(8), epilogue=conv.Epilogue(jnp.ones(8), jnp.ones(8)))
+  assert conv.folds_epilogue(conv.as_function(conv.Conv(8, (3, 3), parent=None)))
+  assert not conv.folds_epilogue(conv.as_function(conv.Conv(8, (3, 3), dtype=jnp.bfloat16,
+                                                            parent=None)))
+  assert not conv.folds_epilogue(conv.as_function(nn.Conv(8, (3, 3), parent=None)))

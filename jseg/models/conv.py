@@ -236,6 +236,9 @@ class Epilogue(NamedTuple):
 
   def apply(self, y: jax.Array) -> jax.Array:
     """The same function as separate operations (every path but oneDNN's)."""
+    if self.residual is not None and self.residual.shape != y.shape:
+      raise ValueError(f"conv epilogue: residual shape {self.residual.shape} is not the "
+                       f"output's {y.shape}.")
     y = y * self.scale.astype(y.dtype) + self.shift.astype(y.dtype)
     y = y if self.residual is None else y + self.residual.astype(y.dtype)
     return jnp.maximum(y, 0) if self.relu else y
@@ -500,9 +503,11 @@ def _apply_with_kernel(conv: nn.Module, x: jax.Array, kernel: jax.Array,
 
 
 def folds_epilogue(fn: Callable[..., jax.Array]) -> bool:
-  """Whether ``fn`` (``as_function`` / ``then_conv``'s) takes an ``epilogue=``: a flax
-  ``Conv`` computing with this module's ``conv_general_dilated``."""
-  return (isinstance(fn, functools.partial) and fn.func is _apply_with_kernel
-          and isinstance(fn.args[0], nn.Conv)
-          and getattr(fn.args[0].conv_general_dilated, "func",
-                      fn.args[0].conv_general_dilated) is conv_general_dilated)
+  """Whether ``fn`` (``as_function`` / ``then_conv``'s) takes an ``epilogue=``: a float32
+  flax ``Conv`` computing with this module's ``conv_general_dilated``."""
+  if not (isinstance(fn, functools.partial) and fn.func is _apply_with_kernel
+          and isinstance(fn.args[0], nn.Conv)):
+    return False
+  c = fn.args[0]
+  return (getattr(c.conv_general_dilated, "func", c.conv_general_dilated) is conv_general_dilated
+          and (c.dtype is None or jnp.dtype(c.dtype) == jnp.float32))
