@@ -728,36 +728,46 @@ ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
               ws->untyped_data(), ws->size_bytes(), pool);
 }
 
-// y = relu?(conv(x, k) + bias): an inference forward with its epilogue (kind 'p' / 'q').
+// y = relu?(conv(x, k) + bias [+ res]): an inference forward with its epilogue (kinds 'p' /
+// 'q', or 'r' / 's' with res). oneDNN's sum post-op adds what y holds, so y is XLA's alias
+// of res (the Python side asks for it); res is copied into y when it is not.
+ffi::Error ConvBias(const char* name, ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
+                    ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& bias,
+                    const ffi::Buffer<ffi::F32>* res, ffi::ResultBuffer<ffi::F32>& y,
+                    ffi::ResultBuffer<ffi::U8>& ws, ffi::Span<const int64_t> strides,
+                    ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
+                    int64_t groups, int64_t split, int64_t chunks, int64_t relu) {
+  if (bias.element_count() != static_cast<size_t>(k.dimensions().back()))
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": bias is not one value per output channel");
+  if (res && res->element_count() != y->element_count())
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": the residual is not the output's shape");
+  if (res && res->typed_data() != y->typed_data())
+    std::memcpy(y->typed_data(), res->typed_data(), sizeof(float) * res->element_count());
+  const char kind = res ? (relu ? 's' : 'r') : (relu ? 'q' : 'p');
+  return Conv(kind, x.dimensions(), k.dimensions(), y->dimensions(), strides, dilation, padding,
+              groups, split, chunks, x.typed_data(), k.typed_data(), y->typed_data(),
+              ws->untyped_data(), ws->size_bytes(), pool, bias.typed_data());
+}
+
 ffi::Error ConvBiasImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                         ffi::ResultBuffer<ffi::U8> ws, ffi::Span<const int64_t> strides,
                         ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
                         int64_t groups, int64_t split, int64_t chunks, int64_t relu) {
-  if (bias.element_count() != static_cast<size_t>(k.dimensions().back()))
-    return ffi::Error::InvalidArgument("JsegConvBias: bias is not one value per output channel");
-  return Conv(relu ? 'q' : 'p', x.dimensions(), k.dimensions(), y->dimensions(), strides,
-              dilation, padding, groups, split, chunks, x.typed_data(), k.typed_data(),
-              y->typed_data(), ws->untyped_data(), ws->size_bytes(), pool, bias.typed_data());
+  return ConvBias("JsegConvBias", pool, x, k, bias, nullptr, y, ws, strides, dilation, padding,
+                  groups, split, chunks, relu);
 }
 
-// y = relu?(conv(x, k) + bias + res) (kind 'r' / 's'): oneDNN adds what y holds, so y is
-// XLA's alias of res (the Python side asks for it); res is copied into y when not.
 ffi::Error ConvBiasAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
                            ffi::Buffer<ffi::F32> res, ffi::ResultBuffer<ffi::F32> y,
                            ffi::ResultBuffer<ffi::U8> ws, ffi::Span<const int64_t> strides,
                            ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
                            int64_t groups, int64_t split, int64_t chunks, int64_t relu) {
-  if (bias.element_count() != static_cast<size_t>(k.dimensions().back()))
-    return ffi::Error::InvalidArgument("JsegConvBiasAdd: bias is not one value per output channel");
-  if (res.element_count() != y->element_count())
-    return ffi::Error::InvalidArgument("JsegConvBiasAdd: the residual is not the output's shape");
-  if (res.typed_data() != y->typed_data())
-    std::memcpy(y->typed_data(), res.typed_data(), sizeof(float) * res.element_count());
-  return Conv(relu ? 's' : 'r', x.dimensions(), k.dimensions(), y->dimensions(), strides,
-              dilation, padding, groups, split, chunks, x.typed_data(), k.typed_data(),
-              y->typed_data(), ws->untyped_data(), ws->size_bytes(), pool, bias.typed_data());
+  return ConvBias("JsegConvBiasAdd", pool, x, k, bias, &res, y, ws, strides, dilation, padding,
+                  groups, split, chunks, relu);
 }
 
 // dx = conv_transpose(dy, k): the input gradient.
