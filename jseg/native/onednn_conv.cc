@@ -1369,50 +1369,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegLogProbBwd, LogProbBwdImpl,
       .Attr<int64_t>("split")                         \
       .Attr<int64_t>("chunks")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvFwd, ConvFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS);
+// A convolution handler's binding: the thread pool, its float32 inputs (`inputs`: JSEG_IN
+// repeated), the result and its uint8 workspace, the geometry attributes.
+#define JSEG_CONV_BIND(inputs) \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() inputs JSEG_OUT.Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvFwd, ConvFwdImpl, JSEG_CONV_BIND(JSEG_IN JSEG_IN));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBias, ConvBiasImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS
-                                  .Attr<int64_t>("relu"));
+                              JSEG_CONV_BIND(JSEG_IN JSEG_IN JSEG_IN).Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBiasAdd, ConvBiasAddImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS
+                              JSEG_CONV_BIND(JSEG_IN JSEG_IN JSEG_IN JSEG_IN)
                                   .Attr<int64_t>("relu"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdData, ConvBwdDataImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdData, ConvBwdDataImpl, JSEG_CONV_BIND(JSEG_IN JSEG_IN));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdWeights, ConvBwdWeightsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>() JSEG_CONV_ATTRS);
+                              JSEG_CONV_BIND(JSEG_IN JSEG_IN));
 
 // Which oneDNN implementation each primitive uses ("brg:avx512_core", "jit:avx2", ...), for
 // benchmarks and tests: a reference implementation would be a silent 100x slowdown.
