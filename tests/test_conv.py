@@ -132,6 +132,8 @@ def test_conv_split_cuts_calls_over_xla_threads(threads, n, kind, oh, cin, want,
   monkeypatch.setattr(conv, "_intra_op_threads", lambda: threads)
   shapes = ((n, 2 * oh, 8, cin), (n, oh, 8, cin), (3, 3, cin, cin))
   assert conv.conv_split(kind, *shapes) == want
+  if kind == "f":  # the epilogue forwards are cut as the plain one
+    assert all(conv.conv_split(k, *shapes) == want for k in conv.FORWARD_KINDS)
   monkeypatch.setenv("JSEG_CONV_THREADS", "openmp")
   assert conv.conv_split(kind, *shapes) == (0, 1)
   monkeypatch.setenv("JSEG_CONV_THREADS", "tbb")
