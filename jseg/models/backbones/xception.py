@@ -88,9 +88,14 @@ class SeparableConv(nn.Module):
 
   def after_depthwise(self, z: jax.Array, train: bool, then: tuple | None = None) -> jax.Array:
     pointwise = Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, parent=None)
-    y = self.depthwise_bn(z, use_running_average=not train,
-                          then=(as_function(pointwise), (self.pointwise(z.shape[-1]),)))
-    return self.pointwise_bn(y, use_running_average=not train, then=then)
+    pw = (as_function(pointwise), (self.pointwise(z.shape[-1]),))
+    if train:
+      y = self.depthwise_bn(z, use_running_average=False, then=pw)
+      return self.pointwise_bn(y, use_running_average=False, then=then)
+    # Evaluation: the pointwise BatchNorm folded into its convolution (norm.BatchNorm's
+    # conv=; the depthwise one stays a pass of its own).
+    y = self.depthwise_bn(z, use_running_average=True)
+    return self.pointwise_bn(y, use_running_average=True, conv=pw, then=then)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return self.after_depthwise(self.depthwise_conv(x), train)
