@@ -171,7 +171,7 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
       "base_rss_mb": round(base, 1), "runtime_rss_mb": round(runtime_rss, 1), "peak_rss_mb": round(max(rss_mb(), build_rss), 1),
       "train_peak_rss_mb": round(train_rss, 1) if train_rss else None,
       "difference": (f"smp.{SMP_ARCHS[name]} (ResNet-34 encoder): a different network from jseg's"
-                     if use_smp else torch_models.DIFFERENCES.get(name, "")),
+                     if use_smp else torch_models.difference(name)),
   }
   if cuda:
     out["device_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -16,12 +16,21 @@ smp's models also differ from jseg's (its U-Net/UNet++ use a ResNet encoder,
 its PSPNet stops at encoder depth 3), so twins of jseg's own networks are the
 closer comparison anyway.
 
+This file holds the twins of U-Net, UNet++, PSPNet and DeepLab v3/v3+ and the blocks
+the others reuse; the rest live beside it, one module per family (``FAMILIES``:
+``torch_twins_vgg`` FCN-32s/16s/8s, DeepLab v1, SegNet, Bayesian SegNet;
+``torch_twins_resnet`` DeepLab v2, RefineNet, FastFCN; ``torch_twins_cnn_rnn``), and
+``build`` dispatches to them. Each of those was checked once against jseg's network with
+jseg's parameters copied in (eval outputs equal to ~1e-5 relative; the check scripts were
+not kept, ``tests/test_bench.py`` checks every twin's parameter count).
+
 Layouts differ only where the frameworks do: NCHW (or ``channels_last``) here,
 NHWC in jseg. Known remaining differences are listed in ``DIFFERENCES``.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Sequence
 
 import torch
@@ -127,7 +136,8 @@ class UNetPlusPlus(nn.Module):
 # ----------------------------------------------------------------------------- ResNet family
 
 STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-          50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+          50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
+          152: ("bottleneck", (3, 8, 36, 3))}
 
 
 def stage_plan(output_stride: int):
@@ -212,6 +222,21 @@ class FCNHead(nn.Module):
     return self.body(x)
 
 
+class PyramidPooling(nn.Module):
+  """jseg.models.pspnet.PyramidPooling: adaptive average pools, 1x1 ConvBNReLU each,
+  upsampled and concatenated after the input."""
+
+  def __init__(self, cin: int, bins: Sequence[int] = (1, 2, 3, 6), features: int = 512):
+    super().__init__()
+    self.bins = tuple(bins)
+    self.convs = nn.ModuleList([conv_bn_relu(cin, features, 1) for _ in self.bins])
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    size = x.shape[2:]
+    return torch.cat([x] + [up(conv(F.adaptive_avg_pool2d(x, b)), size)
+                            for b, conv in zip(self.bins, self.convs)], 1)
+
+
 class PSPNet(nn.Module):
   """jseg 'pspnet': dilated ResNet, pyramid pooling (1, 2, 3, 6), FCN head, aux head on layer3."""
 
@@ -222,18 +247,14 @@ class PSPNet(nn.Module):
     self.backbone = ResNet(depth, width, output_stride)
     ch = resnet_channels(depth, width)
     c = ch["layer4"]
-    self.bins = tuple(bins)
-    self.ppm = nn.ModuleList([conv_bn_relu(c, c // len(bins), 1) for _ in bins])
+    self.ppm = PyramidPooling(c, bins, c // len(bins))
     self.head = FCNHead(c + len(bins) * (c // len(bins)), head_features, num_classes, dropout)
     self.aux = FCNHead(ch["layer3"], aux_features, num_classes, dropout) if aux_head else None
 
   def forward(self, x):
     size = x.shape[2:]
     f = self.backbone(x)
-    top = f["layer4"]
-    outs = [top] + [up(conv(F.adaptive_avg_pool2d(top, b)), top.shape[2:])
-                    for b, conv in zip(self.bins, self.ppm)]
-    y = up(self.head(torch.cat(outs, 1)), size)
+    y = up(self.head(self.ppm(f["layer4"])), size)
     aux = {"aux": up(self.aux(f["layer3"]), size)} if self.training and self.aux is not None else {}
     return y, aux
 
@@ -419,4 +440,34 @@ def build(name: str, model_cfg: dict) -> nn.Module:
     return DeepLabV3Plus(k, **_take(model_cfg, (
         "width", "middle_blocks", "output_stride", "multi_grid", "aspp_features", "aspp_rates",
         "decoder_features", "low_level_features", "separable", "dropout")))
-  raise KeyError(f"No torch twin for model '{name}'. Available: unet, unetpp, pspnet, deeplabv3, deeplabv3plus.")
+  family = _family(name)
+  if family is None:
+    raise KeyError(f"No torch twin for model '{name}'. Available: {', '.join(available())}.")
+  return family.build(name, model_cfg)
+
+
+# The other networks' twins, one module per backbone family beside this file (they reuse
+# this file's blocks; benchmarks/ is on sys.path where they are imported).
+FAMILIES = ("torch_twins_vgg", "torch_twins_resnet", "torch_twins_cnn_rnn")
+OWN = ("unet", "unetpp", "pspnet", "deeplabv3", "deeplabv3plus")
+
+
+def _family(name: str):
+  for module in FAMILIES:
+    m = importlib.import_module(module)
+    if name in m.NAMES:
+      return m
+  return None
+
+
+def available() -> list[str]:
+  """Every model name with a twin."""
+  return list(OWN) + [n for module in FAMILIES for n in importlib.import_module(module).NAMES]
+
+
+def difference(name: str) -> str:
+  """The known remaining differences between twin ``name`` and jseg's network."""
+  if name in DIFFERENCES:
+    return DIFFERENCES[name]
+  family = _family(name)
+  return family.DIFFERENCES.get(name, "") if family else ""

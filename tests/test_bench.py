@@ -69,24 +69,47 @@ def test_step_as_one_program(tmp_path):
   assert j["step_programs"] == 1 and j["train_images_per_s"] > 0 and j["train_gflops_per_image"] > 0
 
 
-@pytest.mark.parametrize("name", sorted(bench_models.PAPER_PRESETS))
-def test_paper_preset_twins_match_parameter_count(name):
-  """The accelerator-sized networks (``--preset=paper``) have torch twins of the same size."""
+@pytest.fixture
+def torch_models(monkeypatch):
+  """benchmarks/torch_models.py, imported as torch_bench.py does (its twin families beside it)."""
   pytest.importorskip("torch")
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("torch_models", bench_models.REPO_ROOT / "benchmarks" / "torch_models.py")
-  torch_models = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(torch_models)
+  import importlib
+  monkeypatch.syspath_prepend(str(bench_models.REPO_ROOT / "benchmarks"))
+  return importlib.import_module("torch_models")
+
+
+def _param_counts(torch_models, name: str, preset: str, size: int = 64) -> tuple[int, int]:
   import jax
   import jax.numpy as jnp
   from jseg.models import build_model
-  c = bench_models.bench_config(name, 64, 1, preset="paper")
+  c = bench_models.bench_config(name, size, 1, preset=preset)
   model = build_model(c.model)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
   jseg_params = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
   twin = torch_models.build(name, json.loads(c.model.to_json_best_effort()))
-  assert sum(p.numel() for p in twin.parameters()) == jseg_params
+  return jseg_params, sum(p.numel() for p in twin.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(bench_models.PAPER_PRESETS))
+def test_paper_preset_twins_match_parameter_count(name, torch_models):
+  """The accelerator-sized networks (``--preset=paper``) have torch twins of the same size."""
+  jseg_params, twin_params = _param_counts(torch_models, name, "paper")
+  assert twin_params == jseg_params
   assert jseg_params > 5_000_000  # paper-sized, not the CPU preset
+
+
+@pytest.mark.parametrize("name", sorted(bench_models.BENCH_PRESETS))
+def test_every_bench_model_has_a_twin_of_its_size(name, torch_models):
+  """Every network the CPU benchmark knows has a torch twin with jseg's parameter count."""
+  assert name in torch_models.available()
+  jseg_params, twin_params = _param_counts(torch_models, name, "bench", size=96)
+  assert twin_params == jseg_params > 0
+  assert torch_models.difference(name)
+
+
+def test_unknown_twin_names_the_available_ones(torch_models):
+  with pytest.raises(KeyError, match="No torch twin for model 'nope'. Available: unet, unetpp"):
+    torch_models.build("nope", {"num_classes": 3})
 
 
 def test_deadline_skips_the_models_not_started(tmp_path):

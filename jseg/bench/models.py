@@ -100,6 +100,12 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # The CPU-sized run of configs/deeplabv3plus.py's docstring.
     "deeplabv3plus": {"width": 0.125, "middle_blocks": 2, "aspp_features": 32,
                       "decoder_features": 32, "low_level_features": 16},
+    # configs/fcn*.py, segnet.py, bayesian_segnet.py and cnn_rnn.py are CPU-sized already.
+    "fcn32s": {}, "fcn16s": {}, "fcn8s": {}, "segnet": {}, "bayesian_segnet": {}, "cnn_rnn": {},
+    "deeplabv1": {"width": 16, "fc_features": 256},
+    "deeplabv2": {"depth": 18, "width": 32},
+    "refinenet": {"depth": 18, "width": 32, "features": 64},
+    "fastfcn": {"depth": 18, "width": 32, "jpu_features": 64, "head_features": 64, "aux_features": 32},
 }
 
 # The papers' network sizes (for accelerators): U-Net (Ronneberger et al.) width 64 with
