@@ -45,6 +45,24 @@ def test_max_pool_same_matches_nn_max_pool(k, hw):
     max_pool_same(x, 4)
 
 
+@pytest.mark.parametrize("k,hw", [(5, (9, 7)), (3, (6, 11)), (5, (2, 3)), (7, (13, 5))])
+def test_max_pool_same_gradient_goes_to_torchs_position_under_ties(k, hw):
+  """Ties (ReLU zeros, repeated values): every output's gradient goes to one input, the
+  first maximum of its window in row-major order, as torch.nn.functional.max_pool2d;
+  autodiff of the maxima split it between the tied inputs."""
+  torch = pytest.importorskip("torch")
+  x = np.maximum(np.round(_rand((2, *hw, 3)) * 2) / 2, 0).astype(np.float32)
+  r = _rand((2, *hw, 3), 1)
+  p = (k - 1) // 2
+  g = jax.jit(jax.grad(lambda t: jnp.sum(max_pool_same(t, k) * r)))(x)
+  tx = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+  ty = torch.nn.functional.max_pool2d(tx, k, 1, p)
+  (ty * torch.tensor(r).permute(0, 3, 1, 2)).sum().backward()
+  np.testing.assert_array_equal(max_pool_same(x, k), ty.detach().permute(0, 2, 3, 1).numpy())
+  np.testing.assert_allclose(g, tx.grad.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  assert (x == 0).mean() > 0.3  # the case has ties
+
+
 def test_rcu_and_crp_are_residual():
   """With the last conv of each unit zeroed, RCU and CRP are the identity (x + 0)."""
   x = _rand((1, 9, 9, 4))

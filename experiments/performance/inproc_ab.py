@@ -46,6 +46,9 @@ Changes (``--change``):
 - ``pool_pad``: the ResNet stem's max pool on a padded copy of its input (before) vs
   strided slices with a -inf row joined where a window leaves the map (now,
   ``layers._window3``).
+- ``pool_same``: the k x k stride-1 max pool (RefineNet's chained residual pooling,
+  DeepLab v1's 3x3 pools) as shifted maxima differentiated by autodiff (before) vs its
+  custom VJP keeping the int8 column and row of each maximum (now, ``layers.max_pool_same``).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -163,6 +166,22 @@ def autodiff_class_log_prob(logits, safe):
   return z_y - lse, sum(planes) / k - lse
 
 
+def autodiff_pool_same(x, k):
+  """``layers.max_pool_same`` before 2026-12-01: shifted maxima, autodiff's backward."""
+  import jax.numpy as jnp
+  p = (k - 1) // 2
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)), constant_values=-jnp.inf)
+  y = xp[:, 0:h]
+  for i in range(1, k):
+    y = jnp.maximum(y, xp[:, i : i + h])
+  yp = jnp.pad(y, ((0, 0), (0, 0), (p, p), (0, 0)), constant_values=-jnp.inf)
+  out = yp[:, :, 0:w]
+  for j in range(1, k):
+    out = jnp.maximum(out, yp[:, :, j : j + w])
+  return out
+
+
 def einsum_call(self, x):
   import jax.numpy as jnp
   from flax import linen as nn
@@ -177,7 +196,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -215,6 +234,7 @@ def main() -> None:
   workspace = native_mod.onednn_workspace
   recomputed_then = norm._batch_norm_then_native
   pool = layers.max_pool_3x3_s2
+  pool_same = layers.max_pool_same
   pools = layers.adaptive_avg_pools
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
@@ -261,6 +281,9 @@ def main() -> None:
     elif a.change == "pool_pad":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = padded if before else pool
+    elif a.change == "pool_same":
+      for m in (refinenet, deeplab):  # they import the pool by name
+        m.max_pool_same = autodiff_pool_same if before else pool_same
     elif a.change == "pool_position":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = autodiff_pool if before else pool

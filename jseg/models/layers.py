@@ -212,22 +212,78 @@ _max_pool_3x3_s2.defvjp(_max_pool_3x3_s2_fwd, _max_pool_3x3_s2_bwd)
 def max_pool_same(x: jax.Array, k: int) -> jax.Array:
   """k x k max-pool, stride 1, padding (k-1)//2 with -inf (odd k): same size output.
 
-  Equal to ``nn.max_pool(x, (k, k), padding=((p, p), (p, p)))``; written as a
-  max over k row shifts followed by a max over k column shifts.
+  Equal to ``nn.max_pool(x, (k, k), padding=((p, p), (p, p)))``, written separably: a
+  maximum over k column shifts, then over k row shifts (shifted slices with -inf edges,
+  no padded copy). The backward keeps only which column and which row held each maximum
+  (int8) and routes each output's gradient to that one input, the first maximum of its
+  window in row-major order as ``torch.nn.MaxPool2d`` does. Autodiff of the shifted
+  maxima kept 2(k-1) full-size intermediates per pool and split ties among them
+  (RefineNet's chained residual pooling, 5x5 on ReLU outputs: most of its temporaries
+  and a quarter of its step, ``experiments/performance/README.md``, thirteenth pass).
   """
   if k % 2 != 1:
     raise ValueError(f"max_pool_same needs an odd window; got {k}.")
+  return _max_pool_same(k, x)
+
+
+def _shift(x: jax.Array, d: int, axis: int, fill: float) -> jax.Array:
+  """``x`` moved by ``d`` along ``axis`` (``out[i] = x[i - d]``), ``fill`` where that falls
+  outside ``x``; same shape."""
+  size = x.shape[axis]
+  if d == 0:
+    return x
+  if abs(d) >= size:
+    return jnp.full_like(x, fill)
+  edge_shape = list(x.shape)
+  edge_shape[axis] = abs(d)
+  edge = jnp.full(edge_shape, fill, x.dtype)
+  if d > 0:
+    return jnp.concatenate([edge, lax.slice_in_dim(x, 0, size - d, 1, axis)], axis)
+  return jnp.concatenate([lax.slice_in_dim(x, -d, size, 1, axis), edge], axis)
+
+
+def _window_max(x: jax.Array, k: int, axis: int) -> tuple[jax.Array, jax.Array]:
+  """The maximum over offsets ``-p..p`` along ``axis`` (-inf outside) and the first offset
+  index (0..k-1, int8) that attains it."""
   p = (k - 1) // 2
-  h, w = x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)), constant_values=-jnp.inf)
-  y = xp[:, 0:h]
-  for i in range(1, k):
-    y = jnp.maximum(y, xp[:, i : i + h])
-  yp = jnp.pad(y, ((0, 0), (0, 0), (p, p), (0, 0)), constant_values=-jnp.inf)
-  out = yp[:, :, 0:w]
-  for j in range(1, k):
-    out = jnp.maximum(out, yp[:, :, j : j + w])
+  taps = [_shift(x, p - i, axis, -jnp.inf) for i in range(k)]  # taps[i][j] = x[j + i - p]
+  m = taps[0]
+  for t in taps[1:]:
+    m = jnp.maximum(m, t)
+  at = jnp.full(x.shape, k - 1, jnp.int8)
+  for i in reversed(range(k - 1)):
+    at = jnp.where(taps[i] == m, jnp.int8(i), at)
+  return m, at
+
+
+def _unwindow(g: jax.Array, at: jax.Array, k: int, axis: int) -> jax.Array:
+  """Inverse of ``_window_max``: ``g[j]`` goes to ``j + at[j] - p`` along ``axis``."""
+  p = (k - 1) // 2
+  zero = jnp.zeros((), g.dtype)
+  out = None
+  for i in range(k):
+    t = _shift(jnp.where(at == i, g, zero), i - p, axis, 0.0)
+    out = t if out is None else out + t
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _max_pool_same(k: int, x: jax.Array) -> jax.Array:
+  return _window_max(_window_max(x, k, 2)[0], k, 1)[0]
+
+
+def _max_pool_same_fwd(k, x):
+  cols, col_at = _window_max(x, k, 2)
+  out, row_at = _window_max(cols, k, 1)
+  return out, (row_at, col_at)
+
+
+def _max_pool_same_bwd(k, res, g):
+  row_at, col_at = res
+  return (_unwindow(_unwindow(g, row_at, k, 1), col_at, k, 2),)
+
+
+_max_pool_same.defvjp(_max_pool_same_fwd, _max_pool_same_bwd)
 
 
 def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
