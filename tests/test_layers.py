@@ -84,6 +84,42 @@ def test_max_pool_3x3_s2_gradient_goes_to_one_maximum_and_keeps_little():
   assert "66x66" not in text, "a padded copy of the input"
 
 
+def test_max_pools_positions_are_written_in_the_forward():
+  """Within one compiled program (a step), the int8 positions are what survives to the
+  backward: a chain of pools needs far fewer temporaries than the same maxima written as
+  maximum/where chains, whose positions XLA recomputed in the backward from f32 taps it
+  kept alive."""
+  x = _rand((1, 64, 64, 16))
+  r = _rand((1, 64, 64, 16), 1)
+
+  def chained(taps):
+    m = taps[0]
+    for t in taps[1:]:
+      m = jnp.maximum(m, t)
+    at = jnp.full(m.shape, len(taps) - 1, jnp.int8)
+    for i in reversed(range(len(taps) - 1)):
+      at = jnp.where(taps[i] == m, jnp.int8(i), at)
+    return m, at
+
+  def temps(pool):
+    def f(t):
+      for _ in range(4):
+        t = jnp.tanh(pool(t))
+      return jnp.sum(t * r[:, : t.shape[1], : t.shape[2]])
+    return jax.jit(jax.grad(f)).lower(x).compile().memory_analysis().temp_size_in_bytes
+
+  pools = (lambda t: layers.max_pool_same(t, 5), layers.max_pool_3x3_s2)
+  ours = [temps(p) for p in pools]
+  first_max = layers._first_max
+  try:
+    layers._first_max = chained
+    before = [temps(p) for p in pools]
+  finally:
+    layers._first_max = first_max
+  assert ours[0] < 0.75 * before[0], (ours, before)
+  assert ours[1] <= before[1], (ours, before)
+
+
 def test_max_pool_3x3_s2_all_negative_input_ignores_padding():
   x = -1.0 - np.abs(_rand((1, 5, 5, 1)))
   assert float(jax.jit(layers.max_pool_3x3_s2)(x).max()) < 0  # padding never wins

@@ -49,6 +49,10 @@ Changes (``--change``):
 - ``pool_same``: the k x k stride-1 max pool (RefineNet's chained residual pooling,
   DeepLab v1's 3x3 pools) as shifted maxima differentiated by autodiff (before) vs its
   custom VJP keeping the int8 column and row of each maximum (now, ``layers.max_pool_same``).
+- ``pool_reduce``: the max pools' int8 window positions (``max_pool_same``, the stem's
+  ``max_pool_3x3_s2``) as ``maximum`` / ``where(tap == max)`` chains (before; XLA fused
+  the positions into the backward and kept the f32 taps alive) vs one variadic reduction
+  over the stacked taps (now, ``layers._first_max``).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -166,6 +170,18 @@ def autodiff_class_log_prob(logits, safe):
   return z_y - lse, sum(planes) / k - lse
 
 
+def chained_first_max(taps):
+  """``layers._first_max`` before 2026-12-01: maximum and where chains."""
+  import jax.numpy as jnp
+  m = taps[0]
+  for t in taps[1:]:
+    m = jnp.maximum(m, t)
+  at = jnp.full(m.shape, len(taps) - 1, jnp.int8)
+  for i in reversed(range(len(taps) - 1)):
+    at = jnp.where(taps[i] == m, jnp.int8(i), at)
+  return m, at
+
+
 def autodiff_pool_same(x, k):
   """``layers.max_pool_same`` before 2026-12-01: shifted maxima, autodiff's backward."""
   import jax.numpy as jnp
@@ -196,7 +212,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -235,6 +251,7 @@ def main() -> None:
   recomputed_then = norm._batch_norm_then_native
   pool = layers.max_pool_3x3_s2
   pool_same = layers.max_pool_same
+  first_max = layers._first_max
   pools = layers.adaptive_avg_pools
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
@@ -281,6 +298,8 @@ def main() -> None:
     elif a.change == "pool_pad":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = padded if before else pool
+    elif a.change == "pool_reduce":
+      layers._first_max = chained_first_max if before else first_max
     elif a.change == "pool_same":
       for m in (refinenet, deeplab):  # they import the pool by name
         m.max_pool_same = autodiff_pool_same if before else pool_same

@@ -147,10 +147,30 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return _max_pool_3x3_s2(x.shape[1], x.shape[2], x)
 
 
+def _first_max(taps: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The elementwise maximum of ``taps`` and the index (int8) of the first tap attaining
+  it, as one variadic reduction over the stacked taps (NaN propagates).
+
+  A reduction, so XLA writes both results where it runs: written as ``maximum`` and
+  ``where(tap == max)`` chains, XLA:CPU fused the positions into the backward's consumers
+  and kept every f32 tap alive until then (RefineNet's step: 384 -> 226 MB of
+  temporaries; ``experiments/performance/README.md``, thirteenth pass).
+  """
+  stacked = jnp.stack(taps)
+  at = lax.broadcasted_iota(jnp.int8, stacked.shape, 0)
+
+  def pick(a, b):
+    (va, ia), (vb, ib) = a, b
+    take_a = (va > vb) | ((va == vb) & (ia < ib)) | (va != va)
+    return jnp.where(take_a, va, vb), jnp.where(take_a, ia, ib)
+
+  init = (jnp.array(-jnp.inf, stacked.dtype), jnp.int8(len(taps)))
+  return lax.reduce((stacked, at), init, pick, (0,))
+
+
 def _max3(a: jax.Array, b: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The maximum of three arrays and which one (0, 1, 2: the first) attains it, as int8."""
-  m = jnp.maximum(jnp.maximum(a, b), c)
-  return m, jnp.where(a == m, 0, jnp.where(b == m, 1, 2)).astype(jnp.int8)
+  return _first_max([a, b, c])
 
 
 def _window3(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -246,14 +266,7 @@ def _window_max(x: jax.Array, k: int, axis: int) -> tuple[jax.Array, jax.Array]:
   """The maximum over offsets ``-p..p`` along ``axis`` (-inf outside) and the first offset
   index (0..k-1, int8) that attains it."""
   p = (k - 1) // 2
-  taps = [_shift(x, p - i, axis, -jnp.inf) for i in range(k)]  # taps[i][j] = x[j + i - p]
-  m = taps[0]
-  for t in taps[1:]:
-    m = jnp.maximum(m, t)
-  at = jnp.full(x.shape, k - 1, jnp.int8)
-  for i in reversed(range(k - 1)):
-    at = jnp.where(taps[i] == m, jnp.int8(i), at)
-  return m, at
+  return _first_max([_shift(x, p - i, axis, -jnp.inf) for i in range(k)])  # tap i: x[j + i - p]
 
 
 def _unwindow(g: jax.Array, at: jax.Array, k: int, axis: int) -> jax.Array:
