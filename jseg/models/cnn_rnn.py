@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, conv_relu
 from jseg.models.layers import (
     PixelTransposeConv, check_min_size, check_nhwc, max_pool_2x2, pad_same, resize_bilinear)
 from jseg.registry import MODELS
@@ -124,9 +124,8 @@ class CNNRNN(nn.Module):
     y = x.astype(self.dtype)
     for s, (f, n) in enumerate(zip(self.encoder_features, self.encoder_convs)):
       for c in range(n):
-        y = Conv(f, (3, 3), padding=pad_same(3), kernel_init=_he, dtype=self.dtype,
-                 name=f"conv{s + 1}_{c + 1}")(y)
-        y = nn.relu(y)
+        y = conv_relu(Conv(f, (3, 3), padding=pad_same(3), kernel_init=_he, dtype=self.dtype,
+                           name=f"conv{s + 1}_{c + 1}", parent=None), y)
       y = max_pool_2x2(y)
     for i, (h, p) in enumerate(zip(self.hidden, self.patches)):
       y = ReNetLayer(h, p, self.dtype, name=f"renet{i + 1}")(y)

@@ -229,7 +229,7 @@ class Epilogue(NamedTuple):
   sum and ReLU post-ops): the output is written once instead of written, re-read and
   re-written by a separate pass. Elsewhere it is that separate pass."""
 
-  scale: jax.Array
+  scale: jax.Array | None  # None: 1 (a bias and ReLU only, ``conv_relu``)
   shift: jax.Array
   relu: bool = False
   residual: jax.Array | None = None
@@ -239,9 +239,10 @@ class Epilogue(NamedTuple):
     if self.residual is not None and self.residual.shape != y.shape:
       raise ValueError(f"conv epilogue: residual shape {self.residual.shape} is not the "
                        f"output's {y.shape}.")
-    y = y * self.scale.astype(y.dtype) + self.shift.astype(y.dtype)
+    y = y if self.scale is None else y * self.scale.astype(y.dtype)
+    y = y + self.shift.astype(y.dtype)
     y = y if self.residual is None else y + self.residual.astype(y.dtype)
-    return jnp.maximum(y, 0) if self.relu else y
+    return nn.relu(y) if self.relu else y  # gradient 0 at 0, as the oneDNN path's
 
 
 def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
@@ -265,7 +266,8 @@ def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
     # Folding would pass over a kernel larger than the pass over the output it saves.
     return epilogue.apply(_onednn_conv(x, k, strides, dilation, padding, groups))
   f32 = lambda v: None if v is None else jnp.asarray(v, jnp.float32)
-  return _onednn_conv_epilogue(x, k * f32(epilogue.scale), f32(epilogue.shift),
+  k = k if epilogue.scale is None else k * f32(epilogue.scale)
+  return _onednn_conv_epilogue(x, k, f32(epilogue.shift),
                                f32(epilogue.residual), strides, dilation, padding, groups,
                                bool(epilogue.relu))
 
@@ -500,6 +502,26 @@ def _apply_with_kernel(conv: nn.Module, x: jax.Array, kernel: jax.Array,
     return conv.apply({"params": {"kernel": kernel}}, x)
   params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
   return conv.apply({"params": params}, x)
+
+
+def conv_relu(conv: nn.Module, x: jax.Array) -> jax.Array:
+  """``relu(conv(x))`` for an unbound flax ``Conv(..., parent=None)`` whose parameters are
+  created in the calling module under ``conv.name``, as the bound ``Conv`` would create
+  them (checkpoints unchanged).
+
+  On oneDNN the bias and the ReLU run in the convolution's own call (bias and ReLU
+  post-ops), in training too: the pre-activation output is never written, and the
+  backward reads the ReLU's output (which the next layer keeps anyway) for its mask. With
+  the ReLU as a separate op, XLA kept each pre-activation output alive for the backward
+  beside the ReLU's (VGG without BatchNorm, FCN, DeepLab v1, CNN+RNN: one full-size
+  activation per layer; ``experiments/performance/README.md``, thirteenth pass).
+  Elsewhere (XLA, non-float32) it is the two ops.
+  """
+  fn, params = then_conv(conv, x.shape[-1])
+  if not (folds_epilogue(fn) and onednn_active() and x.dtype == jnp.float32):
+    return nn.relu(fn(x, *params))
+  shift = params[1] if len(params) > 1 else jnp.zeros((conv.features,), jnp.float32)
+  return fn(x, params[0], epilogue=Epilogue(None, shift, relu=True))
 
 
 def folds_epilogue(fn: Callable[..., jax.Array]) -> bool:

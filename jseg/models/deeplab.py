@@ -32,7 +32,7 @@ from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
 from jseg.models.backbones.xception import SeparableConv, Xception65, separable_chain
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, conv_relu
 from jseg.models.layers import (
     max_pool_same,
     ConvBNReLU,
@@ -78,11 +78,10 @@ class DeepLabVGG(nn.Module):
     mult = (1, 2, 4, 8, 8)
     for s, ((convs, dil, pool), m) in enumerate(zip(_VGG_STAGES, mult)):
       for c in range(convs):
-        x = Conv(
+        x = conv_relu(Conv(
             self.width * m, (3, 3), padding=pad_same(3, dil), kernel_dilation=dil,
-            kernel_init=_he, dtype=self.dtype, name=f"conv{s + 1}_{c + 1}",
-        )(x)
-        x = nn.relu(x)
+            kernel_init=_he, dtype=self.dtype, name=f"conv{s + 1}_{c + 1}", parent=None,
+        ), x)
       x = max_pool_3x3_s2(x) if pool == 2 else max_pool_same(x, 3)
     return x
 
@@ -103,12 +102,13 @@ class DeepLabV1(nn.Module):
     check_min_size(x, 8, "deeplabv1")
     size = x.shape[1:3]
     y = DeepLabVGG(self.width, self.dtype, name="vgg")(x.astype(self.dtype))
-    y = Conv(self.fc_features, (3, 3), padding=pad_same(3, self.fc6_dilation),
-             kernel_dilation=self.fc6_dilation, kernel_init=_he, dtype=self.dtype,
-             name="fc6")(y)
-    y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(y))
-    y = Conv(self.fc_features, (1, 1), kernel_init=_he, dtype=self.dtype, name="fc7")(y)
-    y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(y))
+    y = conv_relu(Conv(self.fc_features, (3, 3), padding=pad_same(3, self.fc6_dilation),
+                       kernel_dilation=self.fc6_dilation, kernel_init=_he, dtype=self.dtype,
+                       name="fc6", parent=None), y)
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = conv_relu(Conv(self.fc_features, (1, 1), kernel_init=_he, dtype=self.dtype, name="fc7",
+                       parent=None), y)
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = _classifier(self.num_classes, "fc8", self.dtype)(y)
     return resize_logits(y, size, train).astype(jnp.float32), {}
 

@@ -38,7 +38,7 @@ import ml_collections
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, conv_relu
 from jseg.models.layers import (
     check_min_size,
     check_nhwc,
@@ -62,9 +62,9 @@ Dtype = Any
 _DECODER_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def _conv3(features: int, name: str, dtype: Dtype, bias: bool = False) -> nn.Conv:
+def _conv3(features: int, name: str, dtype: Dtype, bias: bool = False, **kw) -> nn.Conv:
   return Conv(features, (3, 3), padding=pad_same(3), use_bias=bias, dtype=dtype, name=name,
-              kernel_init=_DECODER_INIT)
+              kernel_init=_DECODER_INIT, **kw)
 
 
 class RCU(nn.Module):
@@ -77,8 +77,9 @@ class RCU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.blocks):
-      y = _conv3(self.features, f"rcu{i + 1}_conv1", self.dtype, bias=True)(nn.relu(x))
-      y = _conv3(self.features, f"rcu{i + 1}_conv2", self.dtype)(nn.relu(y))
+      y = conv_relu(_conv3(self.features, f"rcu{i + 1}_conv1", self.dtype, bias=True,
+                           parent=None), nn.relu(x))
+      y = _conv3(self.features, f"rcu{i + 1}_conv2", self.dtype)(y)
       x = x + y
     return x
 

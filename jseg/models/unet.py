@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from jseg.models.conv import Conv, then_conv
+from jseg.models.conv import Conv, conv_relu, then_conv
 from jseg.models.layers import (
     PixelTransposeConv,
     check_min_size,
@@ -71,7 +71,7 @@ class DoubleConv(nn.Module):
                        dtype=self.dtype, relu=True, name=f"bn{i}")
 
     if not self.batch_norm:
-      return nn.relu(conv(2)(nn.relu(conv(1)(x))))
+      return conv_relu(conv(2, parent=None), conv_relu(conv(1, parent=None), x))
     # Training: bn1 feeds conv2 through ``then`` (on CPU its output is recomputed in the
     # backward instead of kept); evaluation: each BatchNorm folded into its convolution
     # (norm.conv_bn_chain). The kernels keep their paths, shapes and inits.

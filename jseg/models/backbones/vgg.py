@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jseg.models.conv import Conv, then_conv
+from jseg.models.conv import Conv, conv_relu, then_conv
 from jseg.models.layers import check_min_size, max_pool_2x2
 from jseg.models.norm import BatchNorm, conv_bn_chain
 
@@ -120,7 +120,7 @@ class VGG(nn.Module):
         x = conv_bn_chain(x, convs, bns, train)
       else:
         for i in range(n_convs):
-          x = nn.relu(conv(i)(x))
+          x = conv_relu(conv(i, parent=None), x)
       feats[f"conv{s + 1}"] = x
       x = pool(x)
       rate = self.pool_dropout[s]
@@ -129,15 +129,8 @@ class VGG(nn.Module):
       feats[f"pool{s + 1}"] = x
     if self.fc:
       for name, k in (("fc6", 7), ("fc7", 1)):
-        x = Conv(
-            self.fc_features,
-            (k, k),
-            padding="VALID",
-            dtype=self.dtype,
-            kernel_init=_INIT,
-            name=name,
-        )(x)
-        x = nn.relu(x)
+        x = conv_relu(Conv(self.fc_features, (k, k), padding="VALID", dtype=self.dtype,
+                           kernel_init=_INIT, name=name, parent=None), x)
         if self.fc_dropout > 0:
           x = nn.Dropout(self.fc_dropout, deterministic=not stochastic)(x)
       feats["fc7"] = x
