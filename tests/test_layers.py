@@ -53,6 +53,28 @@ def test_max_pool_2x2_matches_nn_max_pool(shape):
   np.testing.assert_allclose(g, g_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("ceil", [False, True])
+def test_max_pool_2x2_gradient_goes_to_torchs_position_and_keeps_int8(ceil):
+  """Ties (ReLU zeros, repeated values): each window's gradient goes to its first maximum
+  in row-major order, as torch's max_pool2d; the backward keeps one int8 per window."""
+  torch = pytest.importorskip("torch")
+  from jseg.models.backbones.vgg import max_pool_2x2_ceil
+  pool = max_pool_2x2_ceil if ceil else layers.max_pool_2x2
+  x = np.maximum(np.round(_rand((2, 9, 7, 3)) * 2) / 2, 0).astype(np.float32)
+  y = pool(x)
+  r = _rand(y.shape, 1)
+  g = jax.jit(jax.grad(lambda t: jnp.sum(pool(t) * r)))(x)
+  tx = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+  ty = torch.nn.functional.max_pool2d(tx, 2, 2, ceil_mode=ceil)
+  (ty * torch.tensor(r).permute(0, 3, 1, 2)).sum().backward()
+  np.testing.assert_array_equal(y, ty.detach().permute(0, 2, 3, 1).numpy())
+  np.testing.assert_array_equal(g, tx.grad.permute(0, 2, 3, 1).numpy())
+  assert (x == 0).mean() > 0.3  # the case has ties
+  _, vjp = jax.vjp(layers.max_pool_2x2, _rand((2, 64, 64, 8)))
+  kept = [(str(leaf.dtype), leaf.shape) for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "dtype")]
+  assert kept == [("int8", (2, 32, 32, 8))]
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])
 def test_max_pool_3x3_s2_matches_nn_max_pool_with_neg_inf_padding(shape):
   x = _rand(shape)

@@ -53,6 +53,10 @@ Changes (``--change``):
   ``max_pool_3x3_s2``) as ``maximum`` / ``where(tap == max)`` chains (before; XLA fused
   the positions into the backward and kept the f32 taps alive) vs one variadic reduction
   over the stacked taps (now, ``layers._first_max``).
+- ``pool2_positions``: the 2x2/2 max pool (U-Net, UNet++, VGG, CNN+RNN) as reshape + max
+  differentiated by autodiff (before: a float32 indicator of the input kept, ties split)
+  vs its custom VJP keeping the int8 position of each window's first maximum (now,
+  ``layers.max_pool_2x2``).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -182,6 +186,13 @@ def chained_first_max(taps):
   return m, at
 
 
+def autodiff_pool_2x2(x):
+  """``layers.max_pool_2x2`` before 2026-12-01: reshape + max, autodiff's backward."""
+  n, h, w, c = x.shape
+  x = x[:, : h - h % 2, : w - w % 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def autodiff_pool_same(x, k):
   """``layers.max_pool_same`` before 2026-12-01: shifted maxima, autodiff's backward."""
   import jax.numpy as jnp
@@ -212,7 +223,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -252,6 +263,7 @@ def main() -> None:
   pool = layers.max_pool_3x3_s2
   pool_same = layers.max_pool_same
   first_max = layers._first_max
+  pool2 = layers.max_pool_2x2
   pools = layers.adaptive_avg_pools
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
@@ -298,6 +310,9 @@ def main() -> None:
     elif a.change == "pool_pad":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = padded if before else pool
+    elif a.change == "pool2_positions":
+      for m in (unet, unetplusplus, vgg, cnn_rnn):  # they import the pool by name
+        m.max_pool_2x2 = autodiff_pool_2x2 if before else pool2
     elif a.change == "pool_reduce":
       layers._first_max = chained_first_max if before else first_max
     elif a.change == "pool_same":

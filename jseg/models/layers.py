@@ -123,14 +123,41 @@ def upsample_rows(x: jax.Array, s: int) -> jax.Array:
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 max pool (floor mode) as reshape + max.
+  """2x2 stride-2 max pool (floor mode).
 
-  Same values as ``nn.max_pool(x, (2, 2), (2, 2))``; its backward pass is an
-  elementwise mask instead of a scatter.
+  Same values as ``nn.max_pool(x, (2, 2), (2, 2))``. The backward keeps the int8 position
+  (0-3, row-major) of each window's first maximum and routes the gradient there, as
+  ``torch.nn.MaxPool2d`` does; autodiff of a reshape + max kept a float32 indicator of
+  the input's size (U-Net's first level: 32 MB at 4x256x256x32) and split ties (every
+  all-zero window after a ReLU) among them.
   """
   n, h, w, c = x.shape
-  x = x[:, : h - h % 2, : w - w % 2]
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return _max_pool_2x2(x[:, : h - h % 2, : w - w % 2])
+
+
+def _pool_2x2_taps(x: jax.Array) -> list[jax.Array]:
+  return [x[:, a::2, b::2] for a in (0, 1) for b in (0, 1)]
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+  return _first_max(_pool_2x2_taps(x))[0]
+
+
+def _max_pool_2x2_fwd(x):
+  out, at = _first_max(_pool_2x2_taps(x))
+  return out, at
+
+
+def _max_pool_2x2_bwd(at, g):
+  n, h2, w2, c = g.shape
+  zero = jnp.zeros((), g.dtype)
+  parts = jnp.stack([jnp.where(at == i, g, zero) for i in range(4)], axis=3)  # (n, h2, w2, 4, c)
+  dx = parts.reshape(n, h2, w2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return (dx.reshape(n, 2 * h2, 2 * w2, c),)
+
+
+_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
