@@ -57,6 +57,9 @@ Changes (``--change``):
   differentiated by autodiff (before: a float32 indicator of the input kept, ties split)
   vs its custom VJP keeping the int8 position of each window's first maximum (now,
   ``layers.max_pool_2x2``).
+- ``conv_relu``: a convolution followed by a ReLU as two ops (before: XLA kept the
+  pre-activation for the backward) vs bias and ReLU inside the oneDNN call (now,
+  ``conv.conv_relu``; VGG without BatchNorm, FCN, DeepLab v1, CNN+RNN, RefineNet's RCUs).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -186,6 +189,14 @@ def chained_first_max(taps):
   return m, at
 
 
+def separate_conv_relu(c, x):
+  """``conv.conv_relu`` before 2026-12-01: the convolution, then ``nn.relu``."""
+  from flax import linen as nn
+  from jseg.models import conv as conv_mod
+  fn, params = conv_mod.then_conv(c, x.shape[-1])
+  return nn.relu(fn(x, *params))
+
+
 def autodiff_pool_2x2(x):
   """``layers.max_pool_2x2`` before 2026-12-01: reshape + max, autodiff's backward."""
   n, h, w, c = x.shape
@@ -223,7 +234,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -264,6 +275,7 @@ def main() -> None:
   pool_same = layers.max_pool_same
   first_max = layers._first_max
   pool2 = layers.max_pool_2x2
+  fused_conv_relu = conv_mod.conv_relu
   pools = layers.adaptive_avg_pools
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
@@ -310,6 +322,9 @@ def main() -> None:
     elif a.change == "pool_pad":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = padded if before else pool
+    elif a.change == "conv_relu":
+      for m in (cnn_rnn, deeplab, refinenet, unet, vgg):  # they import conv_relu by name
+        m.conv_relu = separate_conv_relu if before else fused_conv_relu
     elif a.change == "pool2_positions":
       for m in (unet, unetplusplus, vgg, cnn_rnn):  # they import the pool by name
         m.max_pool_2x2 = autodiff_pool_2x2 if before else pool2
