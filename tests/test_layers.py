@@ -373,3 +373,13 @@ def test_rate_2_3x3_receptive_field_is_5x5(which):
   expected = np.zeros((size, size), bool)
   expected[3:8:2, 3:8:2] = True
   np.testing.assert_array_equal(support, expected)
+
+
+def test_relu_kept_equals_relu():
+  """Values and gradient (0 at an exact 0) as nn.relu (what it keeps: test_models_refinenet)."""
+  x = jnp.asarray(_rand((2, 16, 16, 8))).at[:, :2].set(0.0)
+  r = jnp.asarray(_rand((2, 16, 16, 8), 1))
+  for f in (layers.relu_kept, nn.relu):
+    np.testing.assert_array_equal(f(x), nn.relu(x))
+  g = jax.grad(lambda t: jnp.sum(layers.relu_kept(t) * r))(x)
+  np.testing.assert_array_equal(g, jax.grad(lambda t: jnp.sum(nn.relu(t) * r))(x))

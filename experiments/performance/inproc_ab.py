@@ -60,6 +60,9 @@ Changes (``--change``):
 - ``conv_relu``: a convolution followed by a ReLU as two ops (before: XLA kept the
   pre-activation for the backward) vs bias and ReLU inside the oneDNN call (now,
   ``conv.conv_relu``; VGG without BatchNorm, FCN, DeepLab v1, CNN+RNN, RefineNet's RCUs).
+- ``relu_kept``: RefineNet's ReLUs on its residual streams as ``nn.relu`` (before: XLA kept
+  each input beside the output) vs ``layers.relu_kept`` (now: the output, a reduction, is
+  all the backward reads).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -234,7 +237,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -276,6 +279,7 @@ def main() -> None:
   first_max = layers._first_max
   pool2 = layers.max_pool_2x2
   fused_conv_relu = conv_mod.conv_relu
+  relu_kept = layers.relu_kept
   pools = layers.adaptive_avg_pools
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
@@ -322,6 +326,8 @@ def main() -> None:
     elif a.change == "pool_pad":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = padded if before else pool
+    elif a.change == "relu_kept":
+      refinenet.relu_kept = nn.relu if before else relu_kept
     elif a.change == "conv_relu":
       for m in (cnn_rnn, deeplab, refinenet, unet, vgg):  # they import conv_relu by name
         m.conv_relu = separate_conv_relu if before else fused_conv_relu

@@ -44,6 +44,7 @@ from jseg.models.layers import (
     check_nhwc,
     max_pool_same,
     pad_same,
+    relu_kept,
     resize_bilinear,
     resize_logits,
 )
@@ -78,7 +79,7 @@ class RCU(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.blocks):
       y = conv_relu(_conv3(self.features, f"rcu{i + 1}_conv1", self.dtype, bias=True,
-                           parent=None), nn.relu(x))
+                           parent=None), relu_kept(x))
       y = _conv3(self.features, f"rcu{i + 1}_conv2", self.dtype)(y)
       x = x + y
     return x
@@ -124,7 +125,7 @@ class RefineNetBlock(nn.Module):
     if coarser is not None:
       x = _conv3(f, "mrf_conv", self.dtype)(x)
       x = x + resize_bilinear(coarser, x.shape[1:3])
-    x = CRP(f, self.crp_stages, dtype=self.dtype, name="crp")(nn.relu(x))
+    x = CRP(f, self.crp_stages, dtype=self.dtype, name="crp")(relu_kept(x))
     x = RCU(f, self.out_rcu_blocks, self.dtype, name="out")(x)
     if self.out_features is not None:
       x = _conv3(self.out_features, "mrf_out_conv", self.dtype)(x)
