@@ -130,15 +130,34 @@ struct Prims {
   dnnl::reorder to_wei, from_wei;  // HWIO -> wei (forward, input gradient), wei -> HWIO
   memory::desc scratch;  // its scratchpad
   std::string impl;      // oneDNN's name for the implementation it picked
+  // Kernel gradient only: x and dy reordered from NHWC into the blocked layouts the
+  // primitive wants (BlockedActivations), into the workspace, before it runs.
+  bool act = false;
+  memory::desc src, dst;            // x's and dy's layouts the primitive reads
+  dnnl::reorder to_src, to_dst;     // NHWC -> src / dst
 };
 
 std::mutex cache_mu;
 std::unordered_map<std::string, std::shared_ptr<Prims>> cache;
 
-dnnl::convolution_forward::primitive_desc FwdPd(const Geom& g) {
+dnnl::convolution_forward::primitive_desc FwdPd(const Geom& g, bool any_act = false) {
+  const memory::desc src = any_act ? memory::desc({g.n, g.c, g.h, g.w}, dt::f32, tag::any) : g.Src();
+  const memory::desc dst = any_act ? memory::desc({g.n, g.oc, g.oh, g.ow}, dt::f32, tag::any) : g.Dst();
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      g.Src(), g.WeiAny(), g.Dst(), g.strides, g.dil, g.pad_l, g.pad_r, dnnl::primitive_attr());
+      src, g.WeiAny(), dst, g.strides, g.dil, g.pad_l, g.pad_r, dnnl::primitive_attr());
+}
+
+// Whether a kernel gradient reads x and dy in oneDNN's blocked layouts (reordered from
+// NHWC first) rather than in NHWC. oneDNN 3.2's direct kernel-gradient kernel for AVX2
+// machines (`jit:avx2`, no AVX-512) is written for blocked activations: on NHWC it ran
+// 2.5-7x slower than on blocked ones with both reorders counted (a 3x3 layer, 2 images
+// 128x128x64 on one thread: 315 ms against 7 + 41; experiments/performance/README.md,
+// fourteenth pass). AVX-512 machines get brgemm kernels that read NHWC as it is. Not for
+// fewer than 8 input or output channels (a first layer's 3), which the blocked layout pads
+// to 8: there the reorders cost more than they save (26 -> 40 ms, 4 x 256x256x3 -> 32).
+bool BlockedActivations(const Geom& g, const std::string& nhwc_impl) {
+  return nhwc_impl == "jit:avx2" && g.ci_g >= 8 && g.oc / g.groups >= 8;
 }
 
 dnnl::primitive_attr UserScratch() {
@@ -190,6 +209,21 @@ std::shared_ptr<Prims> Get(const Geom& g, char kind, int threads = 0) {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.WeiAny(), g.Dst(), g.strides,
         g.dil, g.pad_l, g.pad_r, FwdPd(g), UserScratch());
+    if (BlockedActivations(g, pd.impl_info_str())) {
+      auto blocked = dnnl::convolution_backward_weights::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct,
+          memory::desc({g.n, g.c, g.h, g.w}, dt::f32, tag::any), g.WeiAny(),
+          memory::desc({g.n, g.oc, g.oh, g.ow}, dt::f32, tag::any), g.strides, g.dil, g.pad_l,
+          g.pad_r, FwdPd(g, true), UserScratch());
+      if (blocked.src_desc() != g.Src() || blocked.diff_dst_desc() != g.Dst()) {
+        pd = blocked;
+        p->act = true;
+        p->src = pd.src_desc();
+        p->dst = pd.diff_dst_desc();
+        p->to_src = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.Src(), Engine(), p->src));
+        p->to_dst = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.Dst(), Engine(), p->dst));
+      }
+    }
     p->prim = dnnl::convolution_backward_weights(pd);
     p->wei = pd.diff_weights_desc();
     p->scratch = pd.scratchpad_desc();
@@ -230,7 +264,7 @@ class Buffer {
 };
 
 // Per-calling-thread buffers: the same primitive may run on two XLA threads at once.
-thread_local Buffer scratch_buf, wei_buf;
+thread_local Buffer scratch_buf, wei_buf, act_buf;
 
 template <class F>
 ffi::Error Guard(F f) {
@@ -246,10 +280,31 @@ ffi::Error Guard(F f) {
 
 size_t Pages(size_t n) { return (n + 4095) / 4096 * 4096; }
 
-// Bytes of workspace one call needs: its scratchpad and the kernel in oneDNN's layout, each
-// page-aligned, plus a page to align the base.
+// Bytes of blocked x and dy a kernel gradient with BlockedActivations wants, page-aligned.
+size_t ActBytes(const Prims& p) {
+  return p.act ? Pages(p.src.get_size()) + Pages(p.dst.get_size()) : 0;
+}
+
+// Bytes of workspace one call needs: its scratchpad, the kernel in oneDNN's layout and the
+// blocked activations (ActBytes), each page-aligned, plus a page to align the base.
 size_t WorkspaceBytes(const Prims& p) {
-  return 4096 + Pages(p.scratch.get_size()) + (p.reorder ? Pages(p.wei.get_size()) : 0);
+  return 4096 + Pages(p.scratch.get_size()) + (p.reorder ? Pages(p.wei.get_size()) : 0) +
+         ActBytes(p);
+}
+
+// A kernel gradient with BlockedActivations: reorders x (at x) and dy (at dy, its NHWC
+// layout `dy_user`, by default the primitive's geometry's) into the blocked buffer at
+// `act` and points the primitive's arguments at them.
+void BlockArgs(const Prims& p, const Geom& g, const void* x, const void* dy, char* act,
+               std::unordered_map<int, memory>& args, const dnnl::stream& s,
+               const dnnl::reorder* dy_reorder = nullptr, const memory::desc* dy_user = nullptr) {
+  memory xb(p.src, Engine(), act), yb(p.dst, Engine(), act + Pages(p.src.get_size()));
+  memory xu(g.Src(), Engine(), const_cast<void*>(x));
+  memory yu(dy_user ? *dy_user : g.Dst(), Engine(), const_cast<void*>(dy));
+  p.to_src.execute(s, xu, xb);
+  (dy_reorder ? *dy_reorder : p.to_dst).execute(s, yu, yb);
+  args[DNNL_ARG_SRC] = xb;
+  args[DNNL_ARG_DIFF_DST] = yb;
 }
 
 // A convolution primitive's arguments. 'f' (and the epilogue kinds): a = x, out = y; 'd': a
@@ -288,13 +343,16 @@ void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t
   const bool kernel_in = kind != 'w';
   void* scratch_ptr;
   void* wei_ptr = nullptr;
+  char* act_ptr = nullptr;
   if (ws && ws_bytes >= WorkspaceBytes(*p)) {
     char* base = reinterpret_cast<char*>(Pages(reinterpret_cast<uintptr_t>(ws)));
     scratch_ptr = base;
     wei_ptr = base + Pages(p->scratch.get_size());
+    act_ptr = static_cast<char*>(wei_ptr) + (p->reorder ? Pages(p->wei.get_size()) : 0);
   } else {
     scratch_ptr = scratch_buf.Get(p->scratch.get_size());
     if (p->reorder) wei_ptr = wei_buf.Get(p->wei.get_size());
+    if (p->act) act_ptr = static_cast<char*>(act_buf.Get(ActBytes(*p)));
   }
   memory user_w(g.WeiUser(), Engine(), kernel_in ? b : out);
   memory w = user_w;
@@ -302,7 +360,9 @@ void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t
     w = memory(p->wei, Engine(), wei_ptr);
     if (kernel_in) p->to_wei.execute(s, user_w, w);
   }
-  p->prim.execute(s, Args(kind, g, a, b, out, w, memory(p->scratch, Engine(), scratch_ptr), bias));
+  auto args = Args(kind, g, a, b, out, w, memory(p->scratch, Engine(), scratch_ptr), bias);
+  if (p->act) BlockArgs(*p, g, a, b, act_ptr, args, s);
+  p->prim.execute(s, args);
   if (!kernel_in && p->reorder) p->from_wei.execute(s, w, user_w);
   s.wait();
 }
@@ -513,6 +573,9 @@ struct SplitPlan {
   std::vector<size_t> dy_at;               // split 3: each part's channels of dy; 4: of dx
   std::vector<dnnl::reorder> to_out;       // split 3: its kernel gradient into the output's;
                                            // 4: its channels of the kernel into its layout
+  std::vector<size_t> act_at;              // each part's blocked x and dy (Prims::act)
+  std::vector<memory::desc> dy_view;       // split 3 with act: its channels of dy in place
+  std::vector<dnnl::reorder> dy_part;      // and their reorder into its blocked dy
   ChunkedReorder wei0;                     // part 0's kernel reorder (to or from HWIO), cut
   size_t bytes = 0;                        // workspace wanted, with a page to align
 };
@@ -547,11 +610,21 @@ std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, i
     bool own;
     if (split == 3) {
       own = true;
+      const int64_t oq = sp.parts[q].g.oc;
       sp.dy_at.push_back(at);
-      at += Pages(sizeof(float) * g.n * g.oh * g.ow * sp.parts[q].g.oc);
+      if (!p->act) at += Pages(sizeof(float) * g.n * g.oh * g.ow * oq);
       OmpThreads scope(1);
       sp.to_out.push_back(dnnl::reorder(dnnl::reorder::primitive_desc(
           Engine(), p->wei, Engine(), KernelPart(g, sp.parts[q].g))));
+      if (p->act) {
+        sp.dy_view.push_back(memory::desc({g.n, oq, g.oh, g.ow}, dt::f32,
+                                          memory::dims{g.oh * g.ow * g.oc, 1, g.ow * g.oc, g.oc}));
+        sp.dy_part.push_back(dnnl::reorder(
+            dnnl::reorder::primitive_desc(Engine(), sp.dy_view.back(), Engine(), p->dst)));
+      } else {
+        sp.dy_view.emplace_back();
+        sp.dy_part.emplace_back();
+      }
     } else if (split == 4) {
       own = true;
       sp.dy_at.push_back(at);
@@ -566,6 +639,8 @@ std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, i
     sp.owns_wei.push_back(own);
     sp.wei_at.push_back(own ? at : 0);
     if (own) at += Pages(p->wei.get_size());
+    sp.act_at.push_back(at);
+    at += ActBytes(*p);
   }
   sp.bytes = 4096 + at;
   const Prims& p0 = *sp.prims[0];
@@ -592,14 +667,20 @@ void RunOutChannels(const SplitPlan& sp, const Geom& g, const float* x, const fl
     const Prims& p = *sp.prims[q];
     const int64_t oq = part.g.oc, o0 = part.dst_off;
     float* dyq = reinterpret_cast<float*>(base + sp.dy_at[q]);
-    for (int64_t i = 0; i < pixels; ++i)
-      std::memcpy(dyq + i * oq, dy + i * g.oc + o0, sizeof(float) * oq);
+    if (!p.act)
+      for (int64_t i = 0; i < pixels; ++i)
+        std::memcpy(dyq + i * oq, dy + i * g.oc + o0, sizeof(float) * oq);
     dnnl::stream sq(Engine());
     memory w(p.wei, Engine(), base + sp.wei_at[q]);
-    p.prim.execute(sq, {{DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])},
-                        {DNNL_ARG_SRC, memory(part.g.Src(), Engine(), const_cast<float*>(x))},
-                        {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), dyq)},
-                        {DNNL_ARG_DIFF_WEIGHTS, w}});
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SCRATCHPAD, memory(p.scratch, Engine(), base + sp.scratch_at[q])},
+        {DNNL_ARG_SRC, memory(part.g.Src(), Engine(), const_cast<float*>(x))},
+        {DNNL_ARG_DIFF_DST, memory(part.g.Dst(), Engine(), dyq)},
+        {DNNL_ARG_DIFF_WEIGHTS, w}};
+    if (p.act)  // dy's channels straight from their place in dy into the blocked layout
+      BlockArgs(p, part.g, x, dy + o0, base + sp.act_at[q], args, sq, &sp.dy_part[q],
+                &sp.dy_view[q]);
+    p.prim.execute(sq, args);
     memory dk(KernelPart(g, part.g), Engine(), out + o0);
     sp.to_out[q].execute(sq, w, dk);
     sq.wait();
@@ -675,8 +756,10 @@ void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a,
     float* pa = a + (kind == 'd' ? part.dst_off : part.src_off);
     float* pb = kind == 'w' ? b + part.dst_off : nullptr;
     float* po = kind == 'w' ? nullptr : out + (Forward(kind) ? part.dst_off : part.src_off);
-    p.prim.execute(sq, Args(kind, part.g, pa, pb, po, w[q],
-                            memory(p.scratch, Engine(), base + sp.scratch_at[q]), bias));
+    auto args = Args(kind, part.g, pa, pb, po, w[q],
+                     memory(p.scratch, Engine(), base + sp.scratch_at[q]), bias);
+    if (p.act) BlockArgs(p, part.g, pa, pb, base + sp.act_at[q], args, sq);
+    p.prim.execute(sq, args);
     sq.wait();
   });
   if (kind != 'w') return;
@@ -1440,7 +1523,7 @@ extern "C" int jseg_onednn_impl(const int64_t* dims, int64_t groups, char kind, 
     if (!CheckSplit(g, kind, split, chunks).success())
       throw std::invalid_argument("invalid split/chunks for this call");
     auto p = split ? Plan(g, kind, split, chunks)->prims[0] : Get(g, kind);
-    std::string s = p->impl;
+    std::string s = p->impl + (p->act ? " (blocked x, dy)" : "");
     std::strncpy(out, s.c_str(), out_len - 1);
     out[out_len - 1] = 0;
     return 0;
