@@ -156,8 +156,13 @@ dnnl::convolution_forward::primitive_desc FwdPd(const Geom& g, bool any_act = fa
 // fourteenth pass). AVX-512 machines get brgemm kernels that read NHWC as it is. Not for
 // fewer than 8 input or output channels (a first layer's 3), which the blocked layout pads
 // to 8: there the reorders cost more than they save (26 -> 40 ms, 4 x 256x256x3 -> 32).
+// JSEG_CONV_BLOCKED=0 turns this off (for A/B measurements; read once per process).
 bool BlockedActivations(const Geom& g, const std::string& nhwc_impl) {
-  return nhwc_impl == "jit:avx2" && g.ci_g >= 8 && g.oc / g.groups >= 8;
+  static const bool off = [] {
+    const char* v = std::getenv("JSEG_CONV_BLOCKED");
+    return v && std::string(v) == "0";
+  }();
+  return !off && nhwc_impl == "jit:avx2" && g.ci_g >= 8 && g.oc / g.groups >= 8;
 }
 
 dnnl::primitive_attr UserScratch() {
