@@ -138,31 +138,30 @@ def test_training_mode_logits_are_moderate_at_initialisation():
   configuration a first loss of 154 that diverged)."""
   m = RefineNet(num_classes=11, depth=18, width=16, features=32)
   x = jnp.asarray(np.random.default_rng(0).uniform(-2, 2, (2, 64, 64, 3)), jnp.float32)
-  v = m.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False)
-  (y, _), _ = m.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)},
-                      mutable=["batch_stats"])
+  v = jax.jit(lambda x: m.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
+                               train=False))(x)
+  (y, _), _ = jax.jit(lambda v, x: m.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)},
+                                           mutable=["batch_stats"]))(v, x)
   assert 0.05 < float(y.std()) < 3.0, float(y.std())
 
 
 def test_residual_stream_relus_keep_only_their_outputs(monkeypatch):
-  """The ReLUs on RefineNet's residual streams (``layers.relu_kept``): the gradient program
-  keeps their outputs (the convolutions' inputs) and not the streams as well, which
-  ``nn.relu`` made XLA keep."""
+  """The ReLUs on RefineNet's residual streams (``layers.relu_kept``): a block's gradient
+  program keeps their outputs (the convolutions' inputs) and not the streams as well, which
+  ``nn.relu`` made XLA keep (temporaries ratio 0.84 on one block; 0.83 on a whole tiny
+  RefineNet)."""
   from flax import linen as nn
   from jseg.models import layers, refinenet
-  cfg = dict(name="refinenet", num_classes=5, depth=18, width=8, features=16, rcu_blocks=2,
-             crp_stages=2, out_rcu_blocks=2, dropout=0.0)
-  m = build_model(ml_collections.ConfigDict(cfg))
-  x = jnp.asarray(_rand((2, 96, 96, 3)))
-  v = m.init(jax.random.key(0), x, train=False)
+  m = refinenet.RefineNetBlock(16, rcu_blocks=2, crp_stages=2, out_rcu_blocks=2)
+  x = jnp.asarray(_rand((2, 32, 32, 16)))
+  v = jax.jit(lambda x: m.init(jax.random.key(0), x, None))(x)
 
   def temps():
-    def loss(p):
-      (y, _), _ = m.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])
-      return jnp.sum(jnp.tanh(y))
-    return jax.jit(jax.grad(loss)).lower(v["params"]).compile().memory_analysis().temp_size_in_bytes
+    def loss(p, x):
+      return jnp.sum(jnp.tanh(m.apply({"params": p}, x, None)))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return grad.lower(v["params"], x).compile().memory_analysis().temp_size_in_bytes
 
   ours = temps()
   monkeypatch.setattr(refinenet, "relu_kept", nn.relu)
   assert ours < 0.95 * temps()
-  monkeypatch.setattr(refinenet, "relu_kept", layers.relu_kept)
