@@ -51,8 +51,9 @@ def assert_same_variables_and_training_bits(ours, reference, x, rngs=None, **kw)
   """``ours`` and ``reference`` (modules of one network written two ways) initialise to the
   same variable tree and values and give the same training-mode outputs, BatchNorm
   statistics and gradients, bit for bit (``kw`` goes to both ``apply`` calls)."""
-  v = ours.init(jax.random.PRNGKey(3), x, False, **kw)
-  w = reference.init(jax.random.PRNGKey(3), x, False, **kw)
+  # Jitted: one compile instead of op-by-op dispatch (VGG stage test 13.6 -> 6.9 s here).
+  v = jax.jit(lambda x: ours.init(jax.random.PRNGKey(3), x, False, **kw))(x)
+  w = jax.jit(lambda x: reference.init(jax.random.PRNGKey(3), x, False, **kw))(x)
   assert jax.tree.structure(v) == jax.tree.structure(w)
   for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(w)):
     np.testing.assert_array_equal(a, b)
