@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax import lax
 
 from jseg.models import layers
 
@@ -383,3 +384,25 @@ def test_relu_kept_equals_relu():
     np.testing.assert_array_equal(f(x), nn.relu(x))
   g = jax.grad(lambda t: jnp.sum(layers.relu_kept(t) * r))(x)
   np.testing.assert_array_equal(g, jax.grad(lambda t: jnp.sum(nn.relu(t) * r))(x))
+
+
+@pytest.mark.parametrize("k,d,hw", [(3, 1, 9), (3, 2, 12), (3, 4, 7), (5, 3, 10)])
+def test_depthwise_shifted_equals_the_grouped_convolution_with_its_gradients(k, d, hw):
+  """``layers.depthwise_shifted`` (its own backward) against XLA's grouped convolution:
+  values, input and kernel gradients, including dilations wider than the map."""
+  x = jnp.asarray(_rand((2, hw, hw + 1, 6)))
+  kern = jnp.asarray(_rand((k, k, 1, 6), 1))
+  r = jnp.asarray(_rand((2, hw, hw + 1, 6), 2))
+  p = d * (k - 1) // 2
+
+  def ref(x, kern):
+    return lax.conv_general_dilated(x, kern, (1, 1), ((p, p), (p, p)), rhs_dilation=(d, d),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=6, precision=lax.Precision.HIGHEST)
+
+  ours = lambda x, kern: layers.depthwise_shifted(x, kern, k, d)  # noqa: E731
+  np.testing.assert_allclose(ours(x, kern), ref(x, kern), rtol=1e-5, atol=1e-5)
+  got = jax.grad(lambda x, kern: jnp.sum(ours(x, kern) * r), argnums=(0, 1))(x, kern)
+  want = jax.grad(lambda x, kern: jnp.sum(ref(x, kern) * r), argnums=(0, 1))(x, kern)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))

@@ -63,6 +63,8 @@ Changes (``--change``):
 - ``relu_kept``: RefineNet's ReLUs on its residual streams as ``nn.relu`` (before: XLA kept
   each input beside the output) vs ``layers.relu_kept`` (now: the output, a reduction, is
   all the backward reads).
+- ``dw_vjp``: stride-1 ``DepthwiseConv`` on XLA's path (where oneDNN has GEMM fallbacks)
+  differentiated by autodiff (before) vs ``layers.depthwise_shifted``'s custom VJP (now).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -237,7 +239,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -280,6 +282,11 @@ def main() -> None:
   pool2 = layers.max_pool_2x2
   fused_conv_relu = conv_mod.conv_relu
   relu_kept = layers.relu_kept
+  dw_shifted = layers.depthwise_shifted
+
+  def autodiff_dw_shifted(x, kernel, k, d):
+    return layers._shifted_products(layers._same_pad(x, d * (k - 1) // 2), kernel, k, d,
+                                    x.shape[1], x.shape[2])
   pools = layers.adaptive_avg_pools
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
@@ -326,6 +333,8 @@ def main() -> None:
     elif a.change == "pool_pad":
       for m in (resnet, deeplab):  # they import the pool by name
         m.max_pool_3x3_s2 = padded if before else pool
+    elif a.change == "dw_vjp":
+      layers.depthwise_shifted = autodiff_dw_shifted if before else dw_shifted
     elif a.change == "relu_kept":
       refinenet.relu_kept = nn.relu if before else relu_kept
     elif a.change == "conv_relu":
