@@ -531,7 +531,8 @@ class DepthwiseConv(nn.Module):
   convolutions go to oneDNN (``jseg.models.conv``) it is that grouped convolution, which
   oneDNN runs another 30-100x faster, wherever oneDNN has no GEMM fallback for the
   geometry or its gradients (``conv.onednn_depthwise_without_gemm``: large dilations stay
-  shifted products).
+  shifted products). Stride-1 shifted products have their own backward
+  (``depthwise_shifted``); strided ones autodiff's.
   """
 
   kernel: int = 3
@@ -552,23 +553,18 @@ class DepthwiseConv(nn.Module):
       out = conv_general_dilated(
           x, kernel, (s, s), ((p, p), (p, p)), rhs_dilation=(d, d),
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-      if self.use_bias:
-        out = out + self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-      return out
-    if s == 1 and k % 2 == 1:
+    elif s == 1 and k % 2 == 1:
       out = depthwise_shifted(x, kernel, k, d)
-      if self.use_bias:
-        out = out + self.param("bias", nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
-      return out
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
-    ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
-    out = None
-    for i in range(k):
-      for j in range(k):
-        sl = xp[:, i * d : i * d + s * (oh - 1) + 1 : s, j * d : j * d + s * (ow - 1) + 1 : s]
-        term = sl * kernel[i, j, 0]
-        out = term if out is None else out + term
+    else:
+      xp = _same_pad(x, p)
+      oh = (h + 2 * p - d * (k - 1) - 1) // s + 1
+      ow = (w + 2 * p - d * (k - 1) - 1) // s + 1
+      out = None
+      for i in range(k):
+        for j in range(k):
+          sl = xp[:, i * d : i * d + s * (oh - 1) + 1 : s, j * d : j * d + s * (ow - 1) + 1 : s]
+          term = sl * kernel[i, j, 0]
+          out = term if out is None else out + term
     if self.use_bias:
       out = out + self.param("bias", nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
     return out
