@@ -7,6 +7,7 @@ The JSONL file is appended to, so a resumed run continues the same log.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,7 @@ class MetricWriter:
     self.path = Path(workdir) / "metrics.jsonl"
     self._file = self.path.open("a")
     if tensorboard:
-      try:
-        from tensorboardX import SummaryWriter
-      except ImportError:  # TensorBoard output is optional.
-        SummaryWriter = None
+      SummaryWriter = _summary_writer_class()
       if SummaryWriter is not None:
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
@@ -49,6 +47,29 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _summary_writer_class() -> Any:
+  """tensorboardX's ``SummaryWriter``, or None when it is not installed (TensorBoard output
+  is optional).
+
+  Imported with torch blocked unless torch is already loaded: tensorboardX imports torch,
+  when installed, only to accept its tensors, and we log floats. On the 2-core test machine
+  that import took 2.45 s and 221 MB resident vs 0.23 s and 30 MB without torch.
+  """
+  if "torch" in sys.modules:
+    blocked = False
+  else:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    blocked = True
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    SummaryWriter = None
+  finally:
+    if blocked and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import collections
+import gc
 import os
 import shutil
 import sys
@@ -21,15 +23,49 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
   atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
-# Tests compile with XLA's backend (LLVM) optimisation level 0: the same HLO programs, ops and
-# custom calls, unoptimised machine code. Compilation is most of a test's time here; this cut
-# the suite's CPU time by ~15-20% (2-core CPU, 2026-11-30: 7:38 -> 6:19 wall). The suite also
-# passes at the default level: run it with JSEG_TEST_XLA_OPT=default. Benchmarks and users'
-# runs never see this (it is set for the test processes and the CLIs they start).
+# Tests compile with XLA's backend (LLVM) optimisation level 0 and its classic (non-MLIR)
+# fusion emitters: the same HLO programs, ops and custom calls, cheaper-to-make machine code.
+# Compilation is most of a test's time here. Level 0 cut the suite's CPU time by ~15-20%
+# (2-core CPU, 2026-11-30: 7:38 -> 6:19 wall); the classic emitters cut a tiny DeepLab v3+
+# training step's compile 7.3 -> 4.8 s (AVX2 EPYC, 2026-12-01). The suite also passes with
+# XLA's defaults: run it with JSEG_TEST_XLA_OPT=default. Benchmarks and users' runs never see
+# this (it is set for the test processes and the CLIs they start).
 if os.environ.get("JSEG_TEST_XLA_OPT", "0") != "default":
   _flags = os.environ.get("XLA_FLAGS", "")
   if "xla_backend_optimization_level" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
+    _flags += " --xla_backend_optimization_level=0"
+  if "xla_cpu_use_fusion_emitters" not in _flags:
+    _flags += " --xla_cpu_use_fusion_emitters=false"
+  os.environ["XLA_FLAGS"] = _flags.strip()
+
+# Tracing makes many short-lived objects over a large, long-lived heap (jax, flax, torch):
+# Python's default collector thresholds spent ~6% of the suite's CPU in gc (perf, 2026-12-01).
+# Modules loaded so far are frozen out of collection and full collections made rarer.
+gc.freeze()
+gc.set_threshold(100_000, 50, 1000)
+
+
+def pytest_configure(config):
+  """Under xdist (``-n``) with no ``--dist`` given, tests go to the workers a whole module at a
+  time (``loadscope``), in the order made below: a module-scoped fixture (a trained run, a
+  compiled benchmark) is then built once, where plain ``load`` built it on each worker, and
+  again whenever a worker came back to its module (the trained PSPNet run: ~20 s each time).
+  (``loadgroup`` cannot do it here: xdist 3.8 names a group's tests through a node attribute
+  pytest 9 no longer reads.)"""
+  if any(a in ("-d", "--dist") or a.startswith("--dist=")
+         for a in config.invocation_params.args):
+    return
+  if getattr(config.option, "dist", "no") == "load":
+    config.option.dist = "loadscope"
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules with the most slow tests first (each module's tests stay together and in
+  order), so the two workers end together rather than one finishing a long module alone."""
+  slow = collections.Counter(item.module.__name__ for item in items
+                             if item.get_closest_marker("slow"))
+  items.sort(key=lambda item: -slow[item.module.__name__])  # stable
 
 
 @pytest.fixture(scope="session")

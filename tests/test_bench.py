@@ -59,6 +59,7 @@ def test_bad_names_are_reported():
     bench_models.bench_config("unet", 32, 2, step_programs=3)
 
 
+@pytest.mark.slow
 def test_step_as_one_program(tmp_path):
   assert not bench_models.bench_config("unet", 32, 2, step_programs=1).split_update
   rep = bench_models.main(["--models=unet", "--batch=2", "--size=32", "--warmup=1", "--repeats=1",
@@ -134,6 +135,7 @@ def test_median_result_over_rounds():
   assert bench_models.median_result([{"error": "x"}, {"error": "y"}]) == {"error": "x"}
 
 
+@pytest.mark.slow
 def test_rounds_alternate_processes_and_keep_each_round(tmp_path):
   out = tmp_path / "bench.json"
   rep = bench_models.main(["--models=unet", "--batch=2", "--size=32", "--warmup=1", "--repeats=1",

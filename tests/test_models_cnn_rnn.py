@@ -78,6 +78,7 @@ def test_logits_at_odd_input_sizes():
     assert logits.shape == (2, *hw, K) and aux == {}
 
 
+@pytest.mark.slow
 def test_trains_on_camvid_sample(tfds_cache):
   """A few jitted, data-sharded steps (jseg.trainer.quick_train) at tiny width on the shipped
   CamVid sample lower the loss; finite losses throughout also mean finite gradients."""

@@ -65,6 +65,7 @@ def test_logits_at_odd_input_sizes(key, hw):
     ("deeplabv3plus", dict(width=0.0625, middle_blocks=2, aspp_features=8, decoder_features=8,
                            low_level_features=4)),
 ])
+@pytest.mark.slow
 def test_trains_on_camvid_sample(key, overrides, tfds_cache):
   """A few jitted, data-sharded steps (jseg.trainer.quick_train) at tiny width on the shipped
   CamVid sample lower the loss; finite losses throughout also mean finite gradients."""

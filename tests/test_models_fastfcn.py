@@ -74,6 +74,7 @@ def test_aux_head_only_in_training():
   assert aux == {} and "aux_head" not in v["params"]
 
 
+@pytest.mark.slow
 def test_trains_on_camvid_sample(tfds_cache):
   """A few jitted, data-sharded steps (jseg.trainer.quick_train) at tiny width on the shipped
   CamVid sample lower the loss; finite losses throughout also mean finite gradients."""

@@ -125,6 +125,7 @@ def test_matches_torch_port_of_the_caffe_fcn8s():
 
 
 @pytest.mark.parametrize("name", ["fcn8s", "fcn16s", "fcn32s"])
+@pytest.mark.slow
 def test_trains_on_camvid_sample(name, tfds_cache):
   """A few SGD steps at tiny width on the shipped CamVid sample lower the loss (finite
   losses throughout also mean the gradients were finite: one NaN poisons the params)."""

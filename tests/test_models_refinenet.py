@@ -102,6 +102,7 @@ def test_logits_at_odd_input_sizes():
     jax.eval_shape(lambda v: m.apply(v, jnp.zeros((1, 31, 64, 3))), v)
 
 
+@pytest.mark.slow
 def test_trains_on_camvid_sample(tfds_cache):
   """A few jitted, data-sharded steps (jseg.trainer.quick_train) at tiny width on the shipped
   CamVid sample lower the loss; finite losses throughout also mean finite gradients."""
@@ -131,6 +132,7 @@ def test_parameter_count_matches_released_refinenet101():
   assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"])) == reference
 
 
+@pytest.mark.slow
 def test_training_mode_logits_are_moderate_at_initialisation():
   """The BatchNorm-free decoder (pools, residual sums over four cascaded blocks) starts
   from PyTorch's default initialisation as the reference does: the training-mode logits

@@ -120,6 +120,7 @@ def test_output_at_input_resolution(dropout):
   assert aux == train_aux == {}
 
 
+@pytest.mark.slow
 def test_decoder_equals_the_plain_unit_stack():
   """The decoder's BatchNorms feeding the next convolution (or the classifier) through
   ``then`` change nothing: same parameter tree and values, logits, statistics and
@@ -192,6 +193,7 @@ def test_mc_without_dropout_has_zero_variance(mc_results):
 
 
 @pytest.mark.parametrize("name", ["segnet", "bayesian_segnet"])
+@pytest.mark.slow
 def test_trains_on_camvid_sample(name, tfds_cache):
   """A few steps at tiny width on the shipped CamVid sample lower the loss (finite
   losses throughout also mean the gradients were finite: one NaN poisons the params)."""

@@ -121,6 +121,7 @@ def test_bad_settings_are_named():
     jax.eval_shape(lambda: UNet(2, width=2, upsampling="nearest").init(jax.random.PRNGKey(0), x))
 
 
+@pytest.mark.slow
 def test_trains_on_camvid_sample(tfds_cache):
   """The paper's variant (valid, up-convolutions, no BN, dropout) at tiny width lowers the
   loss on the shipped CamVid sample; finite losses throughout mean finite gradients."""

@@ -95,6 +95,7 @@ def test_parameter_count_matches_the_paper():
   assert round(n / 1e6, 2) == 9.04
 
 
+@pytest.mark.slow
 def test_trains_on_camvid_sample(tfds_cache):
   """Deep supervision, summed head losses, tiny width: the loss goes down on the shipped
   CamVid sample; finite losses throughout mean finite gradients."""

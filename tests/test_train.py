@@ -131,6 +131,7 @@ def test_corrupt_latest_checkpoint_falls_back(trained, tmp_path, tfds_cache):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path, tfds_cache):
   config = _config(tfds_cache, **{"optimizer.learning_rate": 1e12, "loss.aux_weight": 0.0})
   with pytest.raises(FloatingPointError, match=r"Non-finite loss .* at step \d+"):
@@ -206,6 +207,7 @@ def test_pretrained_backbone_is_loaded_before_training(tmp_path, tfds_cache):
         tfds_cache, **{"model.pretrained": str(tmp_path / "missing.pth")}), run.mesh)
 
 
+@pytest.mark.slow
 def test_predict_bayesian_segnet_writes_uncertainty_maps(tmp_path, tfds_cache):
   from jseg.config import load_config
 

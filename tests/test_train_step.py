@@ -49,6 +49,7 @@ def _assert_same(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_split_step_equals_the_single_program(single):
   state1, metrics1, _ = single
   state2, metrics2, _ = _train(split=True)
@@ -85,6 +86,7 @@ def test_update_program_donates_the_state():
   assert not jax.tree.leaves(new.params)[0].is_deleted()
 
 
+@pytest.mark.slow
 def test_initial_state_compiled_for_memory_has_the_default_compile_bits():
   """``Setup.state`` compiles the initialiser with its own compiler options (CPU: no fusion
   emitters, for the compiler's memory); the parameters are the same bits as the default
