@@ -693,3 +693,36 @@ def test_conv_relu_keeps_no_pre_activation_for_the_backward():
 
   ours, before = temps(Stack(True)), temps(Stack(False))
   assert ours < 0.85 * before, (ours, before)
+
+
+@pytest.mark.parametrize("ci,co,dilation", [(128, 64, 2), (64, 64, 2), (128, 32, 2), (128, 64, 1)])
+def test_kernel_gradient_is_xlas_only_where_onednn_has_just_its_gemm(ci, co, dilation,
+                                                                     monkeypatch):
+  """Where oneDNN's kernel gradient is its GEMM fallback (AVX2: dilated convolutions) and
+  the kernel has >= 128 input and >= 64 output channels, XLA's convolution computes it; the
+  forward and input gradient stay oneDNN's. Which case is GEMM depends on the machine's ISA,
+  so the expectation is read from oneDNN's implementation name."""
+  monkeypatch.setenv("JSEG_CONV", "onednn")
+  x, k = jnp.asarray(_rand((2, 10, 10, ci), 0)), jnp.asarray(_rand((3, 3, ci, co), 1) * 0.1)
+  pad = ((dilation, dilation),) * 2
+
+  def loss(conv_fn):
+    return lambda x, k: jnp.sum(jnp.sin(conv_fn(x, k, (1, 1), pad, rhs_dilation=(dilation,) * 2,
+                                                dimension_numbers=DN)))
+
+  grads = jax.jit(jax.grad(loss(conv.conv_general_dilated), argnums=(0, 1)))
+  y_shape = (2, 10, 10, co)
+  name = native.onednn_impl("w", x.shape, k.shape, y_shape, (1, 1), (dilation,) * 2, pad, 1,
+                            *conv.conv_split("w", x.shape, y_shape, k.shape))
+  on_xla = "gemm" in name and ci >= 128 and co >= 64
+  assert conv.kernel_grad_on_xla(x.shape, k.shape, y_shape, (1, 1), (dilation,) * 2, pad,
+                                 1) == on_xla
+  text = grads.lower(x, k).as_text()
+  assert "JsegConvFwd" in text and "JsegConvBwdData" in text
+  assert ("JsegConvBwdWeights" in text) == (not on_xla)
+  ref = jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, k)
+  for a, b in zip(grads(x, k), ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+  monkeypatch.setenv("JSEG_CONV_GEMM_GRAD", "onednn")  # the switch keeps oneDNN's everywhere
+  kernel_grad = jax.jit(jax.grad(loss(conv.conv_general_dilated), argnums=1))
+  assert "JsegConvBwdWeights" in kernel_grad.lower(x, k).as_text()

@@ -65,6 +65,9 @@ Changes (``--change``):
   all the backward reads).
 - ``dw_vjp``: stride-1 ``DepthwiseConv`` on XLA's path (where oneDNN has GEMM fallbacks)
   differentiated by autodiff (before) vs ``layers.depthwise_shifted``'s custom VJP (now).
+- ``gemm_grad`` (with ``--train``): kernel gradients oneDNN has only its GEMM fallback for
+  (dilated convolutions on AVX2) on that GEMM (before, ``JSEG_CONV_GEMM_GRAD=onednn``) vs
+  XLA's convolution (now, ``conv.kernel_grad_on_xla``).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -239,7 +242,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "gemm_grad"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -328,6 +331,8 @@ def main() -> None:
       pspnet.adaptive_avg_pools = (lambda x, bins: [layers.adaptive_avg_pool(x, b) for b in bins]) if before else pools
     elif a.change == "conv_threads":
       os.environ["JSEG_CONV_THREADS"] = "openmp" if before else "xla"
+    elif a.change == "gemm_grad":
+      os.environ["JSEG_CONV_GEMM_GRAD"] = "onednn" if before else "xla"
     elif a.change == "bn_fold":
       conv_mod.folds_epilogue = (lambda fn: False) if before else folds
     elif a.change == "pool_pad":

@@ -291,6 +291,51 @@ def _fwd(x, k, strides, dilation, padding, groups):
   return y, (x.value, k.value, x.perturbed, k.perturbed)
 
 
+_GEMM_GRAD_MODES = ("xla", "onednn")
+
+
+def kernel_grad_on_xla(x_shape: tuple[int, ...], k_shape: tuple[int, ...],
+                       y_shape: tuple[int, ...], strides: tuple[int, int],
+                       dilation: tuple[int, int], padding: tuple[tuple[int, int], ...],
+                       groups: int) -> bool:
+  """Whether this convolution's kernel gradient is XLA's rather than oneDNN's: where
+  oneDNN has only its GEMM fallback for it (``gemm`` in the implementation's name; oneDNN
+  3.2 on AVX2 for dilated convolutions) and the kernel has >= 128 input and >= 64 output
+  channels. There XLA's convolution was 1.2-1.8x faster (AVX2 EPYC, batch 4: 32x32
+  256->256 rate 4 77.5 vs 44.7 ms, 512->512 rate 4 190.3 vs 136.3, 128->128 rate 2 14.7 vs
+  12.3, 16x16 256->64 rate 12 7.7 vs 4.5); with fewer channels oneDNN's GEMM was faster
+  (64->64 rate 2 5.3 vs 6.7 ms; 256->11 rate 12 13.0 vs 14.3). Forward and input gradient
+  were on par (fifteenth pass, ``experiments/performance/README.md``).
+  ``JSEG_CONV_GEMM_GRAD=onednn`` keeps oneDNN's everywhere."""
+  if native.env_mode("JSEG_CONV_GEMM_GRAD", _GEMM_GRAD_MODES) == "onednn":
+    return False
+  if k_shape[2] < 128 or k_shape[3] < 64:
+    return False
+  split, chunks = conv_split("w", x_shape, y_shape, k_shape)
+  return "gemm" in _impl_name("w", tuple(x_shape), tuple(k_shape), tuple(y_shape),
+                              tuple(strides), tuple(dilation),
+                              tuple(map(tuple, padding)), int(groups), split, chunks)
+
+
+@functools.lru_cache(maxsize=512)
+def _impl_name(kind: str, *geom) -> str:
+  """oneDNN's implementation name for one call's geometry and cut ('' if it cannot build)."""
+  try:
+    return native.onednn_impl(kind, *geom)
+  except native.NativeBuildError:
+    return ""
+
+
+def _xla_kernel_grad(x: jax.Array, dy: jax.Array, k_shape, strides, dilation, padding,
+                     groups) -> jax.Array:
+  """The kernel gradient as XLA's convolution (the transpose of the kernel-linear map)."""
+  def conv(k):
+    return lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=groups)
+  return jax.linear_transpose(conv, jax.ShapeDtypeStruct(k_shape, jnp.float32))(dy)[0]
+
+
 def _bwd(strides, dilation, padding, groups, res, dy):
   x, k, need_dx, need_dk = res
   if isinstance(dy, SymbolicZero):
@@ -301,7 +346,10 @@ def _bwd(strides, dilation, padding, groups, res, dy):
   if need_dx:
     dx = _call("JsegConvBwdData", "d", x.shape, *geom, dy, k)
   if need_dk:
-    dk = _call("JsegConvBwdWeights", "w", k.shape, *geom, x, dy)
+    if kernel_grad_on_xla(*geom):
+      dk = _xla_kernel_grad(x, dy, k.shape, strides, dilation, padding, groups)
+    else:
+      dk = _call("JsegConvBwdWeights", "w", k.shape, *geom, x, dy)
   return dx, dk
 
 
