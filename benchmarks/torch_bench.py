@@ -67,15 +67,20 @@ def _sync(device: str):
 
 def peak_gflops(threads: int, n: int = 2048, repeats: int = 5, device: str = "cpu",
                 dtype: str = "float32") -> float:
-  """Best GFLOP/s of an n x n matmul (fp32 on CUDA may use TF32, as jax's default precision does)."""
+  """Best GFLOP/s of an n x n matmul (fp32 on CUDA may use TF32, as jax's default precision does),
+  after 1 s of warm-up, as jseg's probe (the cores clock up under load)."""
   import torch
   torch.set_num_threads(threads)
   torch.backends.cuda.matmul.allow_tf32 = True
   a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-  torch.mm(a, a)
   sync = _sync(device)
-  if sync:
-    sync()
+  t_end = time.perf_counter() + 1.0
+  while True:
+    torch.mm(a, a)
+    if sync:
+      sync()
+    if time.perf_counter() >= t_end:
+      break
   best = min(median_time(lambda: torch.mm(a, a), 1, sync)[0] for _ in range(repeats))
   return 2 * n**3 / best / 1e9
 

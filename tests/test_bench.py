@@ -144,3 +144,14 @@ def test_rounds_alternate_processes_and_keep_each_round(tmp_path):
   j = rep["results"][0]["jseg"]
   assert j["rounds"] == 2 and len(j["per_round"]["train_images_per_s"]) == 2
   assert json.loads(out.read_text())["settings"]["rounds"] == 2
+
+
+def test_peak_probes_report_positive_rates(monkeypatch):
+  """The matmul probe always measures; the convolution probe only where jseg's
+  convolutions are oneDNN's (None under ``JSEG_CONV=xla``)."""
+  from jseg.models import conv
+  assert bench_models.measure_peak_jax(128, repeats=2, min_s=0.0) > 0
+  rate = bench_models.measure_peak_conv(repeats=1, min_s=0.0)
+  assert (rate is not None and rate > 0) == conv.onednn_active()
+  monkeypatch.setenv("JSEG_CONV", "xla")
+  assert bench_models.measure_peak_conv(repeats=1, min_s=0.0) is None
