@@ -406,3 +406,28 @@ def test_depthwise_shifted_equals_the_grouped_convolution_with_its_gradients(k, 
   want = jax.grad(lambda x, kern: jnp.sum(ref(x, kern) * r), argnums=(0, 1))(x, kern)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_shifted_kernel_grad_runs_tap_by_tap_on_large_slices():
+  """At >= 2 MiB per tap slice the kernel gradient loops over taps: the same bits as the
+  written-out sums, the grouped convolution's kernel gradient, and fewer than four slices
+  of temporaries (the written-out form kept all eight off-centre slices at once)."""
+  k, d = 3, 2
+  x = jnp.asarray(_rand((1, 32, 32, 512)))
+  g = jnp.asarray(_rand((1, 32, 32, 512), 1))
+  xp = layers._same_pad(x, d)
+  got = jax.jit(lambda xp, g: layers._shifted_kernel_grad(xp, g, k, d))(xp, g)
+  sums = np.stack([np.stack([np.asarray(jnp.sum(xp[:, i * d:i * d + 32, j * d:j * d + 32] * g,
+                                                axis=(0, 1, 2))) for j in range(k)])
+                   for i in range(k)])
+  np.testing.assert_allclose(np.asarray(got), sums, rtol=1e-5, atol=1e-3)
+
+  def conv(kern):
+    return lax.conv_general_dilated(x, kern, (1, 1), ((d, d), (d, d)), rhs_dilation=(d, d),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=512, precision=lax.Precision.HIGHEST)
+  want = jax.vjp(conv, jnp.zeros((k, k, 1, 512)))[1](g)[0][:, :, 0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+  temps = jax.jit(lambda xp, g: layers._shifted_kernel_grad(xp, g, k, d)).lower(
+      xp, g).compile().memory_analysis().temp_size_in_bytes
+  assert temps < 4 * g.size * 4, temps

@@ -65,6 +65,9 @@ Changes (``--change``):
   all the backward reads).
 - ``dw_vjp``: stride-1 ``DepthwiseConv`` on XLA's path (where oneDNN has GEMM fallbacks)
   differentiated by autodiff (before) vs ``layers.depthwise_shifted``'s custom VJP (now).
+- ``dk_loop``: that VJP's kernel gradient as k*k stacked slice-times-gradient sums (before:
+  XLA:CPU materialised every tap's slice at once) vs one tap per loop iteration (now,
+  ``layers._shifted_kernel_grad``).
 - ``gemm_grad`` (with ``--train``): kernel gradients oneDNN has only its GEMM fallback for
   (dilated convolutions on AVX2) on that GEMM (before, ``JSEG_CONV_GEMM_GRAD=onednn``) vs
   XLA's convolution (now, ``conv.kernel_grad_on_xla``).
@@ -242,7 +245,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "gemm_grad"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -290,6 +293,14 @@ def main() -> None:
   def autodiff_dw_shifted(x, kernel, k, d):
     return layers._shifted_products(layers._same_pad(x, d * (k - 1) // 2), kernel, k, d,
                                     x.shape[1], x.shape[2])
+  loop_kernel_grad = layers._shifted_kernel_grad
+
+  def stacked_kernel_grad(xp, g, k, d):
+    import jax.numpy as jnp
+    h, w = g.shape[1], g.shape[2]
+    return jnp.stack([
+        jnp.stack([jnp.sum(xp[:, i * d:i * d + h, j * d:j * d + w] * g, axis=(0, 1, 2))
+                   for j in range(k)]) for i in range(k)])
   pools = layers.adaptive_avg_pools
 
   def kept_then(x, scale, bias, ra_mean, ra_var, args, eps, relu, momentum, fn):
@@ -340,6 +351,8 @@ def main() -> None:
         m.max_pool_3x3_s2 = padded if before else pool
     elif a.change == "dw_vjp":
       layers.depthwise_shifted = autodiff_dw_shifted if before else dw_shifted
+    elif a.change == "dk_loop":
+      layers._shifted_kernel_grad = stacked_kernel_grad if before else loop_kernel_grad
     elif a.change == "relu_kept":
       refinenet.relu_kept = nn.relu if before else relu_kept
     elif a.change == "conv_relu":

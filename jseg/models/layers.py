@@ -497,8 +497,8 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, k: int, d: int) -> jax.Ar
   temporaries 217 MB, 97 with every one on oneDNN). Here the input gradient is the same
   shifted products over the padded output gradient with the kernel flipped, and the kernel
   gradient k*k sums over the padded input's slices times the output gradient: 217 -> 170
-  MB, step time unchanged (``inproc_ab.py --change=dw_vjp``). Sums in the arrays' dtype,
-  as autodiff's.
+  MB, step time unchanged (``inproc_ab.py --change=dw_vjp``; 113 MB since those sums run one
+  tap at a time, ``_shifted_kernel_grad``). Sums in the arrays' dtype, as autodiff's.
   """
   return _shifted_products(_same_pad(x, d * (k - 1) // 2), kernel, k, d, x.shape[1],
                            x.shape[2])
@@ -512,11 +512,32 @@ def _depthwise_shifted_bwd(k, d, res, g):
   x, kernel = res
   p, h, w = d * (k - 1) // 2, x.shape[1], x.shape[2]
   dx = _shifted_products(_same_pad(g, p), kernel[::-1, ::-1], k, d, h, w)
-  xp = _same_pad(x, p)  # (unpadded slices instead: FastFCN's temporaries 170 -> 180 MB)
-  dk = jnp.stack([
-      jnp.stack([jnp.sum(xp[:, i * d:i * d + h, j * d:j * d + w] * g, axis=(0, 1, 2))
-                 for j in range(k)]) for i in range(k)])
+  dk = _shifted_kernel_grad(_same_pad(x, p), g, k, d)
   return dx.astype(x.dtype), dk[:, :, None, :].astype(kernel.dtype)
+
+
+def _shifted_kernel_grad(xp: jax.Array, g: jax.Array, k: int, d: int) -> jax.Array:
+  """``(k, k, C)`` sums over images and pixels of the padded input's tap slices times the
+  output gradient; one tap per loop iteration where a slice is >= 2 MiB.
+
+  Written out as k*k slice-times-``g`` sums, XLA:CPU materialises every tap's slice at once
+  (its YNNPACK reduction takes no slice of a pad as an operand): 24 MB of temporaries at
+  FastFCN's 4x32x32x192 JPU maps, at any rate. In a loop one slice exists at a time: 6.4-9.8
+  MB, same bits, per layer as fast or faster (rates 2-8); FastFCN's training temporaries 170
+  -> 113 MB (``inproc_ab.py --change=dk_loop``). Smaller slices keep the written-out sums,
+  which XLA runs side by side: DeepLab v3+'s (<= 1 MiB each) took 3-8% longer in the loop.
+  """
+  n, h, w, c = g.shape
+  if g.size * g.dtype.itemsize < 2**21:
+    return jnp.stack([
+        jnp.stack([jnp.sum(xp[:, i * d:i * d + h, j * d:j * d + w] * g, axis=(0, 1, 2))
+                   for j in range(k)]) for i in range(k)])
+
+  def tap(t, acc):
+    s = jax.lax.dynamic_slice(xp, (0, (t // k) * d, (t % k) * d, 0), (n, h, w, c))
+    return acc.at[t].set(jnp.sum(s * g, axis=(0, 1, 2)))
+
+  return jax.lax.fori_loop(0, k * k, tap, jnp.zeros((k * k, c), g.dtype)).reshape(k, k, c)
 
 
 depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
