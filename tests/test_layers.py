@@ -409,9 +409,9 @@ def test_depthwise_shifted_equals_the_grouped_convolution_with_its_gradients(k, 
 
 
 def test_shifted_kernel_grad_runs_tap_by_tap_on_large_slices():
-  """At >= 2 MiB per tap slice the kernel gradient loops over taps: the same bits as the
-  written-out sums, the grouped convolution's kernel gradient, and fewer than four slices
-  of temporaries (the written-out form kept all eight off-centre slices at once)."""
+  """At >= 2 MiB per tap slice the kernel gradient loops over taps: equal to the written-out
+  sums and to the grouped convolution's kernel gradient, with fewer than four slices of
+  temporaries (the written-out form kept all eight off-centre slices at once)."""
   k, d = 3, 2
   x = jnp.asarray(_rand((1, 32, 32, 512)))
   g = jnp.asarray(_rand((1, 32, 32, 512), 1))
