@@ -23,10 +23,17 @@ from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as cm
 
 ITEMS = ("state", "data", "meta")
+
+
+def _ocp() -> Any:
+  """orbax.checkpoint, imported when a checkpoint is first opened: with tensorstore it
+  adds ~20-30 MB to a process, which one that never saves (the model benchmark,
+  prediction from a loaded model) should not carry."""
+  import orbax.checkpoint as ocp
+
+  return ocp
 
 
 @dataclasses.dataclass
@@ -50,6 +57,9 @@ class Checkpointer:
     self._open()
 
   def _open(self) -> None:
+    from orbax.checkpoint import checkpoint_managers as cm
+
+    ocp = _ocp()
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=self.keep),
         cm.BestN(get_metric_fn=lambda m: m["miou"], n=1, keep_checkpoints_without_metrics=False),
@@ -73,6 +83,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data: dict, meta: dict, metrics: dict | None = None) -> None:
     """Saves asynchronously; ``metrics`` (with ``miou``) ranks it for best-keeping."""
+    ocp = _ocp()
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data),
@@ -89,6 +100,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> Restored:
     """Restores ``step`` into the structure, shapes and shardings of ``abstract_state``."""
+    ocp = _ocp()
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),
@@ -99,6 +111,7 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict:
     """Reads only the ``meta`` item of a checkpoint (cheap; used before restoring)."""
+    ocp = _ocp()
     out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out["meta"])
 

@@ -13,11 +13,49 @@ Entry points (contracts in docs/design.md):
 Datasets (``data.name``): ``camvid``, ``isbi2012``, ``folder``; see ``builders/``.
 """
 
-from jseg.data.info import DatasetInfo
-from jseg.data.io import read_image, read_mask
-from jseg.data.loader import EvalSource, TrainIterator, make_eval_source, make_train_iterator
-from jseg.data.source import build, get_info, get_source
-from jseg.data.transforms import normalize
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Each public name and the submodule that defines it. The submodules are imported on
+# first use (PEP 562): the loader pulls in grain and the builders tensorflow_datasets,
+# which a process that only needs a dataset's info, a transform or a file reader (the
+# model benchmark, prediction on files) should not pay for in memory or start-up time.
+_EXPORTS = {
+    "DatasetInfo": "info",
+    "read_image": "io",
+    "read_mask": "io",
+    "EvalSource": "loader",
+    "TrainIterator": "loader",
+    "make_eval_source": "loader",
+    "make_train_iterator": "loader",
+    "build": "source",
+    "get_info": "source",
+    "get_source": "source",
+    "normalize": "transforms",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+  from jseg.data.info import DatasetInfo
+  from jseg.data.io import read_image, read_mask
+  from jseg.data.loader import EvalSource, TrainIterator, make_eval_source, make_train_iterator
+  from jseg.data.source import build, get_info, get_source
+  from jseg.data.transforms import normalize
+
+
+def __getattr__(name: str) -> Any:
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f"module 'jseg.data' has no attribute '{name}'")
+  value = getattr(importlib.import_module(f"jseg.data.{module}"), name)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "DatasetInfo",
