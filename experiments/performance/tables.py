@@ -2,12 +2,14 @@
 
   python experiments/performance/tables.py experiments/performance/headline_256_b4_ynn_dot_reduce.json
   python experiments/performance/tables.py --scaling experiments/performance/scaling_*.json
+  python experiments/performance/tables.py --rounds experiments/performance/s22_zen5_all_256_b4_rounds2_lazy.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 
 def _f(v, spec):
@@ -45,6 +47,35 @@ def side_by_side(path: str, peak: float | None = None) -> str:
   return "\n".join(lines)
 
 
+def _ratios(row: dict, key: str) -> str:
+  """Median of the per-round j/t ratios, the rounds in brackets (one round: the run's ratio)."""
+  vals = [q[key] for q in row.get("round_ratios", []) if q.get(key) is not None]
+  if not vals:
+    return _f(row.get("ratio", {}).get(key), ".2f") + "x"
+  med = f"{statistics.median(vals):.2f}x"
+  return med if len(vals) == 1 else med + " (" + " / ".join(f"{v:.2f}" for v in vals) + ")"
+
+
+def rounds(path: str) -> str:
+  """The compact table of the README's passes: ratios per round and the two peaks."""
+  r = json.load(open(path))
+  lines = ["| model | train j/t (rounds) | infer j/t (rounds) | peak MB jseg / torch | mem j/t (rounds) |",
+           "|---|---|---|---|---|"]
+  for row in r["results"]:
+    j, t = row.get("jseg", {}), row.get("torch", {})
+    if "error" in j:
+      lines.append(f"| {row['model']} | error: {j['error'][:80]} |")
+      continue
+    bold = lambda v: "**" + v.replace(" (", "** (", 1) if " (" in v else f"**{v}**"  # noqa: E731
+    lines.append(f"| {row['model']} | {bold(_ratios(row, 'train'))} | {bold(_ratios(row, 'infer'))} | "
+                 f"{j['peak_rss_mb']:.0f} / {_f(t.get('peak_rss_mb'), '.0f')} | {_ratios(row, 'memory')} |")
+  loads = [x for row in r["results"] for x in (row.get("loadavg_before", [None])[:1] + row.get("loadavg_after", [None])[:1])
+           if x is not None]
+  if loads:
+    lines += ["", f"`{r['command']}`; load {min(loads):.1f}-{max(loads):.1f}."]
+  return "\n".join(lines)
+
+
 def scaling(paths: list[str]) -> str:
   lines = ["| model | batch | size | jseg img/s | torch img/s | train j/t | jseg peak MB | torch peak MB | "
            "jseg step s | torch step s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -69,10 +100,15 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("paths", nargs="+")
   p.add_argument("--scaling", action="store_true")
+  p.add_argument("--rounds", action="store_true", help="compact table: median of per-round ratios, rounds in brackets")
   p.add_argument("--peak", type=float, default=None, help="GFLOP/s for MFU (default: the run's measured best)")
   a = p.parse_args()
   if a.scaling:
     print(scaling(a.paths))
+  elif a.rounds:
+    for path in a.paths:
+      print(rounds(path))
+      print()
   else:
     for path in a.paths:
       print(side_by_side(path, a.peak))
