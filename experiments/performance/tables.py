@@ -56,6 +56,11 @@ def _ratios(row: dict, key: str) -> str:
   return med if len(vals) == 1 else med + " (" + " / ".join(f"{v:.2f}" for v in vals) + ")"
 
 
+def _bold(v: str) -> str:
+  """The median in bold, the rounds after it plain."""
+  return "**" + v.replace(" (", "** (", 1) if " (" in v else f"**{v}**"
+
+
 def rounds(path: str) -> str:
   """The compact table of the README's passes: ratios per round and the two peaks."""
   r = json.load(open(path))
@@ -66,8 +71,7 @@ def rounds(path: str) -> str:
     if "error" in j:
       lines.append(f"| {row['model']} | error: {j['error'][:80]} |")
       continue
-    bold = lambda v: "**" + v.replace(" (", "** (", 1) if " (" in v else f"**{v}**"  # noqa: E731
-    lines.append(f"| {row['model']} | {bold(_ratios(row, 'train'))} | {bold(_ratios(row, 'infer'))} | "
+    lines.append(f"| {row['model']} | {_bold(_ratios(row, 'train'))} | {_bold(_ratios(row, 'infer'))} | "
                  f"{j['peak_rss_mb']:.0f} / {_f(t.get('peak_rss_mb'), '.0f')} | {_ratios(row, 'memory')} |")
   loads = [x for row in r["results"] for x in (row.get("loadavg_before", [None])[:1] + row.get("loadavg_after", [None])[:1])
            if x is not None]
