@@ -155,3 +155,13 @@ def test_peak_probes_report_positive_rates(monkeypatch):
   assert (rate is not None and rate > 0) == conv.onednn_active()
   monkeypatch.setenv("JSEG_CONV", "xla")
   assert bench_models.measure_peak_conv(repeats=1, min_s=0.0) is None
+
+
+def test_isa_caps_are_recorded_only_when_set():
+  """A run capped to AVX2 on an AVX-512 machine says so in its JSON; an uncapped run
+  records nothing."""
+  assert bench_models._isa_caps({"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"}) == {}
+  caps = bench_models._isa_caps({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                                 "XLA_FLAGS": "--foo=1 --xla_cpu_max_isa=AVX2", "HOME": "/x"})
+  assert caps == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                  "xla_cpu_max_isa": "AVX2"}

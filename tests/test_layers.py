@@ -13,6 +13,7 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
+from jseg import native
 from jseg.models import layers
 
 
@@ -386,10 +387,13 @@ def test_relu_kept_equals_relu():
   np.testing.assert_array_equal(g, jax.grad(lambda t: jnp.sum(nn.relu(t) * r))(x))
 
 
+@pytest.mark.parametrize("dw_grad", ["auto", "xla"])  # jseg.native's kernel gradient / XLA's
 @pytest.mark.parametrize("k,d,hw", [(3, 1, 9), (3, 2, 12), (3, 4, 7), (5, 3, 10)])
-def test_depthwise_shifted_equals_the_grouped_convolution_with_its_gradients(k, d, hw):
+def test_depthwise_shifted_equals_the_grouped_convolution_with_its_gradients(k, d, hw, dw_grad,
+                                                                            monkeypatch):
   """``layers.depthwise_shifted`` (its own backward) against XLA's grouped convolution:
   values, input and kernel gradients, including dilations wider than the map."""
+  monkeypatch.setenv("JSEG_DW_GRAD", dw_grad)
   x = jnp.asarray(_rand((2, hw, hw + 1, 6)))
   kern = jnp.asarray(_rand((k, k, 1, 6), 1))
   r = jnp.asarray(_rand((2, hw, hw + 1, 6), 2))
@@ -406,6 +410,48 @@ def test_depthwise_shifted_equals_the_grouped_convolution_with_its_gradients(k, 
   want = jax.grad(lambda x, kern: jnp.sum(ref(x, kern) * r), argnums=(0, 1))(x, kern)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+needs_native = pytest.mark.skipif(native.onednn() is None,
+                                  reason="the jseg.native extension is not built here")
+
+
+@needs_native
+@pytest.mark.parametrize("n,h,w,c,k,d", [(2, 9, 11, 37, 3, 2), (1, 16, 16, 70, 3, 12),
+                                         (3, 7, 5, 8, 5, 1), (2, 6, 6, 33, 3, 7)])
+def test_native_depthwise_kernel_grad_equals_the_exact_sums(n, h, w, c, k, d):
+  """``depthwise_kernel_grad_native`` against the same sums in float64 (channel counts off
+  its 32-channel blocks, taps partly or wholly in the padding), and the same bits on a
+  second call (each output is summed by one task in a fixed order)."""
+  x = _rand((n, h, w, c))
+  g = _rand((n, h, w, c), 1)
+  p = d * (k - 1) // 2
+  xp = np.pad(x.astype(np.float64), ((0, 0), (p, p), (p, p), (0, 0)))
+  want = np.stack([np.stack([np.sum(xp[:, i * d:i * d + h, j * d:j * d + w] * g, axis=(0, 1, 2))
+                             for j in range(k)]) for i in range(k)])
+  f = jax.jit(lambda x, g: layers.depthwise_kernel_grad_native(x, g, k, d))
+  got = np.asarray(f(jnp.asarray(x), jnp.asarray(g)))
+  assert got.shape == (k, k, c)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  np.testing.assert_array_equal(got, np.asarray(f(jnp.asarray(x), jnp.asarray(g))))
+
+
+@needs_native
+def test_native_depthwise_kernel_grad_is_one_call_and_checks_shapes(monkeypatch):
+  """The shifted-product backward uses the single native call (``JSEG_DW_GRAD=native``; by
+  default where the oneDNN convolutions run), XLA's per-tap slices and reductions under
+  ``JSEG_DW_GRAD=xla``, and
+  mismatched operands are refused by name."""
+  x = jnp.asarray(_rand((2, 16, 16, 64)))
+  kern = jnp.asarray(_rand((3, 3, 1, 64), 1))
+  loss = lambda x, kern: jnp.sum(layers.depthwise_shifted(x, kern, 3, 2) ** 2)  # noqa: E731
+  texts = {}
+  for mode in ("native", "xla"):
+    monkeypatch.setenv("JSEG_DW_GRAD", mode)
+    texts[mode] = jax.jit(jax.grad(loss, argnums=1)).lower(x, kern).as_text()
+  assert "JsegDwKernelGrad" in texts["native"] and "JsegDwKernelGrad" not in texts["xla"]
+  with pytest.raises(ValueError, match="one shape"):
+    layers.depthwise_kernel_grad_native(x, x[:, :8], 3, 2)
 
 
 def test_shifted_kernel_grad_runs_tap_by_tap_on_large_slices():

@@ -71,6 +71,12 @@ Changes (``--change``):
 - ``gemm_grad`` (with ``--train``): kernel gradients oneDNN has only its GEMM fallback for
   (dilated convolutions on AVX2) on that GEMM (before, ``JSEG_CONV_GEMM_GRAD=onednn``) vs
   XLA's convolution (now, ``conv.kernel_grad_on_xla``).
+- ``dw_grad``: stride-1 dilated depthwise convolutions (Xception, ASPP, the JPU) on oneDNN
+  where it has no GEMM fallback for them, else shifted products with XLA's per-tap kernel
+  gradient (before, ``JSEG_DW_GRAD=xla``) vs shifted products wherever oneDNN lacks its
+  depthwise kernels for a direction, their kernel gradient one ``jseg.native`` call and
+  their forward oneDNN's depthwise kernel where it has one (now,
+  ``layers.depthwise_on_onednn``, ``layers.depthwise_kernel_grad_native``).
 - ``bn_fold``: at evaluation each BatchNorm after a convolution as its own affine + ReLU
   pass (before) vs folded into the convolution's oneDNN call (now, ``norm.conv_bn_chain``).
 
@@ -245,7 +251,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -294,6 +300,7 @@ def main() -> None:
     return layers._shifted_products(layers._same_pad(x, d * (k - 1) // 2), kernel, k, d,
                                     x.shape[1], x.shape[2])
   loop_kernel_grad = layers._shifted_kernel_grad
+  dw_fwd_kernel = layers.onednn_depthwise_forward_kernel
 
   def stacked_kernel_grad(xp, g, k, d):
     import jax.numpy as jnp
@@ -344,6 +351,9 @@ def main() -> None:
       os.environ["JSEG_CONV_THREADS"] = "openmp" if before else "xla"
     elif a.change == "gemm_grad":
       os.environ["JSEG_CONV_GEMM_GRAD"] = "onednn" if before else "xla"
+    elif a.change == "dw_grad":
+      os.environ["JSEG_DW_GRAD"] = "xla" if before else "auto"
+      layers.onednn_depthwise_forward_kernel = (lambda *args: False) if before else dw_fwd_kernel
     elif a.change == "bn_fold":
       conv_mod.folds_epilogue = (lambda fn: False) if before else folds
     elif a.change == "pool_pad":

@@ -654,8 +654,23 @@ def _report(args, argv, env, peak, rows, torch_device) -> dict[str, Any]:
       "peak": peak,
       "results": rows,
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
-                  "python": platform.python_version()},
+                  "python": platform.python_version(), "isa_caps": _isa_caps(env)},
   }
+
+
+# Variables that cap the instruction set oneDNN, ATen, MKL or XLA use (an AVX-512 machine
+# can run as an AVX2 one with them); recorded so a capped run is never read as uncapped.
+ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                "MKL_ENABLE_INSTRUCTIONS")
+
+
+def _isa_caps(env: dict[str, str]) -> dict[str, str]:
+  """The instruction-set caps in ``env`` (and XLA's ``--xla_cpu_max_isa``), if any."""
+  caps = {k: env[k] for k in ISA_CAP_VARS if env.get(k)}
+  for flag in env.get("XLA_FLAGS", "").split():
+    if flag.startswith("--xla_cpu_max_isa="):
+      caps["xla_cpu_max_isa"] = flag.split("=", 1)[1]
+  return caps
 
 
 def _jax_backend(env: dict[str, str]) -> str:

@@ -83,16 +83,42 @@ def onednn_depthwise_without_gemm(x_shape: tuple[int, ...], kernel: int, stride:
   forward + both gradients took 10.5 ms at rate 12 and 25.4 ms at 18 against 4.0-5.8 and
   1.0-1.5 ms for the shifted products (``experiments/performance/depthwise_paths.py``).
   """
+  names = _depthwise_impls(x_shape, kernel, stride, dilation, padding)
+  return bool(names) and not any("gemm" in name or name.startswith("ref") for name in names)
+
+
+@functools.lru_cache(maxsize=256)
+def onednn_depthwise_kernels(x_shape: tuple[int, ...], kernel: int, stride: int,
+                             dilation: int, padding: int) -> bool:
+  """Whether oneDNN has its depthwise kernels (``_dw`` in the name: ``jit_dw``,
+  ``brdgmm_dw``) for this depthwise convolution in every direction, as it has at dilation
+  1. Elsewhere its generic direct kernels were 2-6x slower than the shifted products with
+  ``jseg.native``'s kernel gradient (``layers.DepthwiseConv``)."""
+  names = _depthwise_impls(x_shape, kernel, stride, dilation, padding)
+  return bool(names) and all("_dw" in name for name in names)
+
+
+@functools.lru_cache(maxsize=256)
+def onednn_depthwise_forward_kernel(x_shape: tuple[int, ...], kernel: int, stride: int,
+                                    dilation: int, padding: int) -> bool:
+  """Whether oneDNN's forward of this depthwise convolution is one of its depthwise kernels
+  (``_dw`` in the name; on AVX-512 up to rate 6 at 16x16, rate 4 at 32x32)."""
+  names = _depthwise_impls(x_shape, kernel, stride, dilation, padding)
+  return bool(names) and "_dw" in names[0]
+
+
+def _depthwise_impls(x_shape, kernel, stride, dilation, padding) -> list[str]:
+  """oneDNN's implementation names for a depthwise convolution's forward, input gradient and
+  kernel gradient ([] if it cannot build them)."""
   n, c = x_shape[0], x_shape[-1]
   k_shape, strides, dil = (kernel, kernel, 1, c), (stride, stride), (dilation, dilation)
   pad = ((padding, padding), (padding, padding))
   oh, ow = _out_hw(x_shape, k_shape, strides, dil, pad)
   try:
-    names = [native.onednn_impl(kind, x_shape, k_shape, (n, oh, ow, c), strides, dil, pad, c)
-             for kind in "fdw"]
+    return [native.onednn_impl(kind, x_shape, k_shape, (n, oh, ow, c), strides, dil, pad, c)
+            for kind in "fdw"]
   except native.NativeBuildError:
-    return False
-  return not any("gemm" in name or name.startswith("ref") for name in names)
+    return []
 
 
 def conv_backend_summary() -> str:

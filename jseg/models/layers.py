@@ -20,8 +20,10 @@ from jax import lax
 import numpy as np
 from flax import linen as nn
 
+from jseg import native
 from jseg.inference import interp_matrix
 from jseg.models.conv import (Conv, conv_general_dilated, onednn_active,
+                              onednn_depthwise_forward_kernel, onednn_depthwise_kernels,
                               onednn_depthwise_without_gemm, then_conv)
 from jseg.models.norm import BatchNorm, conv_bn_chain
 
@@ -500,8 +502,21 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, k: int, d: int) -> jax.Ar
   MB, step time unchanged (``inproc_ab.py --change=dw_vjp``; 113 MB since those sums run one
   tap at a time, ``_shifted_kernel_grad``). Sums in the arrays' dtype, as autodiff's.
   """
-  return _shifted_products(_same_pad(x, d * (k - 1) // 2), kernel, k, d, x.shape[1],
-                           x.shape[2])
+  return _depthwise_forward(x, kernel, k, d)
+
+
+def _depthwise_forward(x: jax.Array, kernel: jax.Array, k: int, d: int) -> jax.Array:
+  """``depthwise_shifted``'s value: oneDNN's depthwise kernel (``jit_dw``) where the oneDNN
+  convolutions run and it has one for this forward (2-5x faster than the shifted products
+  at batch 1: 1x32x32x256 rate 2 0.060 vs 0.191 ms), else the shifted products. Only the
+  value: the backward is ``depthwise_shifted``'s either way."""
+  p = d * (k - 1) // 2
+  if (x.dtype == kernel.dtype == jnp.float32 and onednn_active()
+      and onednn_depthwise_forward_kernel(tuple(x.shape), k, 1, d, p)):
+    return conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)), rhs_dilation=(d, d),
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                feature_group_count=x.shape[-1])
+  return _shifted_products(_same_pad(x, p), kernel, k, d, x.shape[1], x.shape[2])
 
 
 def _depthwise_shifted_fwd(x, kernel, k, d):
@@ -512,8 +527,40 @@ def _depthwise_shifted_bwd(k, d, res, g):
   x, kernel = res
   p, h, w = d * (k - 1) // 2, x.shape[1], x.shape[2]
   dx = _shifted_products(_same_pad(g, p), kernel[::-1, ::-1], k, d, h, w)
-  dk = _shifted_kernel_grad(_same_pad(x, p), g, k, d)
+  if x.dtype == g.dtype == jnp.float32 and dw_grad_native_active():
+    dk = depthwise_kernel_grad_native(x, g, k, d)
+  else:
+    dk = _shifted_kernel_grad(_same_pad(x, p), g, k, d)
   return dx.astype(x.dtype), dk[:, :, None, :].astype(kernel.dtype)
+
+
+def dw_grad_native_active() -> bool:
+  """Whether ``depthwise_shifted``'s kernel gradient, traced now, is ``jseg.native``'s
+  kernel (``JSEG_DW_GRAD`` = ``auto`` | ``native`` | ``xla``; ``auto``: where the oneDNN
+  convolutions run, as ``JSEG_BN``)."""
+  return native.kernels_active("JSEG_DW_GRAD", onednn_active)
+
+
+def depthwise_kernel_grad_native(x: jax.Array, g: jax.Array, k: int, d: int) -> jax.Array:
+  """``(k, k, C)`` kernel gradient of the stride-1 depthwise k x k convolution at dilation
+  ``d`` with same padding, for float32 NHWC input ``x`` and output gradient ``g``: one
+  ``jseg.native`` call (``JsegDwKernelGrad``).
+
+  The same sums as ``_shifted_kernel_grad`` (rows summed in float32, then in double; equal
+  to it within float32 rounding), as one kernel where XLA compiles 16-19 per layer (a
+  slice and a reduction per tap): DeepLab v3+'s six dilated depthwise layers on an AVX2
+  machine added 95 kernels to its gradient program and ~30 MB to its compile peak
+  (``experiments/performance/README.md``, nineteenth pass).
+  """
+  if x.shape != g.shape or x.ndim != 4:
+    raise ValueError(f"depthwise_kernel_grad_native needs NHWC x and g of one shape; got "
+                     f"{x.shape} and {g.shape}.")
+  if native.onednn() is None:  # builds and registers the kernels once per process
+    raise RuntimeError(f"The jseg.native extension is unavailable: {native.onednn_error()}")
+  c = x.shape[-1]
+  dk = jax.ffi.ffi_call("JsegDwKernelGrad", jax.ShapeDtypeStruct((k * k, c), jnp.float32))(
+      x, g, k=np.int64(k), d=np.int64(d))
+  return dk.reshape(k, k, c)
 
 
 def _shifted_kernel_grad(xp: jax.Array, g: jax.Array, k: int, d: int) -> jax.Array:
@@ -543,6 +590,23 @@ def _shifted_kernel_grad(xp: jax.Array, g: jax.Array, k: int, d: int) -> jax.Arr
 depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
+def depthwise_on_onednn(x_shape: tuple[int, ...], k: int, s: int, d: int, p: int) -> bool:
+  """Whether a float32 ``DepthwiseConv`` runs as oneDNN's grouped convolution (where the
+  oneDNN convolutions run): where oneDNN has no GEMM fallback for it or its gradients and,
+  for the stride-1 odd kernels ``depthwise_shifted`` covers while its kernel gradient is
+  ``jseg.native``'s, only where oneDNN has its depthwise kernels in every direction
+  (dilation 1). Dilated ones, whose gradients are oneDNN's generic direct kernels, took
+  2-6x as long as the shifted products on AVX-512 (forward and both gradients, 4x32x32x256
+  rate 2: 7.95 vs 1.24 ms; 4x16x16x256 rate 6: 2.02 vs 0.53; nineteenth pass,
+  ``experiments/performance/README.md``); their forward stays oneDNN's where it has a
+  depthwise kernel for it (``_depthwise_forward``)."""
+  if not onednn_depthwise_without_gemm(x_shape, k, s, d, p):
+    return False
+  if s == 1 and k % 2 == 1 and dw_grad_native_active():
+    return onednn_depthwise_kernels(x_shape, k, s, d, p)
+  return True
+
+
 class DepthwiseConv(nn.Module):
   """Depthwise k x k convolution as a sum of k*k shifted elementwise products.
 
@@ -550,9 +614,10 @@ class DepthwiseConv(nn.Module):
   ``nn.Conv(C, (k, k), feature_group_count=C)`` with symmetric padding
   ``dilation*(k-1)//2``; 4-8x faster than the grouped convolution on XLA:CPU. When
   convolutions go to oneDNN (``jseg.models.conv``) it is that grouped convolution, which
-  oneDNN runs another 30-100x faster, wherever oneDNN has no GEMM fallback for the
-  geometry or its gradients (``conv.onednn_depthwise_without_gemm``: large dilations stay
-  shifted products). Stride-1 shifted products have their own backward
+  oneDNN runs another 30-100x faster, where oneDNN has its depthwise kernels for the
+  geometry and both gradients (``depthwise_on_onednn``; dilated ones are
+  ``depthwise_shifted``, with oneDNN's forward where it has a depthwise kernel for it and
+  ``jseg.native``'s kernel gradient). Stride-1 shifted products have their own backward
   (``depthwise_shifted``); strided ones autodiff's.
   """
 
@@ -570,7 +635,7 @@ class DepthwiseConv(nn.Module):
     kernel = kernel.astype(self.dtype)
     p = d * (k - 1) // 2
     if (x.dtype == kernel.dtype == jnp.float32 and onednn_active()
-        and onednn_depthwise_without_gemm(tuple(x.shape), k, s, d, p)):
+        and depthwise_on_onednn(tuple(x.shape), k, s, d, p)):
       out = conv_general_dilated(
           x, kernel, (s, s), ((p, p), (p, p)), rhs_dilation=(d, d),
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)

@@ -36,7 +36,7 @@ SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DEFAULT_CACHE_DIR = "~/.cache/jseg/native"
 TARGETS = ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd", "JsegConvBwdData",
            "JsegConvBwdWeights", "JsegBnFwd", "JsegBnBwd", "JsegBnAddFwd", "JsegBnAddBwd",
-           "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd")
+           "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd", "JsegDwKernelGrad")
 
 
 def env_mode(var: str, modes: tuple[str, ...]) -> str:

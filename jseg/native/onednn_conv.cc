@@ -1449,6 +1449,80 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegLogProbBwd, LogProbBwdImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>() JSEG_IN JSEG_IN JSEG_OUT
                                       .Attr<int64_t>("n").Attr<int64_t>("k"));
 
+// The kernel gradient of a stride-1 depthwise k x k convolution at dilation d with same
+// padding p = d (k - 1) / 2: dk[i, j, c] = sum over n, y, x of
+// x_in[n, y + i d - p, x + j d - p, c] * g[n, y, x, c] (terms outside the input are 0).
+// Written out in XLA (layers._shifted_kernel_grad), each of the k*k taps is its own slice
+// and reduction kernel: 16-19 kernels per layer that XLA compiles, on the maps where
+// oneDNN has only its GEMM for this gradient (dilated depthwise layers; every one of
+// DeepLab v3+'s ASPP and dilated Xception layers on AVX2). One task per block of
+// kDwBlock channels, every tap; a row's terms summed in float, rows in double, in a fixed
+// order (the same bits on any thread count).
+namespace {
+constexpr int64_t kDwBlock = 32;
+
+// acc[q] += sum over len pixels t of x[t * c + q] * g[t * c + q], q < cb.
+JSEG_CLONES void DwTapRow(const float* __restrict x, const float* __restrict g,
+                          float* __restrict acc, int64_t c, int64_t cb, int64_t len) {
+  for (int64_t t = 0; t < len; ++t) {
+    const float* __restrict xr = x + t * c;
+    const float* __restrict gr = g + t * c;
+#pragma omp simd
+    for (int64_t q = 0; q < cb; ++q) acc[q] += xr[q] * gr[q];
+  }
+}
+}  // namespace
+
+ffi::Error DwKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
+                            int64_t k, int64_t d) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 4 || g.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("JsegDwKernelGrad: x and g must be NHWC");
+  for (int a = 0; a < 4; ++a)
+    if (g.dimensions()[a] != xd[a])
+      return ffi::Error::InvalidArgument("JsegDwKernelGrad: g's shape differs from x's");
+  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3];
+  if (k <= 0 || k % 2 == 0 || d <= 0 || static_cast<int64_t>(dk->element_count()) != k * k * c)
+    return ffi::Error::InvalidArgument("JsegDwKernelGrad: needs odd k, d >= 1, dk of k*k*C");
+  const int64_t p = d * (k - 1) / 2, taps = k * k;
+  const int64_t blocks = (c + kDwBlock - 1) / kDwBlock;
+  return Guard([&] {
+    ParallelFor(pool, blocks, n * h * w * c * taps, [&](int64_t b) {
+      const int64_t c0 = b * kDwBlock, cb = std::min(kDwBlock, c - c0);
+      std::vector<double> tot(taps * cb, 0.0);
+      std::vector<float> row(taps * cb);
+      for (int64_t i0 = 0; i0 < n; ++i0) {
+        for (int64_t oy = 0; oy < h; ++oy) {
+          std::fill(row.begin(), row.end(), 0.f);
+          const float* grow = g.typed_data() + ((i0 * h + oy) * w) * c + c0;
+          for (int64_t i = 0; i < k; ++i) {
+            const int64_t iy = oy + i * d - p;
+            if (iy < 0 || iy >= h) continue;
+            const float* xrow = x.typed_data() + ((i0 * h + iy) * w) * c + c0;
+            for (int64_t j = 0; j < k; ++j) {
+              const int64_t off = j * d - p;
+              const int64_t x0 = std::max<int64_t>(0, -off), x1 = std::min(w, w - off);
+              if (x0 >= x1) continue;
+              DwTapRow(xrow + (x0 + off) * c, grow + x0 * c, row.data() + (i * k + j) * cb, c,
+                       cb, x1 - x0);
+            }
+          }
+          for (int64_t q = 0; q < taps * cb; ++q) tot[q] += row[q];
+        }
+      }
+      float* out = dk->typed_data();
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t q = 0; q < cb; ++q) out[t * c + c0 + q] = static_cast<float>(tot[t * cb + q]);
+    });
+  });
+}
+
+// x, g -> dk [k * k, C] (taps in row-major order).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegDwKernelGrad, DwKernelGradImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_OUT
+                                  .Attr<int64_t>("k").Attr<int64_t>("d"));
+
 #define JSEG_CONV_ATTRS                               \
   .Attr<ffi::Span<const int64_t>>("strides")          \
       .Attr<ffi::Span<const int64_t>>("dilation")     \
