@@ -30,6 +30,7 @@ def main(argv: list[str]) -> None:
 
   quiet_library_logs()
   runtime.enable_compilation_cache()  # re-evaluating a run skips compilation
+  runtime.fix_mmap_threshold()
 
   result = evaluation.evaluate_run(
       _WORKDIR.value, split=_SPLIT.value, which=_CHECKPOINT.value, config=_CONFIG.value)

@@ -399,6 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """Trains (resuming from ``workdir`` if it holds checkpoints); returns final eval summary."""
   workdir = Path(workdir)
   runtime.enable_compilation_cache(config.get("compilation_cache_dir", ""))
+  runtime.fix_mmap_threshold()
   parallel.maybe_initialize_distributed(config)
   is_main = jax.process_index() == 0
   run = setup(config)

@@ -34,6 +34,10 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--out", default="")
+  p.add_argument("--preset", default="bench", help="jseg.bench's network sizes: bench | paper")
+  p.add_argument("--steps", type=int, default=3, help="training steps to run and report")
+  p.add_argument("--sync_state", action="store_true",
+                 help="wait for each step's new state, not only its loss, before the next")
   p.add_argument("--cache", default="", help="persistent compilation cache folder (warm runs)")
   a = p.parse_args()
   import jax
@@ -47,9 +51,10 @@ def main() -> None:
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jseg_conv": os.environ.get("JSEG_CONV", "auto")}
   if a.cache:
     runtime.enable_compilation_cache(a.cache)
+  out["mmap_threshold_fixed"] = runtime.fix_mmap_threshold()  # as jseg.train and jseg.bench
   jax.devices()
   out["import"] = status()
-  run = trainer.setup(bench_config(a.model, a.size, a.batch))
+  run = trainer.setup(bench_config(a.model, a.size, a.batch, a.preset))
   jax.block_until_ready(run.state)
   out["setup"] = status()
   runtime.release_free_memory()
@@ -73,9 +78,11 @@ def main() -> None:
   out["compile_trim"] = status()
   reset_peak_rss()
   state = run.state
-  for i in range(3):
+  for i in range(a.steps):
     state, m = step(state, b, run.step_rng)
     float(m["loss"])
+    if a.sync_state:
+      jax.block_until_ready(state)
     out[f"step{i}"] = status()
   runtime.release_free_memory()
   out["steps_trim"] = status()

@@ -186,6 +186,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   import numpy as np
 
   from jseg import parallel, runtime, trainer
+  runtime.fix_mmap_threshold()  # as jseg.train does
   from jseg.bench.flops import jaxpr_flops
 
   jax.devices()
