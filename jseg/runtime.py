@@ -1,7 +1,7 @@
 """Process-level resources of a run: XLA's persistent compilation cache and host memory.
 
-Two levers measured in ``experiments/performance/README.md`` (PSPNet bench
-preset, batch 4, 256x256, 2 CPU threads):
+Levers measured in ``experiments/performance/README.md`` (PSPNet bench preset, batch 4,
+256x256, 2 CPU threads, unless said otherwise):
 
 - ``enable_compilation_cache``: compiled executables are stored on disk and
   re-used by any later process that compiles the same computation (a resumed

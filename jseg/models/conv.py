@@ -92,7 +92,7 @@ def onednn_depthwise_kernels(x_shape: tuple[int, ...], kernel: int, stride: int,
                              dilation: int, padding: int) -> bool:
   """Whether oneDNN has its depthwise kernels (``_dw`` in the name: ``jit_dw``,
   ``brdgmm_dw``) for this depthwise convolution in every direction, as it has at dilation
-  1. Elsewhere its generic direct kernels were 2-6x slower than the shifted products with
+  1. Elsewhere its generic direct kernels were 3-4.5x slower than the shifted products with
   ``jseg.native``'s kernel gradient (``layers.DepthwiseConv``)."""
   names = _depthwise_impls(x_shape, kernel, stride, dilation, padding)
   return bool(names) and all("_dw" in name for name in names)

@@ -507,8 +507,9 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, k: int, d: int) -> jax.Ar
 
 def _depthwise_forward(x: jax.Array, kernel: jax.Array, k: int, d: int) -> jax.Array:
   """``depthwise_shifted``'s value: oneDNN's depthwise kernel (``jit_dw``) where the oneDNN
-  convolutions run and it has one for this forward (2-5x faster than the shifted products
-  at batch 1: 1x32x32x256 rate 2 0.060 vs 0.191 ms), else the shifted products. Only the
+  convolutions run and it has one for this forward (2-3x faster than the shifted products:
+  1x32x32x256 rate 2 0.079 vs 0.252 ms, ``experiments/performance/dw_native_grad.py``),
+  else the shifted products. Only the
   value: the backward is ``depthwise_shifted``'s either way."""
   p = d * (k - 1) // 2
   if (x.dtype == kernel.dtype == jnp.float32 and onednn_active()
@@ -549,7 +550,7 @@ def depthwise_kernel_grad_native(x: jax.Array, g: jax.Array, k: int, d: int) -> 
   The same sums as ``_shifted_kernel_grad`` (rows summed in float32, then in double; equal
   to it within float32 rounding), as one kernel where XLA compiles 16-19 per layer (a
   slice and a reduction per tap): DeepLab v3+'s six dilated depthwise layers on an AVX2
-  machine added 95 kernels to its gradient program and ~30 MB to its compile peak
+  machine added 95 kernels to its gradient program and 34-46 MB to its compile peak
   (``experiments/performance/README.md``, nineteenth pass).
   """
   if x.shape != g.shape or x.ndim != 4:
@@ -596,9 +597,9 @@ def depthwise_on_onednn(x_shape: tuple[int, ...], k: int, s: int, d: int, p: int
   for the stride-1 odd kernels ``depthwise_shifted`` covers while its kernel gradient is
   ``jseg.native``'s, only where oneDNN has its depthwise kernels in every direction
   (dilation 1). Dilated ones, whose gradients are oneDNN's generic direct kernels, took
-  2-6x as long as the shifted products on AVX-512 (forward and both gradients, 4x32x32x256
-  rate 2: 7.95 vs 1.24 ms; 4x16x16x256 rate 6: 2.02 vs 0.53; nineteenth pass,
-  ``experiments/performance/README.md``); their forward stays oneDNN's where it has a
+  3-4.5x as long as the shifted products on AVX-512 (forward and both gradients, 4x32x32x256
+  rate 2: 10.18 vs 2.67 ms; 4x16x16x256 rate 6: 2.15 vs 0.48;
+  ``experiments/performance/dw_native_grad.py``); their forward stays oneDNN's where it has a
   depthwise kernel for it (``_depthwise_forward``)."""
   if not onednn_depthwise_without_gemm(x_shape, k, s, d, p):
     return False
