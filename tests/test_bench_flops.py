@@ -58,7 +58,7 @@ def test_onednn_convolutions_count_as_the_convolutions_they_compute():
   ep = conv_lib.Epilogue(jnp.ones(8), jnp.zeros(8), True)
   fused = lambda x, k: conv_lib.conv_general_dilated(  # noqa: E731
       x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), epilogue=ep)
-  assert "JsegConvBias" in jax.jit(fused).lower(x, k).as_text()
+  assert "JsegConvScaleBias" in jax.jit(fused).lower(x, k).as_text()
   assert count_flops(fused, x, k, custom_calls_only=True) == fwd
 
 

@@ -326,7 +326,7 @@ def test_vmap_over_the_custom_call():
       x, k, (1, 1), "SAME", dimension_numbers=DN, epilogue=conv.Epilogue(s, b, True, r))
   separate = lambda x, k, s, b, r: conv.Epilogue(s, b, True, r).apply(  # noqa: E731
       lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN))
-  assert "JsegConvBiasAdd" in jax.jit(jax.vmap(fused)).lower(xs, ks, ss, bs, rs).as_text()
+  assert "JsegConvScaleBiasAdd" in jax.jit(jax.vmap(fused)).lower(xs, ks, ss, bs, rs).as_text()
   np.testing.assert_allclose(jax.jit(jax.vmap(fused))(xs, ks, ss, bs, rs),
                              jax.vmap(separate)(xs, ks, ss, bs, rs), rtol=1e-5, atol=1e-4)
 
@@ -548,7 +548,7 @@ def test_epilogue_in_the_call_equals_separate_operations(xs, ks, strides, paddin
 
   args = (x, k, ep.scale, ep.shift, ep.residual)
   text = jax.jit(fused).lower(*args).as_text()
-  assert ("JsegConvBiasAdd" if residual else "JsegConvBias") in text
+  assert ("JsegConvScaleBiasAdd" if residual else "JsegConvScaleBias") in text
   r = jnp.asarray(_rand(ys, 3))
   grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * r), argnums=tuple(range(5 if residual else 4)))  # noqa: E731
   np.testing.assert_allclose(jax.jit(fused)(*args), separate(*args), rtol=1e-5, atol=1e-4)
@@ -556,15 +556,43 @@ def test_epilogue_in_the_call_equals_separate_operations(xs, ks, strides, paddin
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * max(1.0, float(jnp.abs(b).max())))
 
 
-def test_epilogue_not_folded_where_the_kernel_outweighs_the_output():
-  """A kernel larger than the output (deep layers of small maps) keeps the plain call and a
-  separate pass: folding the scale would pass over more kernel than output."""
+def test_epilogue_scale_rides_on_the_kernel_reorder_even_where_the_kernel_outweighs_the_output():
+  """A kernel larger than the output (deep layers of small maps) is folded too where oneDNN
+  reorders it anyway: the scale is applied by that reorder, the same bits as an XLA multiply
+  of the kernel before the call."""
+  x, k = jnp.asarray(_rand((1, 4, 4, 64), 0)), jnp.asarray(_rand((3, 3, 64, 64), 1))
+  ep = _epilogue((1, 4, 4, 64), 2, True, False)
+  geom = ("q", (1, 4, 4, 64), (3, 3, 64, 64), (1, 4, 4, 64), (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
+  assert native.onednn_kernel_reorder(*geom)  # oneDNN's blocked kernel layouts, every ISA here
+  f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN,  # noqa: E731
+                                             epilogue=ep)
+  text = jax.jit(f).lower(x, k).as_text()
+  assert "JsegConvScaleBias" in text and "JsegConvFwd" not in text
+  assert "multiply" not in text  # no pass over the kernel or the output
+  ref = ep.apply(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN))
+  np.testing.assert_allclose(jax.jit(f)(x, k), ref, rtol=1e-5, atol=1e-4)
+  pads = ((1, 1), (1, 1))
+  xla_scaled = jax.jit(lambda x, k: conv._onednn_conv_epilogue(  # noqa: E731
+      x, k * ep.scale, None, ep.shift, None, (1, 1), (1, 1), pads, 1, True))
+  np.testing.assert_array_equal(jax.jit(f)(x, k), xla_scaled(x, k))
+
+
+def test_epilogue_not_folded_where_a_kernel_read_as_it_is_outweighs_the_output(monkeypatch):
+  """Where oneDNN would read the HWIO kernel as it is, a scaled copy of a kernel larger than
+  the output would cost more than the separate pass over the output it saves."""
+  monkeypatch.setattr(native, "onednn_kernel_reorder", lambda *args: False)
   x, k = jnp.asarray(_rand((1, 4, 4, 64), 0)), jnp.asarray(_rand((3, 3, 64, 64), 1))
   ep = _epilogue((1, 4, 4, 64), 2, True, False)
   f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN,  # noqa: E731
                                              epilogue=ep)
   text = jax.jit(f).lower(x, k).as_text()
-  assert "JsegConvFwd" in text and "JsegConvBias" not in text
+  assert "JsegConvFwd" in text and "JsegConvScaleBias" not in text
+  ref = ep.apply(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN))
+  np.testing.assert_allclose(jax.jit(f)(x, k), ref, rtol=1e-5, atol=1e-4)
+  # An output at least as large as the kernel is folded all the same (a scaled copy).
+  x = jnp.asarray(_rand((1, 24, 24, 64), 0))
+  ep = _epilogue((1, 24, 24, 64), 2, True, False)
+  assert "JsegConvScaleBias" in jax.jit(f).lower(x, k).as_text()
   ref = ep.apply(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN))
   np.testing.assert_allclose(jax.jit(f)(x, k), ref, rtol=1e-5, atol=1e-4)
 
@@ -600,7 +628,7 @@ def test_epilogue_on_the_xla_path_is_the_separate_pass(monkeypatch):
   np.testing.assert_array_equal(jax.jit(f)(x, k), jax.jit(ref)(x, k))
 
 
-@pytest.mark.parametrize("kind", ["p", "q", "r", "s"])
+@pytest.mark.parametrize("kind", ["p", "q", "r", "s", "P", "Q", "R", "S"])
 def test_epilogue_kinds_use_optimised_implementations(kind):
   geom = ((1, 32, 32, 16), (3, 3, 16, 16), (1, 32, 32, 16), (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
   for split, chunks in ((0, 1), (2, 2)):
@@ -726,3 +754,28 @@ def test_kernel_gradient_is_xlas_only_where_onednn_has_just_its_gemm(ci, co, dil
   monkeypatch.setenv("JSEG_CONV_GEMM_GRAD", "onednn")  # the switch keeps oneDNN's everywhere
   kernel_grad = jax.jit(jax.grad(loss(conv.conv_general_dilated), argnums=1))
   assert "JsegConvBwdWeights" in kernel_grad.lower(x, k).as_text()
+
+
+@pytest.mark.parametrize("ks,groups", [((3, 3, 64, 96), 1), ((3, 3, 16, 64), 4)])
+def test_scaled_kernel_reorder_cut_over_threads_scales_each_piece_by_its_channels(
+    ks, groups, monkeypatch):
+  """A split call cuts its kernel's reorder into pieces over output channels (groups when
+  grouped); each piece must apply its own channels' scales."""
+  monkeypatch.setenv("JSEG_CONV_THREADS", "xla")
+  monkeypatch.setattr(conv, "_intra_op_threads", lambda: 2)
+  xs, ys = (2, 8, 8, 64), (2, 8, 8, ks[3])
+  pads = ((1, 1), (1, 1))
+  geom = (xs, ks, ys, (1, 1), (1, 1), pads, groups)
+  split, chunks = conv.conv_split("Q", xs, ys, ks)
+  pieces = native.onednn_reorder_pieces("Q", *geom, split, chunks)
+  if pieces < 2:
+    pytest.skip(f"oneDNN's kernel layout here is not cut ({pieces} pieces)")
+  x, k = jnp.asarray(_rand(xs, 0)), jnp.asarray(_rand(ks, 1))
+  ep = _epilogue(ys, 2, True, False)
+  scaled = jax.jit(lambda x, k: conv._onednn_conv_epilogue(
+      x, k, ep.scale, ep.shift, None, (1, 1), (1, 1), pads, groups, True))
+  xla_scaled = jax.jit(lambda x, k: conv._onednn_conv_epilogue(
+      x, k * ep.scale, None, ep.shift, None, (1, 1), (1, 1), pads, groups, True))
+  np.testing.assert_array_equal(scaled(x, k), xla_scaled(x, k))
+  ref = ep.apply(lax.conv_general_dilated(x, k, (1, 1), pads, None, (1, 1), DN, groups))
+  np.testing.assert_allclose(scaled(x, k), ref, rtol=1e-5, atol=1e-4)

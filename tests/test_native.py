@@ -54,3 +54,17 @@ def test_onednn_impl_rejects_a_bad_geometry():
   with pytest.raises(native.NativeBuildError):
     native.onednn_impl("f", (1, 8, 8, 5), (3, 3, 2, 4), (1, 8, 8, 4), (1, 1), (1, 1),
                        ((1, 1), (1, 1)), 2)
+
+
+def test_kernel_reorder_query():
+  if native.onednn() is None:
+    pytest.skip(native.onednn_error())
+  geom = ((1, 8, 8, 16), (3, 3, 16, 16), (1, 8, 8, 16), (1, 1), (1, 1), ((1, 1), (1, 1)), 1)
+  # A scaled epilogue ('Q') always runs its kernel through a (scaling) reorder.
+  assert native.onednn_kernel_reorder("Q", *geom) is True
+  assert isinstance(native.onednn_kernel_reorder("q", *geom), bool)
+  with pytest.raises(native.NativeBuildError):  # 5 input channels in 2 groups
+    native.onednn_kernel_reorder("q", (1, 8, 8, 5), (3, 3, 2, 4), (1, 8, 8, 4), (1, 1), (1, 1),
+                                 ((1, 1), (1, 1)), 2)
+  with pytest.raises(native.NativeBuildError):  # 3 chunks of 1 image
+    native.onednn_kernel_reorder("q", *geom, 1, 3)

@@ -485,7 +485,7 @@ def test_conv_folds_into_the_convolution_at_evaluation(relu, residual, use_bias)
   np.testing.assert_allclose(y, separate.apply(v, x, False, res), rtol=1e-5, atol=1e-5)
   text = jax.jit(lambda v, x, r: folded.apply(v, x, False, r)).lower(v, x, res).as_text()
   if native.onednn() is not None:
-    assert ("JsegConvBiasAdd" if residual else "JsegConvBias") in text
+    assert ("JsegConvScaleBiasAdd" if residual else "JsegConvScaleBias") in text
   train = lambda m: jax.jit(lambda v, x, r: m.apply(v, x, True, r, mutable=["batch_stats"]))  # noqa: E731
   for a, b in zip(jax.tree.leaves(train(folded)(v, x, res)), jax.tree.leaves(train(separate)(v, x, res))):
     np.testing.assert_array_equal(a, b)

@@ -86,7 +86,7 @@ def closed_form_batch_norm():
 
 
 def _setup(model: str, batch: int, size: int, remat: bool = False, donate: bool = True,
-           bn_closed_form: bool = False, stacked_conv: bool = False):
+           bn_closed_form: bool = False, stacked_conv: bool = False, preset: str = "bench"):
   import jax
   import numpy as np
   from flax import linen as nn
@@ -107,7 +107,7 @@ def _setup(model: str, batch: int, size: int, remat: bool = False, donate: bool 
   if remat:
     import jseg.models.unet as unet_mod
     unet_mod.DoubleConv = nn.remat(unet_mod.DoubleConv, static_argnums=(2,))
-  config = bench_config(model, size, batch)
+  config = bench_config(model, size, batch, preset)
   run = trainer.setup(config)
   if not donate:
     from jseg import losses

@@ -41,7 +41,7 @@ def main() -> None:
         "epilogue in the call": jax.jit(lambda x, k, s, b: conv.conv_general_dilated(
             x, k, (1, 1), "SAME", dimension_numbers=DN, epilogue=conv.Epilogue(s, b, True))),
     }
-    assert "JsegConvBias" in fs["epilogue in the call"].lower(x, k, s, b).as_text()
+    assert "JsegConvScaleBias" in fs["epilogue in the call"].lower(x, k, s, b).as_text()
     ref = fs["conv + separate pass"](x, k, s, b)
     err = float(jnp.abs(fs["epilogue in the call"](x, k, s, b) - ref).max() / jnp.abs(ref).max())
     times = {name: [] for name in fs}

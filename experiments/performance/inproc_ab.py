@@ -57,6 +57,10 @@ Changes (``--change``):
   differentiated by autodiff (before: a float32 indicator of the input kept, ties split)
   vs its custom VJP keeping the int8 position of each window's first maximum (now,
   ``layers.max_pool_2x2``).
+- ``scale_reorder`` (evaluation): a BatchNorm's scale folded into its convolution's kernel
+  by an XLA multiply, and not folded where the kernel outweighs the output (before) vs
+  applied by oneDNN's kernel reorder (``JsegConvScaleBias``), folded wherever oneDNN
+  reorders the kernel anyway (now).
 - ``conv_relu``: a convolution followed by a ReLU as two ops (before: XLA kept the
   pre-activation for the backward) vs bias and ReLU inside the oneDNN call (now,
   ``conv.conv_relu``; VGG without BatchNorm, FCN, DeepLab v1, CNN+RNN, RefineNet's RCUs).
@@ -251,13 +255,14 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--size", type=int, default=512)
   p.add_argument("--train", action="store_true")
   p.add_argument("--rounds", type=int, default=6)
+  p.add_argument("--preset", default="bench", help="jseg.bench's model sizes: bench or paper")
   p.add_argument("--repeats", type=int, default=3)
   a = p.parse_args()
   import jax
@@ -272,7 +277,7 @@ def main() -> None:
   from jseg.models import fastfcn, norm, segnet
   from jseg.models.backbones import mobilenet, resnet, vgg, xception
   bn_modules = (fastfcn, layers, segnet, unet, mobilenet, resnet, vgg, xception)
-  run, host_batch = checks._setup(a.model, a.batch, a.size)
+  run, host_batch = checks._setup(a.model, a.batch, a.size, preset=a.preset)
   mods = (cnn_rnn, unet, unetplusplus)
   routed = layers.onednn_depthwise_without_gemm
   custom_vjp_bn = norm._batch_norm_train
@@ -283,6 +288,25 @@ def main() -> None:
   ratio = conv_mod.KERNEL_SPLIT_RATIO
   split_fn = conv_mod.conv_split
   folds = conv_mod.folds_epilogue
+  reorder_scaled = conv_mod.onednn_conv
+
+  def xla_scaled(x, k, strides, dilation, padding, groups, epilogue=None):
+    """The evaluation fold before: the scale multiplied into the kernel by an XLA pass, and
+    not folded where the output is smaller than the kernel."""
+    import math
+    import jax.numpy as jnp
+    if epilogue is None or epilogue.scale is None:
+      return reorder_scaled(x, k, strides, dilation, padding, groups, epilogue)
+    strides, padding = tuple(strides), tuple(tuple(q) for q in padding)
+    if k.shape[:2] == (1, 1) and max(strides) > 1 and padding == ((0, 0), (0, 0)):
+      x, strides = x[:, ::strides[0], ::strides[1]], (1, 1)
+    y_hw = conv_mod._out_hw(x.shape, k.shape, strides, dilation, padding)
+    if x.shape[0] * y_hw[0] * y_hw[1] * k.shape[3] < math.prod(k.shape):
+      return epilogue.apply(conv_mod._onednn_conv(x, k, strides, tuple(dilation), padding, int(groups)))
+    f32 = lambda v: None if v is None else jnp.asarray(v, jnp.float32)
+    return conv_mod._onednn_conv_epilogue(x, k * f32(epilogue.scale), None, f32(epilogue.shift),
+                                          f32(epilogue.residual), strides, tuple(dilation),
+                                          padding, int(groups), bool(epilogue.relu))
   padded = padded_pool_fn()
   autodiff_bn = lambda x, s, b, eps, dt: norm._batch_norm_train_fwd(x, s, b, eps, dt)[0]
   from jseg import native as native_mod
@@ -354,6 +378,8 @@ def main() -> None:
     elif a.change == "dw_grad":
       os.environ["JSEG_DW_GRAD"] = "xla" if before else "auto"
       layers.onednn_depthwise_forward_kernel = (lambda *args: False) if before else dw_fwd_kernel
+    elif a.change == "scale_reorder":
+      conv_mod.onednn_conv = xla_scaled if before else reorder_scaled
     elif a.change == "bn_fold":
       conv_mod.folds_epilogue = (lambda fn: False) if before else folds
     elif a.change == "pool_pad":

@@ -5,6 +5,7 @@ perfetto trace and sums the thunk durations by HLO op-name prefix (``convolution
 ``fusion`` kinds, ``transpose`` ...). Usage::
 
   python experiments/performance/profile_step.py --model=pspnet --batch=4 --size=256 [--steps=3]
+      [--preset=paper] [--infer]
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--preset", default="bench", help="jseg.bench's model sizes: bench or paper")
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--top_ops", type=int, default=30)
   p.add_argument("--kind", default="", help="list the largest ops of this kind only")
@@ -36,7 +38,7 @@ def main() -> None:
   import jax
   import checks
   from jseg import parallel
-  run, host_batch = checks._setup(a.model, a.batch, a.size)
+  run, host_batch = checks._setup(a.model, a.batch, a.size, preset=a.preset)
   state = run.state
   if a.infer:  # the bench's eval forward: jitted apply with running statistics
     from jseg import trainer

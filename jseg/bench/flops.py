@@ -106,7 +106,8 @@ def _onednn_conv_flops(eqn) -> float:
   """A oneDNN convolution (forward, input or kernel gradient): 2 x |dy| x KH x KW x C_in/G."""
   target = eqn.params["target_name"]
   ins, out = [v.aval for v in eqn.invars], eqn.outvars[0].aval
-  if target in ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd"):
+  if target in ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd", "JsegConvScaleBias",
+                "JsegConvScaleBiasAdd"):
     dy, k = out, ins[1]
   elif target == "JsegConvBwdData":
     dy, k = ins[0], ins[1]

@@ -76,8 +76,8 @@ class BatchNorm(nn.Module):
 
     ``conv=(fn, params)`` (``conv.then_conv``'s pair): ``x`` is the input of the
     convolution this layer normalises, ``fn(x, *params)``. At evaluation with oneDNN the
-    layer is that convolution's epilogue (``conv.Epilogue``: scale folded into the kernel,
-    shift as its bias, residual and ReLU as post-ops), so the activation is written once
+    layer is that convolution's epilogue (``conv.Epilogue``: scale applied by the kernel's
+    reorder into oneDNN's layout, shift as its bias, residual and ReLU as post-ops), so the activation is written once
     instead of written and re-read by an affine + ReLU pass. Everywhere else it is ``fn``
     then this layer.
     """

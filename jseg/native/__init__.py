@@ -34,7 +34,8 @@ from typing import Callable
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DEFAULT_CACHE_DIR = "~/.cache/jseg/native"
-TARGETS = ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd", "JsegConvBwdData",
+TARGETS = ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd", "JsegConvScaleBias",
+           "JsegConvScaleBiasAdd", "JsegConvBwdData",
            "JsegConvBwdWeights", "JsegBnFwd", "JsegBnBwd", "JsegBnAddFwd", "JsegBnAddBwd",
            "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd", "JsegDwKernelGrad")
 
@@ -157,6 +158,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.jseg_onednn_impl.restype = ctypes.c_int
     lib.jseg_onednn_workspace.restype = ctypes.c_int64
     lib.jseg_onednn_reorder_pieces.restype = ctypes.c_int64
+    lib.jseg_onednn_kernel_reorder.restype = ctypes.c_int64
     return lib, ""
   except (NativeBuildError, OSError, AttributeError) as e:
     return None, f"{type(e).__name__}: {e}"
@@ -211,6 +213,18 @@ def onednn_reorder_pieces(kind: str, x_shape, k_shape, y_shape, strides, dilatio
   if n < 0:
     raise NativeBuildError("oneDNN rejected the convolution or its split (reorder query)")
   return int(n)
+
+
+def onednn_kernel_reorder(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
+                          groups: int, split: int = 0, chunks: int = 1) -> bool:
+  """Whether a call reorders its kernel from HWIO into another layout before it runs (of a
+  split call: its first part). Arguments as ``onednn_impl``'s."""
+  lib, args = _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups,
+                         split, chunks)
+  n = lib.jseg_onednn_kernel_reorder(*args)
+  if n < 0:
+    raise NativeBuildError("oneDNN rejected the convolution (kernel reorder query)")
+  return bool(n)
 
 
 def onednn_impl(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,

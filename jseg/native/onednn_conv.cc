@@ -88,7 +88,29 @@ struct Geom {
   }
   memory::desc WeiAny() const { return memory::desc(WeiDims(), dt::f32, tag::any); }
   memory::desc Bias() const { return memory::desc({oc}, dt::f32, tag::a); }
+  // The reorder attribute's mask over WeiDims() of a per-output-channel scale (oc values,
+  // in HWIO's output-channel order: group-major when grouped).
+  int ScaleMask() const { return groups == 1 ? 1 : 3; }
 };
+
+// A kernel reorder from `from` to `to` that multiplies each output channel by a scale
+// (kinds 'P' to 'S') when `scaled`, else a plain one.
+dnnl::reorder KernelReorder(const memory::desc& from, const memory::desc& to, bool scaled,
+                            int mask) {
+  dnnl::primitive_attr attr;
+  if (scaled) attr.set_scales_mask(DNNL_ARG_SRC, mask);
+  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to, attr));
+}
+
+// Runs a kernel reorder, passing the scales (n values at `scale`) when given.
+void RunReorder(const dnnl::reorder& r, const dnnl::stream& s, const memory& from,
+                const memory& to, const float* scale, int64_t n) {
+  std::unordered_map<int, memory> args{{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+  if (scale)
+    args[DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC] =
+        memory(memory::desc({n}, dt::f32, tag::a), Engine(), const_cast<float*>(scale));
+  r.execute(s, args);
+}
 
 // Call kinds: 'f' forward, 'd' input gradient, 'w' kernel gradient, and the inference
 // forward with an epilogue on its output in the same pass (a BatchNorm at evaluation, its
@@ -96,11 +118,16 @@ struct Geom {
 // buffer's previous contents (a residual: oneDNN's sum post-op) for 'r' and 's', then ReLU
 // (eltwise post-op) for 'q' and 's' ('p': the bias only). Bias and ReLU cost nothing in
 // oneDNN's kernels; per-channel scale and shift as binary post-ops made brgconv slower
-// than a separate pass (twelfth pass, experiments/performance/README.md).
-bool Epilogue(char kind) { return kind >= 'p' && kind <= 's'; }
+// than a separate pass (twelfth pass, experiments/performance/README.md). 'P' to 'S': the
+// same with a per-output-channel scale that the kernel's reorder into oneDNN's layout
+// applies (a reorder attribute), so no separate pass over the kernel scales it first; the
+// reorder runs every call anyway, and is made a scaled copy where the layouts agree.
+bool Scaled(char kind) { return kind >= 'P' && kind <= 'S'; }
+char Unscaled(char kind) { return Scaled(kind) ? static_cast<char>(kind - 'P' + 'p') : kind; }
+bool Epilogue(char kind) { return Unscaled(kind) >= 'p' && Unscaled(kind) <= 's'; }
 bool Forward(char kind) { return kind == 'f' || Epilogue(kind); }
-bool EpilogueSum(char kind) { return kind == 'r' || kind == 's'; }
-bool EpilogueRelu(char kind) { return kind == 'q' || kind == 's'; }
+bool EpilogueSum(char kind) { return Unscaled(kind) == 'r' || Unscaled(kind) == 's'; }
+bool EpilogueRelu(char kind) { return Unscaled(kind) == 'q' || Unscaled(kind) == 's'; }
 
 ffi::Error MakeGeom(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
                     ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
@@ -234,14 +261,13 @@ std::shared_ptr<Prims> Get(const Geom& g, char kind, int threads = 0) {
     p->scratch = pd.scratchpad_desc();
     p->impl = pd.impl_info_str();
   }
-  p->reorder = p->wei != g.WeiUser();
+  p->reorder = p->wei != g.WeiUser() || Scaled(kind);
   if (p->reorder) {
     if (kind == 'w')
       p->from_wei = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), p->wei, Engine(),
                                                                 g.WeiUser()));
     else
-      p->to_wei = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.WeiUser(), Engine(),
-                                                              p->wei));
+      p->to_wei = KernelReorder(g.WeiUser(), p->wei, Scaled(kind), g.ScaleMask());
   }
   std::lock_guard<std::mutex> l(cache_mu);
   cache.emplace(key, p);
@@ -342,7 +368,7 @@ std::unordered_map<int, memory> Args(char kind, const Geom& g, void* a, void* b,
 // reordered kernel live in XLA's buffers, shared between calls by its buffer assignment;
 // when it is too small (or absent), per-thread buffers that only grow.
 void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t ws_bytes,
-         const float* bias) {
+         const float* bias, const float* scale) {
   auto p = Get(g, kind);
   dnnl::stream s(Engine());
   const bool kernel_in = kind != 'w';
@@ -363,7 +389,7 @@ void Run(const Geom& g, char kind, void* a, void* b, void* out, void* ws, size_t
   memory w = user_w;
   if (p->reorder) {
     w = memory(p->wei, Engine(), wei_ptr);
-    if (kernel_in) p->to_wei.execute(s, user_w, w);
+    if (kernel_in) RunReorder(p->to_wei, s, user_w, w, scale, g.oc);
   }
   auto args = Args(kind, g, a, b, out, w, memory(p->scratch, Engine(), scratch_ptr), bias);
   if (p->act) BlockArgs(*p, g, a, b, act_ptr, args, s);
@@ -514,12 +540,16 @@ ffi::Error CheckSplit(const Geom& g, char kind, int64_t split, int64_t chunks) {
 // each a single-threaded reorder of a sub-memory, so that the parts' threads share it.
 // Empty (use the whole reorder) when a layout pads the kernel (a piece would leave the
 // padding unwritten) or there is less than two blocks' worth.
+// Scaled (kinds 'P' to 'S'): each piece multiplies its output channels by their scales,
+// `scale_at[q]` the piece's first scale and `scales[q]` how many.
 struct ChunkedReorder {
   std::vector<dnnl::reorder> prims;
   std::vector<memory::desc> from, to;
+  std::vector<int64_t> scale_at, scales;
 };
 
-ChunkedReorder MakeChunked(const memory::desc& from, const memory::desc& to, int64_t chunks) {
+ChunkedReorder MakeChunked(const memory::desc& from, const memory::desc& to, int64_t chunks,
+                           bool scaled = false, int mask = 0) {
   ChunkedReorder c;
   const memory::dims dims = from.get_dims();
   if (chunks < 2 || from.get_padded_dims() != dims || to.get_padded_dims() != dims) return c;
@@ -542,17 +572,23 @@ ChunkedReorder MakeChunked(const memory::desc& from, const memory::desc& to, int
     offsets[0] = u0 * block;
     c.from.push_back(from.submemory_desc(sub, offsets));
     c.to.push_back(to.submemory_desc(sub, offsets));
-    c.prims.emplace_back(dnnl::reorder::primitive_desc(Engine(), c.from.back(), Engine(), c.to.back()));
+    c.prims.push_back(KernelReorder(c.from.back(), c.to.back(), scaled, mask));
+    // Output channels per unit of the first dimension: 1, or per group when grouped.
+    const int64_t per = dims.size() == 5 ? dims[1] : 1;
+    c.scale_at.push_back(offsets[0] * per);
+    c.scales.push_back(sub[0] * per);
   }
   return c;
 }
 
-// Runs `c`'s pieces on XLA's threads (or, when it is empty, `whole` on this thread).
+// Runs `c`'s pieces on XLA's threads (or, when it is empty, `whole` on this thread); scale:
+// the kernel's `n` output-channel scales when the reorders are scaled.
 void Reorder(const ChunkedReorder& c, const dnnl::reorder& whole, const memory& from,
-             const memory& to, ffi::ThreadPool& pool) {
+             const memory& to, ffi::ThreadPool& pool, const float* scale = nullptr,
+             int64_t n = 0) {
   if (c.prims.empty()) {
     dnnl::stream s(Engine());
-    whole.execute(s, const_cast<memory&>(from), const_cast<memory&>(to));
+    RunReorder(whole, s, from, to, scale, n);
     s.wait();
     return;
   }
@@ -561,7 +597,7 @@ void Reorder(const ChunkedReorder& c, const dnnl::reorder& whole, const memory& 
   ParallelParts(pool, static_cast<int64_t>(c.prims.size()), [&](int64_t q) {
     dnnl::stream sq(Engine());
     memory mf(c.from[q], Engine(), a), mt(c.to[q], Engine(), b);
-    c.prims[q].execute(sq, mf, mt);
+    RunReorder(c.prims[q], sq, mf, mt, scale ? scale + c.scale_at[q] : nullptr, c.scales[q]);
     sq.wait();
   });
 }
@@ -655,7 +691,7 @@ std::shared_ptr<const SplitPlan> Plan(const Geom& g, char kind, int64_t split, i
         throw std::runtime_error("row bands whose kernel gradients differ in layout");
   if (split < 3 && p0.reorder)
     sp.wei0 = kind == 'w' ? MakeChunked(p0.wei, g.WeiUser(), chunks)
-                          : MakeChunked(g.WeiUser(), p0.wei, chunks);
+                          : MakeChunked(g.WeiUser(), p0.wei, chunks, Scaled(kind), g.ScaleMask());
   std::lock_guard<std::mutex> l(plan_mu);
   plans.emplace(key, made);
   return made;
@@ -720,7 +756,8 @@ void RunInChannels(const SplitPlan& sp, const Geom& g, const float* dy, const fl
 
 // Runs a split call (split 1 to 4) on XLA's buffers; a, b, out as Run's.
 void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a, float* b,
-              float* out, void* ws, size_t ws_bytes, ffi::ThreadPool& pool, const float* bias) {
+              float* out, void* ws, size_t ws_bytes, ffi::ThreadPool& pool, const float* bias,
+              const float* scale) {
   const SplitPlan& sp = *Plan(g, kind, split, chunks);
   Buffer own;
   char* base = ws && ws_bytes >= sp.bytes
@@ -745,9 +782,9 @@ void RunSplit(const Geom& g, char kind, int64_t split, int64_t chunks, float* a,
     if (sp.owns_wei[q]) {
       w[q] = memory(p.wei, Engine(), base + sp.wei_at[q]);
       if (kind != 'w' && q == 0)
-        Reorder(sp.wei0, p.to_wei, user_w, w[q], pool);
+        Reorder(sp.wei0, p.to_wei, user_w, w[q], pool, scale, g.oc);
       else if (kind != 'w')
-        p.to_wei.execute(s, user_w, w[q]);
+        RunReorder(p.to_wei, s, user_w, w[q], scale, g.oc);
     } else {
       w[q] = p.reorder ? w[0] : user_w;
     }
@@ -791,7 +828,8 @@ static ffi::Error Conv(char kind, ffi::Span<const int64_t> x_dims, ffi::Span<con
                 ffi::Span<const int64_t> y_dims, ffi::Span<const int64_t> strides,
                 ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
                 int64_t groups, int64_t split, int64_t chunks, float* a, float* b, float* out,
-                void* ws, size_t ws_bytes, ffi::ThreadPool& pool, const float* bias = nullptr) {
+                void* ws, size_t ws_bytes, ffi::ThreadPool& pool, const float* bias = nullptr,
+                const float* scale = nullptr) {
   Geom g;
   auto err = MakeGeom(x_dims, k_dims, y_dims, strides, dilation, padding, groups, &g);
   if (!err.success()) return err;
@@ -799,9 +837,9 @@ static ffi::Error Conv(char kind, ffi::Span<const int64_t> x_dims, ffi::Span<con
   if (!err.success()) return err;
   return Guard([&] {
     if (split == 0)
-      Run(g, kind, a, b, out, ws, ws_bytes, bias);
+      Run(g, kind, a, b, out, ws, ws_bytes, bias, scale);
     else
-      RunSplit(g, kind, split, chunks, a, b, out, ws, ws_bytes, pool, bias);
+      RunSplit(g, kind, split, chunks, a, b, out, ws, ws_bytes, pool, bias, scale);
   });
 }
 
@@ -824,19 +862,25 @@ ffi::Error ConvBias(const char* name, ffi::ThreadPool& pool, ffi::Buffer<ffi::F3
                     const ffi::Buffer<ffi::F32>* res, ffi::ResultBuffer<ffi::F32>& y,
                     ffi::ResultBuffer<ffi::U8>& ws, ffi::Span<const int64_t> strides,
                     ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
-                    int64_t groups, int64_t split, int64_t chunks, int64_t relu) {
+                    int64_t groups, int64_t split, int64_t chunks, int64_t relu,
+                    const ffi::Buffer<ffi::F32>* scale = nullptr) {
   if (bias.element_count() != static_cast<size_t>(k.dimensions().back()))
     return ffi::Error::InvalidArgument(std::string(name) +
                                        ": bias is not one value per output channel");
+  if (scale && scale->element_count() != static_cast<size_t>(k.dimensions().back()))
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": scale is not one value per output channel");
   if (res && res->element_count() != y->element_count())
     return ffi::Error::InvalidArgument(std::string(name) +
                                        ": the residual is not the output's shape");
   if (res && res->typed_data() != y->typed_data())
     std::memcpy(y->typed_data(), res->typed_data(), sizeof(float) * res->element_count());
-  const char kind = res ? (relu ? 's' : 'r') : (relu ? 'q' : 'p');
+  char kind = res ? (relu ? 's' : 'r') : (relu ? 'q' : 'p');
+  if (scale) kind = static_cast<char>(kind - 'p' + 'P');
   return Conv(kind, x.dimensions(), k.dimensions(), y->dimensions(), strides, dilation, padding,
               groups, split, chunks, x.typed_data(), k.typed_data(), y->typed_data(),
-              ws->untyped_data(), ws->size_bytes(), pool, bias.typed_data());
+              ws->untyped_data(), ws->size_bytes(), pool, bias.typed_data(),
+              scale ? scale->typed_data() : nullptr);
 }
 
 ffi::Error ConvBiasImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -856,6 +900,30 @@ ffi::Error ConvBiasAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            int64_t groups, int64_t split, int64_t chunks, int64_t relu) {
   return ConvBias("JsegConvBiasAdd", pool, x, k, bias, &res, y, ws, strides, dilation, padding,
                   groups, split, chunks, relu);
+}
+
+// y = relu?(conv(x, k * scale) + bias): 'P' / 'Q', the scale applied by the kernel's reorder.
+ffi::Error ConvScaleBiasImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> scale,
+                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                             ffi::ResultBuffer<ffi::U8> ws, ffi::Span<const int64_t> strides,
+                             ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> padding,
+                             int64_t groups, int64_t split, int64_t chunks, int64_t relu) {
+  return ConvBias("JsegConvScaleBias", pool, x, k, bias, nullptr, y, ws, strides, dilation,
+                  padding, groups, split, chunks, relu, &scale);
+}
+
+// y = relu?(conv(x, k * scale) + bias + res): 'R' / 'S'.
+ffi::Error ConvScaleBiasAddImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> scale,
+                                ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> res,
+                                ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> ws,
+                                ffi::Span<const int64_t> strides,
+                                ffi::Span<const int64_t> dilation,
+                                ffi::Span<const int64_t> padding, int64_t groups, int64_t split,
+                                int64_t chunks, int64_t relu) {
+  return ConvBias("JsegConvScaleBiasAdd", pool, x, k, bias, &res, y, ws, strides, dilation,
+                  padding, groups, split, chunks, relu, &scale);
 }
 
 // dx = conv_transpose(dy, k): the input gradient.
@@ -1545,6 +1613,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBiasAdd, ConvBiasAddImpl,
                               JSEG_CONV_BIND(JSEG_IN JSEG_IN JSEG_IN JSEG_IN)
                                   .Attr<int64_t>("relu"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvScaleBias, ConvScaleBiasImpl,
+                              JSEG_CONV_BIND(JSEG_IN JSEG_IN JSEG_IN JSEG_IN).Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvScaleBiasAdd, ConvScaleBiasAddImpl,
+                              JSEG_CONV_BIND(JSEG_IN JSEG_IN JSEG_IN JSEG_IN JSEG_IN)
+                                  .Attr<int64_t>("relu"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdData, ConvBwdDataImpl, JSEG_CONV_BIND(JSEG_IN JSEG_IN));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegConvBwdWeights, ConvBwdWeightsImpl,
@@ -1589,6 +1664,20 @@ extern "C" int64_t jseg_onednn_reorder_pieces(const int64_t* dims, int64_t group
     const Geom g = GeomFromDims(dims, groups);
     if (split == 0 || !CheckSplit(g, kind, split, chunks).success()) return -1;
     return static_cast<int64_t>(Plan(g, kind, split, chunks)->wei0.prims.size());
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+// Whether a call reorders its kernel into another layout (1) or reads HWIO as it is (0),
+// or -1. Of a split call: its first part.
+extern "C" int64_t jseg_onednn_kernel_reorder(const int64_t* dims, int64_t groups, char kind,
+                                              int64_t split, int64_t chunks) {
+  try {
+    const Geom g = GeomFromDims(dims, groups);
+    if (!CheckSplit(g, kind, split, chunks).success()) return -1;
+    auto p = split ? Plan(g, kind, split, chunks)->prims[0] : Get(g, kind);
+    return p->reorder ? 1 : 0;
   } catch (const std::exception&) {
     return -1;
   }
