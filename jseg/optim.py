@@ -176,17 +176,45 @@ def snapshot_steps(config: ml_collections.ConfigDict, total_steps: int | None = 
 def global_norm(tree: Any) -> jax.Array:
   """L2 norm of all leaves of ``tree`` together, in float32 (``optax.tree.norm``'s value).
 
-  Computed as one reduction over the leaves concatenated, not one reduction per leaf plus
-  a sum: XLA:CPU compiles every fusion into its own kernel, and per leaf that was ~130 of
-  the PSPNet step's 726 kernels, ~75 MB of the compiler's peak memory and 3 s of compile
-  time (``experiments/performance/README.md``, "Sixth pass"). The concatenate is one copy
-  of the gradients (XLA:CPU does not fuse it into the reduction): 3.5 MB for PSPNet.
+  Where ``jseg.native``'s kernels serve (``norm_native_active``), one custom call reads
+  every leaf where it lies and sums the squares in double (``JsegSumSquares``; the same
+  value for any thread count). Elsewhere one reduction over the leaves concatenated, not
+  one reduction per leaf plus a sum: XLA:CPU compiles every fusion into its own kernel, and
+  per leaf that was ~130 of the PSPNet step's 726 kernels, ~75 MB of the compiler's peak
+  memory and 3 s of compile time (``experiments/performance/README.md``, "Sixth pass"). The
+  concatenate is one copy of the gradients (XLA:CPU does not fuse it into the reduction):
+  3.5 MB for the bench's PSPNet, but the paper-sized DeepLab v3's 58M parameters: 45 MB of
+  its gradient program's temporaries and 19 ms of a 1 s step, which the custom call saves
+  (twentieth pass).
   """
   leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
   if not leaves:
     return jnp.zeros([], jnp.float32)
+  if norm_native_active():
+    return jnp.sqrt(_sum_squares_native(leaves))
   flat = jnp.concatenate(leaves) if len(leaves) > 1 else leaves[0]
   return jnp.sqrt(jnp.sum(flat * flat))
+
+
+def norm_native_active() -> bool:
+  """Whether ``global_norm`` traced now runs as ``jseg.native``'s kernel (``JSEG_NORM`` =
+  ``auto`` | ``native`` | ``xla``; ``auto``: where the oneDNN convolutions run)."""
+  from jseg import native  # noqa: PLC0415 - keeps `import jseg.optim` cheap
+  from jseg.models import conv  # noqa: PLC0415
+  return native.kernels_active("JSEG_NORM", conv.onednn_active)
+
+
+@jax.custom_jvp
+def _sum_squares_native(leaves: list[jax.Array]) -> jax.Array:
+  """sum over the float32 ``leaves`` of their squares, as one custom call."""
+  return jax.ffi.ffi_call("JsegSumSquares", jax.ShapeDtypeStruct((), jnp.float32),
+                          vmap_method="sequential")(*leaves)
+
+
+@_sum_squares_native.defjvp
+def _sum_squares_jvp(primals, tangents):
+  (leaves,), (dots,) = primals, tangents
+  return _sum_squares_native(leaves), 2 * sum(jnp.vdot(x, d) for x, d in zip(leaves, dots))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

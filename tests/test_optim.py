@@ -248,7 +248,9 @@ def test_flax_train_state_contract_with_lookahead_and_ema():
   model.apply({"params": ev, "batch_stats": stats}, x, train=False)
 
 
-def test_global_norm_equals_optax_tree_norm():
+@pytest.mark.parametrize("mode", ["auto", "xla"])
+def test_global_norm_equals_optax_tree_norm(mode, monkeypatch):
+  monkeypatch.setenv("JSEG_NORM", mode)
   rng = np.random.default_rng(0)
   tree = {"a": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32),
           "b": {"c": jnp.asarray(rng.standard_normal((8,)), jnp.bfloat16),
@@ -261,6 +263,34 @@ def test_global_norm_equals_optax_tree_norm():
   np.testing.assert_allclose(float(got), float(optax.tree.norm(tree)), rtol=1e-5)
   assert float(optim.global_norm({})) == 0.0
   assert float(optim.global_norm({"w": jnp.array([3.0, 4.0])})) == 5.0
+
+
+def test_global_norm_native_reads_the_leaves_where_they_lie(monkeypatch):
+  """On jseg.native's kernels the norm is one custom call (no copy of every gradient into
+  one array), summed in double in fixed pieces: the float64 value to float32 rounding,
+  differentiable, and under vmap."""
+  from jseg import native
+  if not optim.norm_native_active():
+    pytest.skip(native.onednn_error() or "jseg.native's kernels are not active here")
+  rng = np.random.default_rng(1)
+  # Leaves across the kernel's 65536-element pieces, and an empty one.
+  tree = {"big": jnp.asarray(rng.standard_normal((3, 3, 64, 130)), jnp.float32),
+          "odd": jnp.asarray(rng.standard_normal((65537,)), jnp.float32),
+          "empty": jnp.zeros((0, 4), jnp.float32), "s": jnp.float32(2.0)}
+  text = jax.jit(optim.global_norm).lower(tree).as_text()
+  assert "JsegSumSquares" in text and "concatenate" not in text
+  want = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
+  got = jax.jit(optim.global_norm)(tree)
+  assert abs(float(got) - want) <= 1e-7 * want  # float32 rounding of a double sum
+  monkeypatch.setenv("JSEG_NORM", "xla")
+  xla = jax.jit(optim.global_norm)(tree)
+  np.testing.assert_allclose(float(got), float(xla), rtol=1e-5)
+  monkeypatch.setenv("JSEG_NORM", "native")
+  g = jax.grad(optim.global_norm)(tree)  # d|t| / dt = t / |t|
+  for k in tree:
+    np.testing.assert_allclose(g[k], tree[k] / want, rtol=1e-5, atol=1e-7)
+  batched = jax.jit(jax.vmap(optim.global_norm))({"w": jnp.asarray([[3.0, 4.0], [6.0, 8.0]])})
+  np.testing.assert_allclose(batched, [5.0, 10.0])
 
 
 @pytest.mark.parametrize("scale", [0.1, 10.0])  # below and above the threshold

@@ -61,6 +61,9 @@ Changes (``--change``):
   by an XLA multiply, and not folded where the kernel outweighs the output (before) vs
   applied by oneDNN's kernel reorder (``JsegConvScaleBias``), folded wherever oneDNN
   reorders the kernel anyway (now).
+- ``grad_norm`` (with ``--train``): the gradients' global norm (the ``grad_norm`` metric)
+  as one reduction over all gradients concatenated (before, ``JSEG_NORM=xla``) vs one
+  ``JsegSumSquares`` call reading them where they lie (now).
 - ``conv_relu``: a convolution followed by a ReLU as two ops (before: XLA kept the
   pre-activation for the backward) vs bias and ReLU inside the oneDNN call (now,
   ``conv.conv_relu``; VGG without BatchNorm, FCN, DeepLab v1, CNN+RNN, RefineNet's RCUs).
@@ -255,7 +258,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -378,6 +381,8 @@ def main() -> None:
     elif a.change == "dw_grad":
       os.environ["JSEG_DW_GRAD"] = "xla" if before else "auto"
       layers.onednn_depthwise_forward_kernel = (lambda *args: False) if before else dw_fwd_kernel
+    elif a.change == "grad_norm":
+      os.environ["JSEG_NORM"] = "xla" if before else "auto"
     elif a.change == "scale_reorder":
       conv_mod.onednn_conv = xla_scaled if before else reorder_scaled
     elif a.change == "bn_fold":

@@ -37,7 +37,8 @@ DEFAULT_CACHE_DIR = "~/.cache/jseg/native"
 TARGETS = ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd", "JsegConvScaleBias",
            "JsegConvScaleBiasAdd", "JsegConvBwdData",
            "JsegConvBwdWeights", "JsegBnFwd", "JsegBnBwd", "JsegBnAddFwd", "JsegBnAddBwd",
-           "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd", "JsegDwKernelGrad")
+           "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd", "JsegDwKernelGrad",
+           "JsegSumSquares")
 
 
 def env_mode(var: str, modes: tuple[str, ...]) -> str:

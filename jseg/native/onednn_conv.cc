@@ -1591,6 +1591,56 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegDwKernelGrad, DwKernelGradImpl,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_OUT
                                   .Attr<int64_t>("k").Attr<int64_t>("d"));
 
+// Sum of the squares of every element of every operand (float32 buffers of any shapes),
+// for the gradients' global norm (``optim.global_norm``): one pass over the leaves where
+// they lie, instead of XLA's copy of all of them into one array (a model's size again in
+// temporaries) or one reduction kernel per leaf. The leaves are cut into fixed pieces of
+// at most kSsqPiece elements, each summed in double by one task; the pieces' sums are then
+// added in order, so the result does not depend on the thread count.
+namespace {
+constexpr int64_t kSsqPiece = int64_t{1} << 16;
+
+JSEG_CLONES double SumSquares(const float* __restrict x, int64_t n) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(x[i]) * x[i];
+  return acc;
+}
+}  // namespace
+
+ffi::Error SumSquaresImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  struct Piece {
+    const float* p;
+    int64_t n;
+  };
+  std::vector<Piece> pieces;
+  int64_t total = 0;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto b = args.get<ffi::Buffer<ffi::F32>>(i);
+    if (!b.has_value())
+      return ffi::Error::InvalidArgument("JsegSumSquares: every operand must be float32");
+    const float* p = b->typed_data();
+    const int64_t n = static_cast<int64_t>(b->element_count());
+    total += n;
+    for (int64_t o = 0; o < n; o += kSsqPiece) pieces.push_back({p + o, std::min(kSsqPiece, n - o)});
+  }
+  if (out->element_count() != 1)
+    return ffi::Error::InvalidArgument("JsegSumSquares: the result is one scalar");
+  return Guard([&] {
+    std::vector<double> sums(pieces.size(), 0.0);
+    ParallelFor(pool, static_cast<int64_t>(pieces.size()), total,
+                [&](int64_t q) { sums[q] = SumSquares(pieces[q].p, pieces[q].n); });
+    double acc = 0.0;
+    for (double v : sums) acc += v;
+    out->typed_data()[0] = static_cast<float>(acc);
+  });
+}
+
+// Any number of float32 buffers -> the sum of all their elements' squares (f32 scalar).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegSumSquares, SumSquaresImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().RemainingArgs() JSEG_OUT);
+
 #define JSEG_CONV_ATTRS                               \
   .Attr<ffi::Span<const int64_t>>("strides")          \
       .Attr<ffi::Span<const int64_t>>("dilation")     \
