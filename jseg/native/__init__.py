@@ -7,7 +7,9 @@ torch uses, run a layer's forward+backward 1.2-2.3x faster and depthwise ones 23
 faster than XLA's grouped convolution (``experiments/performance/onednn_layers.json``).
 BatchNorm's training forward and backward (``JsegBn*``, used by ``jseg.models.norm``) are
 plain C++ on XLA's intra-op thread pool: they replace ~10 XLA kernels per layer, each of
-which costs the compiler memory.
+which costs the compiler memory. Also the loss end's class log-probabilities
+(``JsegLogProb*``), the dilated depthwise kernel gradient (``JsegDwKernelGrad``) and the
+gradients' global norm (``JsegSumSquares``).
 
 ``onednn()`` compiles ``onednn_conv.cc`` with the system C++ compiler against the
 headers and library of the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (both

@@ -13,7 +13,9 @@
 // Also BatchNorm's training forward and backward (optionally with the ReLU after it) over
 // [M, C] rows, each one call with two passes over the data: XLA:CPU compiles a
 // BatchNorm layer into ~10 kernels (sums, per-channel terms, running averages), and every
-// kernel costs compiler memory; these are thunks. Used through jseg/models/norm.py.
+// kernel costs compiler memory; these are thunks. Used through jseg/models/norm.py. And
+// the loss end's class log-probabilities (jseg/losses.py), the depthwise kernel gradient
+// (jseg/models/layers.py) and the sum of squares of many buffers (jseg/optim.py).
 
 #include <algorithm>
 #include <atomic>
