@@ -190,6 +190,18 @@ def _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, grou
                ctypes.c_char(kind.encode()), ctypes.c_int64(split), ctypes.c_int64(chunks))
 
 
+def _int_query(fn: str, what: str, kind, x_shape, k_shape, y_shape, strides, dilation, padding,
+               groups, split, chunks) -> int:
+  """One of the library's per-call integer queries (``jseg_onednn_<fn>``); a negative
+  answer (oneDNN rejected the geometry or the split) raises, naming ``what``."""
+  lib, args = _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups,
+                         split, chunks)
+  n = getattr(lib, f"jseg_onednn_{fn}")(*args)
+  if n < 0:
+    raise NativeBuildError(f"oneDNN rejected the convolution or its split ({what} query)")
+  return int(n)
+
+
 @functools.lru_cache(maxsize=4096)
 def onednn_workspace(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
                      groups: int, split: int = 0, chunks: int = 1) -> int:
@@ -197,12 +209,8 @@ def onednn_workspace(kind: str, x_shape, k_shape, y_shape, strides, dilation, pa
   part of a split call, and the parts' kernel gradients) one call wants; the convolution's
   custom call returns it as a second, unused output so that XLA allocates it with its
   other temporaries. Arguments as ``onednn_impl``'s, as tuples."""
-  lib, args = _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups,
-                         split, chunks)
-  n = lib.jseg_onednn_workspace(*args)
-  if n < 0:
-    raise NativeBuildError("oneDNN rejected the convolution (workspace query)")
-  return int(n)
+  return _int_query("workspace", "workspace", kind, x_shape, k_shape, y_shape, strides,
+                    dilation, padding, groups, split, chunks)
 
 
 def onednn_reorder_pieces(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
@@ -210,24 +218,16 @@ def onednn_reorder_pieces(kind: str, x_shape, k_shape, y_shape, strides, dilatio
   """Into how many pieces (run on XLA's threads) a split call cuts its kernel's reorder to or
   from oneDNN's layout; 0 = one whole reorder (no layout change, or one that pads the
   kernel). For tests and benchmarks; arguments as ``onednn_impl``'s."""
-  lib, args = _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups,
-                         split, chunks)
-  n = lib.jseg_onednn_reorder_pieces(*args)
-  if n < 0:
-    raise NativeBuildError("oneDNN rejected the convolution or its split (reorder query)")
-  return int(n)
+  return _int_query("reorder_pieces", "reorder", kind, x_shape, k_shape, y_shape, strides,
+                    dilation, padding, groups, split, chunks)
 
 
 def onednn_kernel_reorder(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
                           groups: int, split: int = 0, chunks: int = 1) -> bool:
   """Whether a call reorders its kernel from HWIO into another layout before it runs (of a
   split call: its first part). Arguments as ``onednn_impl``'s."""
-  lib, args = _call_args(kind, x_shape, k_shape, y_shape, strides, dilation, padding, groups,
-                         split, chunks)
-  n = lib.jseg_onednn_kernel_reorder(*args)
-  if n < 0:
-    raise NativeBuildError("oneDNN rejected the convolution (kernel reorder query)")
-  return bool(n)
+  return bool(_int_query("kernel_reorder", "kernel reorder", kind, x_shape, k_shape, y_shape,
+                         strides, dilation, padding, groups, split, chunks))
 
 
 def onednn_impl(kind: str, x_shape, k_shape, y_shape, strides, dilation, padding,
