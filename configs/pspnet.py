@@ -36,6 +36,9 @@ def get_config():
   c.model.aux_head = True
   c.model.aux_features = 32
   c.model.dropout = 0.1
+  # The head's 3x3 convolution in parts: the pyramid's bins at their pooled sizes, no
+  # upsampled concatenation (same parameters and function; False: over the concatenation).
+  c.model.split_head = True
 
   c.data.name = "camvid"
   c.data.root = "samples/camvid"

@@ -211,6 +211,41 @@ def test_resize_bilinear_matches_half_pixel_numpy(src, dst):
                              _np_resize_bilinear(x, dst), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("srcs,dst,k", [([(1, 1), (2, 2), (3, 3), (6, 6)], (13, 10), 3),
+                                        ([(4, 5)], (16, 20), 5), ([(7, 3)], (5, 9), 3),
+                                        ([(2, 3), (6, 6)], (6, 6), 1)])
+def test_conv_of_resized_equals_conv_of_resized_maps(srcs, dst, k):
+  """Sum over inputs of a 'same' convolution of the bilinearly resized map (up, down and
+  same size; kernels 1, 3, 5), values and the gradients of inputs and kernels."""
+  xs = [_rand((2, *s, 3), seed=i) for i, s in enumerate(srcs)]
+  ks = [_rand((k, k, 3, 4), seed=10 + i) * 0.3 for i in range(len(srcs))]
+
+  def stock(xs, ks):
+    return sum(lax.conv_general_dilated(layers.resize_bilinear(x, dst), kk, (1, 1),
+                                        [(k // 2, k // 2)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=lax.Precision.HIGHEST)
+               for x, kk in zip(xs, ks))
+
+  def parts(xs, ks):
+    return layers.conv_of_resized(xs, ks, dst)
+
+  (y0, g0), (y1, g1) = [_value_and_grads(f, (xs, ks)) for f in (stock, parts)]
+  assert y1.shape == (2, *dst, 4)
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_of_resized_rejects_mismatched_inputs():
+  with pytest.raises(ValueError, match="kernel"):
+    layers.conv_of_resized([jnp.zeros((1, 2, 2, 3))], [jnp.zeros((3, 3, 4, 5))], (4, 4))
+  with pytest.raises(ValueError, match="kernel"):
+    layers.conv_of_resized([jnp.zeros((1, 2, 2, 3))], [jnp.zeros((2, 2, 3, 5))], (4, 4))
+  with pytest.raises(ValueError, match="1 inputs for 2 kernels"):
+    layers.conv_of_resized([jnp.zeros((1, 2, 2, 3))], [jnp.zeros((3, 3, 3, 5))] * 2, (4, 4))
+
+
 @pytest.mark.parametrize("src,dst", [((32, 32), (256, 256)), ((1, 1), (9, 7)), ((5, 8), (5, 24)),
                                      ((9, 4), (3, 4)), ((6, 10), (17, 3))])
 def test_resize_logits_matches_jax_image_resize_values_and_gradients(src, dst):

@@ -48,7 +48,50 @@ def test_output_stride(os_):
   _, _, _, inter = _apply_shapes(_model(output_stride=os_), x, train=False)
   feats = inter["backbone"]["__call__"][0]
   assert feats["layer4"].shape[1:3] == (-(-65 // os_), -(-97 // os_))
+  bins = inter["ppm"]["__call__"][0]  # the split head takes the bins at their pooled sizes
+  assert [b.shape[1:] for b in bins] == [(s, s, feats["layer4"].shape[-1] // 4) for s in (1, 2, 3, 6)]
+  _, _, _, inter = _apply_shapes(_model(output_stride=os_, split_head=False), x, train=False)
   assert inter["ppm"]["__call__"][0].shape[-1] == 2 * feats["layer4"].shape[-1]
+
+
+@pytest.mark.parametrize("conv", ["auto", "xla"])
+def test_split_head_same_parameters_outputs_and_gradients_as_concatenation(conv, monkeypatch):
+  """The head's 3x3 convolution in parts (features at full size, pyramid bins at their pooled
+  sizes) against the same convolution over the upsampled concatenation: same parameter tree
+  and initial values, same logits at evaluation (BatchNorm folded on oneDNN) and in
+  training, same gradients."""
+  monkeypatch.setenv("JSEG_CONV", conv)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 45, 37, 3)), jnp.float32)
+  split, concat = _model(split_head=True), _model(split_head=False)
+  v = split.init(RNGS, x, train=False)
+  v_concat = concat.init(RNGS, x, train=False)
+  assert jax.tree.structure(v) == jax.tree.structure(v_concat)
+  for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(v_concat)):
+    np.testing.assert_array_equal(a, b)
+  # Non-trivial running statistics, so that the evaluation fold's scale matters.
+  rng = np.random.default_rng(1)
+  stats = jax.tree_util.tree_map_with_path(
+      lambda p, t: jnp.asarray(rng.uniform(0.5, 1.5, t.shape) if p[-1].key == "var"
+                               else rng.normal(0, 0.1, t.shape), jnp.float32), v["batch_stats"])
+  v = {"params": v["params"], "batch_stats": stats}
+  ev = [jax.jit(lambda v, m=m: m.apply(v, x, train=False)[0])(v) for m in (split, concat)]
+  assert float(jnp.abs(ev[1]).std()) > 1e-3  # not all rectified away
+  np.testing.assert_allclose(ev[0], ev[1], rtol=1e-4, atol=1e-5 * float(jnp.abs(ev[1]).max()))
+
+  def loss(m):
+    def f(p):
+      (y, aux), _ = m.apply({"params": p, "batch_stats": stats}, x, train=True,
+                            rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+      return jnp.mean(y ** 2) + jnp.mean(aux["aux"] ** 2)
+    return jax.jit(jax.value_and_grad(f))
+
+  (l0, g0), (l1, g1) = [loss(m)(v["params"]) for m in (split, concat)]
+  np.testing.assert_allclose(l0, l1, rtol=1e-5)
+  head0, head1 = g0["head"]["conv"]["conv"]["kernel"], g1["head"]["conv"]["conv"]["kernel"]
+  assert head0.shape == head1.shape == (3, 3, 64, 8)  # layer4's 32 channels + 4 bins of 8
+  assert float(jnp.abs(head0[:, :, 32:]).min()) > 0  # the bins' part of the kernel is trained
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()) + 1e-12)
 
 
 def _np_adaptive_avg_pool(x, bins):

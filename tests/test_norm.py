@@ -502,6 +502,38 @@ def test_conv_is_not_folded_off_onednn(monkeypatch):
                                 jax.jit(lambda v, x: separate.apply(v, x, False))(v, x))
 
 
+class _ConvBNAddBefore(nn.Module):
+  folded_form: bool
+
+  @nn.compact
+  def __call__(self, x, train, add=None, residual=None):
+    fn, p = _conv_pair(6, x.shape[-1], False)()
+    bn = BatchNorm(use_running_average=not train, relu=True, name="bn", **KW)
+    if self.folded_form:
+      return bn(x, conv=(fn, p), add_before=add, residual=residual)
+    return bn(fn(x, *p) + (0 if add is None else add), residual=residual)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_add_before_is_normalised_with_the_convolution_output(residual):
+  """``add_before`` joins the convolution's output before the normalisation: at evaluation
+  (folded: ``scale * add_before`` in the epilogue's residual) and in training, equal to
+  adding it to the output first; a wrong shape is named."""
+  x = _x((2, 9, 7, 5), offset=0.3)
+  add = _x((2, 9, 7, 6), seed=4)
+  res = _x((2, 9, 7, 6), seed=3) if residual else None
+  folded, separate = _ConvBNAddBefore(True), _ConvBNAddBefore(False)
+  v = _trained_variables(folded, x)
+  for train in (False, True):
+    f = lambda m: jax.jit(lambda v, x, a, r: m.apply(v, x, train, a, r, mutable=["batch_stats"]))  # noqa: E731
+    (y, _), (y_ref, _) = f(folded)(v, x, add, res), f(separate)(v, x, add, res)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(y - f(folded)(v, x, add * 0, res)[0]).max()) > 0.1
+  with pytest.raises(ValueError, match="add_before shape"):
+    BatchNorm(**KW).apply(_variables((2, 9, 7, 6)), _x((2, 9, 7, 6)), use_running_average=True,
+                          add_before=add[:1])
+
+
 class _Chain(nn.Module):
   explicit: bool
 

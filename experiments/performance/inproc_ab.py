@@ -61,6 +61,9 @@ Changes (``--change``):
   by an XLA multiply, and not folded where the kernel outweighs the output (before) vs
   applied by oneDNN's kernel reorder (``JsegConvScaleBias``), folded wherever oneDNN
   reorders the kernel anyway (now).
+- ``split_head``: PSPNet's head convolution over the upsampled pyramid concatenated with
+  the features (before) vs in parts, the bins' part at their pooled sizes
+  (``pspnet.PyramidConvBNReLU``, ``layers.conv_of_resized``; now).
 - ``grad_norm`` (with ``--train``): the gradients' global norm (the ``grad_norm`` metric)
   as one reduction over all gradients concatenated (before, ``JSEG_NORM=xla``) vs one
   ``JsegSumSquares`` call reading them where they lie (now).
@@ -258,7 +261,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -342,6 +345,17 @@ def main() -> None:
                                                          eps, relu, momentum)
     return fn(y, *args), new_mean, new_var
 
+  split_head = pspnet.PyramidHead
+
+  class ConcatHead(pspnet.FCNHead):
+    """PSPNet's head on the upsampled concatenation (before): same parameters."""
+
+    @nn.compact
+    def __call__(self, x, bins, train):
+      import jax.numpy as jnp
+      y = jnp.concatenate([x] + [layers.resize_bilinear(b, x.shape[1:3]) for b in bins], -1)
+      return pspnet.FCNHead.__call__(self, y, train)
+
   def patch(before: bool) -> None:
     if a.change == "upconv":
       for m in mods:  # the networks look the layer up in their own module at call time
@@ -383,6 +397,8 @@ def main() -> None:
       layers.onednn_depthwise_forward_kernel = (lambda *args: False) if before else dw_fwd_kernel
     elif a.change == "grad_norm":
       os.environ["JSEG_NORM"] = "xla" if before else "auto"
+    elif a.change == "split_head":
+      pspnet.PyramidHead = ConcatHead if before else split_head
     elif a.change == "scale_reorder":
       conv_mod.onednn_conv = xla_scaled if before else reorder_scaled
     elif a.change == "bn_fold":

@@ -123,6 +123,53 @@ def resize_logits(x: jax.Array, size: tuple[int, int], train: bool = True) -> ja
   return jnp.transpose(t, (0, 2, 3, 1))
 
 
+def conv_of_resized(xs: Sequence[jax.Array], kernels: Sequence[jax.Array],
+                    size: tuple[int, int]) -> jax.Array:
+  """``sum_i conv(resize_bilinear(xs[i], size), kernels[i])`` without the resized maps.
+
+  Each convolution: stride 1, odd square kernel (HWIO), zero padding ``(k - 1) // 2``
+  (``pad_same``): the half of a decoder's convolution that reads upsampled channels out of a
+  concatenation (PSPNet's pyramid, DeepLab v3+'s ASPP output). Resizing is linear and acts
+  on each channel alike, so it commutes with a tap's channel mixing: every tap's product
+  ``x @ k[dy, dx]`` runs at the small size, and the resize with the tap's shift is one
+  fixed matrix per axis (``interp_matrix``'s rows moved by the tap, zero past the edge).
+  The same function up to float32 rounding; PSPNet's 4 bins at a 64x64 map cost ~0.2
+  GFLOP here against 39 GFLOP as half of the head's 3x3 convolution.
+  """
+  if len(xs) != len(kernels) or not xs:
+    raise ValueError(f"conv_of_resized: {len(xs)} inputs for {len(kernels)} kernels.")
+  n, (oh, ow) = xs[0].shape[0], (int(size[0]), int(size[1]))
+  hi = jax.lax.Precision.HIGHEST
+  rows, parts = [], []
+  for x, k in zip(xs, kernels):
+    kh, kw, c, f = k.shape
+    if x.ndim != 4 or x.shape[0] != n or x.shape[-1] != c or kh % 2 == 0 or kw % 2 == 0:
+      raise ValueError(f"conv_of_resized: input {x.shape} and kernel {k.shape} do not match "
+                       "(NHWC input, odd HWIO kernel over its channels, one batch size).")
+    h, w = x.shape[1:3]
+    z = jnp.einsum("nhwc,yxcf->nyxhwf", x, k.astype(x.dtype))  # every tap at the small size
+    cols = jnp.asarray(_shifted_interp(w, ow, kw), x.dtype)  # (kw, ow, w)
+    t = jnp.einsum("xWw,nyxhwf->nyhWf", cols, z, precision=hi)
+    parts.append(t.reshape(n, kh * h, ow, f))
+    rows.append(_shifted_interp(h, oh, kh).transpose(1, 0, 2).reshape(oh, kh * h))
+  t = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+  r = jnp.asarray(np.concatenate(rows, axis=1), t.dtype)
+  # Batched over n (r broadcast) so that the product comes out NHWC without a transpose.
+  return jnp.einsum("nHk,nkWf->nHWf", jnp.broadcast_to(r, (n,) + r.shape), t, precision=hi)
+
+
+def _shifted_interp(n_in: int, n_out: int, taps: int) -> np.ndarray:
+  """``(taps, n_out, n_in)``: tap ``j`` of a 'same' convolution reads resized sample
+  ``o + j - taps // 2`` at output ``o`` (zero outside ``[0, n_out)``)."""
+  m = interp_matrix(n_in, n_out)
+  out = np.zeros((taps, n_out, n_in), np.float32)
+  for j in range(taps):
+    d = j - taps // 2
+    lo, hi = max(0, -d), min(n_out, n_out - d)
+    out[j, lo:hi] = m[lo + d:hi + d]
+  return out
+
+
 def _loss_native_active() -> bool:
   from jseg import losses  # noqa: PLC0415 - losses imports the models package
   return losses.loss_native_active()

@@ -66,8 +66,13 @@ class BatchNorm(nn.Module):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None,
                residual: jax.Array | None = None,
                then: tuple[Callable, tuple] | None = None,
-               conv: tuple[Callable, tuple] | None = None) -> jax.Array:
+               conv: tuple[Callable, tuple] | None = None,
+               add_before: jax.Array | None = None) -> jax.Array:
     """Normalised ``x`` (plus ``residual``, before the ReLU: a ResNet block's end).
+
+    ``add_before``: added to ``x`` (to the convolution's output with ``conv=``) before it is
+    normalised: the rest of a convolution computed in parts (``layers.conv_of_resized``).
+    Folded at evaluation as ``scale * add_before`` into the epilogue's residual.
 
     ``then=(fn, args)`` returns ``fn(y, *args)`` for the normalised ``y`` instead, e.g. the
     convolution this layer feeds. In training on the native kernels ``y`` is then not kept
@@ -92,6 +97,11 @@ class BatchNorm(nn.Module):
               and conv_lib.onednn_active())
       if not fold:
         x, conv = fn(x, *conv_params), None
+    if add_before is not None and conv is None:
+      if add_before.shape != x.shape:
+        raise ValueError(f"BatchNorm: add_before shape {add_before.shape} is not the input's "
+                         f"{x.shape}.")
+      x, add_before = x + add_before.astype(x.dtype), None
     c = x.shape[-1] if conv is None else conv_params[0].shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
@@ -106,6 +116,9 @@ class BatchNorm(nn.Module):
       if conv is not None:  # folded (above)
         kernel, conv_bias = conv_params[0], (conv_params[1] if len(conv_params) > 1 else None)
         shift = b if conv_bias is None else b + a * conv_bias
+        if add_before is not None:
+          added = add_before * a.astype(add_before.dtype)
+          residual = added if residual is None else residual + added
         y = fn(x, kernel, epilogue=conv_lib.Epilogue(a, shift, self.relu, residual))
         return y if then is None else then[0](y, *then[1])
       y = jnp.asarray(x * a + b, dtype)

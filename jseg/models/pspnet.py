@@ -10,43 +10,121 @@ adds deep supervision (paper Sec. 3.3, loss weight 0.4 in the config).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
-from jseg.models.conv import Conv
+from jseg.models.conv import Conv, then_conv
 from jseg.models.layers import (
     ConvBNReLU,
     adaptive_avg_pools,
     check_min_size,
     check_nhwc,
+    conv_of_resized,
+    pad_same,
     resize_bilinear,
     resize_logits,
 )
+from jseg.models.norm import BatchNorm
 from jseg.registry import MODELS
 
 Dtype = Any
 
 
 class PyramidPooling(nn.Module):
-  """Pyramid pooling module (PSPNet Sec. 3.2): pool, reduce, upsample, concat."""
+  """Pyramid pooling module (PSPNet Sec. 3.2): pool, reduce, upsample, concat.
+
+  ``concat=False`` returns the bins' reduced maps at their pooled sizes instead (for
+  ``PyramidHead``, which never builds the upsampled concatenation).
+  """
 
   bins: Sequence[int] = (1, 2, 3, 6)
   reduction_features: int = 512
   dtype: Dtype = jnp.float32
+  concat: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array | list[jax.Array]:
     size = x.shape[1:3]
-    outs = [x]
+    outs = []
     for b, y in zip(self.bins, adaptive_avg_pools(x, self.bins)):
-      y = ConvBNReLU(self.reduction_features, kernel=1, dtype=self.dtype, name=f"bin{b}")(y, train)
-      outs.append(resize_bilinear(y, size))
-    return jnp.concatenate(outs, axis=-1)
+      outs.append(ConvBNReLU(self.reduction_features, kernel=1, dtype=self.dtype,
+                             name=f"bin{b}")(y, train))
+    if not self.concat:
+      return outs
+    return jnp.concatenate([x] + [resize_bilinear(y, size) for y in outs], axis=-1)
+
+
+class PyramidConvBNReLU(nn.Module):
+  """``ConvBNReLU`` (3x3) over ``concat([x] + [resize(b) for b in bins])``, computed in parts.
+
+  The convolution's input channels split as the concatenation would: ``x``'s part is a
+  convolution at full size, the bins' part ``layers.conv_of_resized`` at their pooled sizes,
+  added before the BatchNorm (at evaluation in the convolution's call). Same parameters
+  (one kernel over all channels) and function as ``ConvBNReLU`` on the concatenation up to
+  float32 rounding; the 4096-channel concatenation is never written, and the convolution
+  reads 2048 input channels instead of 4096 (PSPNet's head: half its multiply-adds).
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bins: Sequence[jax.Array], train: bool) -> jax.Array:
+    conv = Conv(self.features, (3, 3), padding=pad_same(3), use_bias=False, dtype=self.dtype,
+                name="conv", parent=None)
+    widths = [x.shape[-1]] + [b.shape[-1] for b in bins]
+    fn, (kernel,) = then_conv(conv, sum(widths))
+    k_x, *k_bins = split_channels(kernel, tuple(widths))
+    rest = conv_of_resized([b.astype(self.dtype) for b in bins],
+                           [k.astype(self.dtype) for k in k_bins], x.shape[1:3])
+    bn = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                   relu=True, name="bn")
+    return bn(x, conv=(fn, (k_x,)), add_before=rest)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_channels(kernel: jax.Array, widths: tuple[int, ...]) -> list[jax.Array]:
+  """``kernel`` (HWIO) cut along its input channels into pieces of ``widths``.
+
+  The gradient is the pieces' gradients concatenated: autodiff of the slices padded each
+  piece's gradient to the whole kernel and added them (paper-sized PSPNet's step: ~200 MB
+  more temporaries for its 3x3x4096x512 head kernel).
+  """
+  cuts = np.cumsum((0,) + widths)
+  return [kernel[:, :, a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _split_channels_fwd(kernel, widths):
+  return split_channels(kernel, widths), None
+
+
+def _split_channels_bwd(widths, _, gs):
+  return (jnp.concatenate(gs, axis=2),)
+
+
+split_channels.defvjp(_split_channels_fwd, _split_channels_bwd)
+
+
+class PyramidHead(nn.Module):
+  """``FCNHead`` (same parameters) on the pyramid's parts (``PyramidConvBNReLU``)."""
+
+  num_classes: int
+  features: int = 512
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bins: Sequence[jax.Array], train: bool) -> jax.Array:
+    x = PyramidConvBNReLU(self.features, dtype=self.dtype, name="conv")(x, bins, train)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
 
 
 class FCNHead(nn.Module):
@@ -77,6 +155,7 @@ class PSPNet(nn.Module):
   aux_features: int = 256
   dropout: float = 0.1
   deep_stem: bool = False
+  split_head: bool = True  # PyramidHead: no concatenation, same parameters and function
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -93,10 +172,14 @@ class PSPNet(nn.Module):
         name="backbone",
     )(x.astype(self.dtype), train)
     top = feats["layer4"]
-    y = PyramidPooling(
-        self.bins, top.shape[-1] // len(self.bins), dtype=self.dtype, name="ppm"
-    )(top, train)
-    y = FCNHead(self.num_classes, self.head_features, self.dropout, self.dtype, name="head")(y, train)
+    ppm = PyramidPooling(self.bins, top.shape[-1] // len(self.bins), dtype=self.dtype,
+                         concat=not self.split_head, name="ppm")
+    if self.split_head:
+      y = PyramidHead(self.num_classes, self.head_features, self.dropout, self.dtype,
+                      name="head")(top, ppm(top, train), train)
+    else:
+      y = FCNHead(self.num_classes, self.head_features, self.dropout, self.dtype,
+                  name="head")(ppm(top, train), train)
     aux = {}
     if train and self.aux_head:
       a = FCNHead(
@@ -124,5 +207,6 @@ def build_pspnet(cfg: ml_collections.ConfigDict) -> PSPNet:
       aux_features=cfg.get("aux_features", 256),
       dropout=cfg.get("dropout", 0.1),
       deep_stem=cfg.get("deep_stem", False),
+      split_head=cfg.get("split_head", True),
       dtype=jnp.dtype(cfg.get("dtype", "float32")),
   )
