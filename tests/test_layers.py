@@ -237,6 +237,19 @@ def test_conv_of_resized_equals_conv_of_resized_maps(srcs, dst, k):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_conv_of_resized_over_one_kernel_at_an_offset():
+  """``offset``: the inputs' channels are a window of one kernel's input channels (the rest
+  unused), the same sum as with each input's slice of that kernel."""
+  xs = [_rand((2, s, s, 3), seed=i) for i, s in enumerate((1, 2, 6))]
+  kernel = _rand((3, 3, 5 + 9 + 2, 4), seed=7)
+  slices = [kernel[:, :, 5 + 3 * i:8 + 3 * i] for i in range(3)]
+  got = jax.jit(lambda xs, k: layers.conv_of_resized(xs, k, (11, 9), offset=5))(xs, kernel)
+  want = jax.jit(lambda xs, ks: layers.conv_of_resized(xs, ks, (11, 9)))(xs, slices)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="do not match"):
+    layers.conv_of_resized(xs, kernel, (11, 9), offset=8)  # 8 + 9 channels > 16
+
+
 def test_conv_of_resized_rejects_mismatched_inputs():
   with pytest.raises(ValueError, match="kernel"):
     layers.conv_of_resized([jnp.zeros((1, 2, 2, 3))], [jnp.zeros((3, 3, 4, 5))], (4, 4))

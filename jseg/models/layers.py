@@ -123,33 +123,65 @@ def resize_logits(x: jax.Array, size: tuple[int, int], train: bool = True) -> ja
   return jnp.transpose(t, (0, 2, 3, 1))
 
 
-def conv_of_resized(xs: Sequence[jax.Array], kernels: Sequence[jax.Array],
-                    size: tuple[int, int]) -> jax.Array:
+def conv_of_resized(xs: Sequence[jax.Array], kernels: Sequence[jax.Array] | jax.Array,
+                    size: tuple[int, int], offset: int | None = None) -> jax.Array:
   """``sum_i conv(resize_bilinear(xs[i], size), kernels[i])`` without the resized maps.
 
   Each convolution: stride 1, odd square kernel (HWIO), zero padding ``(k - 1) // 2``
-  (``pad_same``): the half of a decoder's convolution that reads upsampled channels out of a
-  concatenation (PSPNet's pyramid, DeepLab v3+'s ASPP output). Resizing is linear and acts
-  on each channel alike, so it commutes with a tap's channel mixing: every tap's product
-  ``x @ k[dy, dx]`` runs at the small size, and the resize with the tap's shift is one
-  fixed matrix per axis (``interp_matrix``'s rows moved by the tap, zero past the edge).
-  The same function up to float32 rounding; PSPNet's 4 bins at a 64x64 map cost ~0.2
-  GFLOP here against 39 GFLOP as half of the head's 3x3 convolution.
+  (``pad_same``): the part of a decoder's convolution that reads upsampled channels out of a
+  concatenation (PSPNet's pyramid). Resizing is linear and acts on each channel alike, so it
+  commutes with a tap's channel mixing: every tap's product ``x @ k[dy, dx]`` runs at the
+  small size, and the resize with the tap's shift is one fixed matrix per axis
+  (``interp_matrix``'s rows moved by the tap, zero past the edge). The same function up to
+  float32 rounding; PSPNet's 4 bins at a 64x64 map cost ~0.2 GFLOP here against 39 GFLOP
+  as half of the head's 3x3 convolution.
+
+  ``offset``: ``kernels`` is one kernel whose input channels ``[offset, offset + sum of the
+  inputs' channels)`` are the inputs' in order; the taps' products then run as one dot
+  over all its input channels (the others against zeros) instead of reading slices of it,
+  which XLA copies (PSPNet's 3x3x4096x512 head kernel: 7.5 ms this way, 14.5 ms with the
+  slices, ``experiments/performance/bin_taps.py``). For evaluation: its gradient would be
+  kernel-sized.
   """
-  if len(xs) != len(kernels) or not xs:
+  if offset is None and len(xs) != len(kernels) or not xs:
     raise ValueError(f"conv_of_resized: {len(xs)} inputs for {len(kernels)} kernels.")
   n, (oh, ow) = xs[0].shape[0], (int(size[0]), int(size[1]))
-  hi = jax.lax.Precision.HIGHEST
-  rows, parts = [], []
-  for x, k in zip(xs, kernels):
-    kh, kw, c, f = k.shape
-    if x.ndim != 4 or x.shape[0] != n or x.shape[-1] != c or kh % 2 == 0 or kw % 2 == 0:
+  ks = [kernels] * len(xs) if offset is not None else list(kernels)
+  cin = list(np.cumsum([offset or 0] + [x.shape[-1] for x in xs]))
+  for i, (x, k) in enumerate(zip(xs, ks)):
+    kh, kw, c, _ = k.shape
+    c_ok = (cin[i + 1] <= c) if offset is not None else (x.shape[-1] == c)
+    if x.ndim != 4 or x.shape[0] != n or not c_ok or kh % 2 == 0 or kw % 2 == 0:
       raise ValueError(f"conv_of_resized: input {x.shape} and kernel {k.shape} do not match "
                        "(NHWC input, odd HWIO kernel over its channels, one batch size).")
+  kh, kw, _, f = ks[0].shape
+  taps = kh * kw
+  # Every tap's product at the small size, the taps as the dot's batch dimension (the
+  # kernel's own layout: an einsum over ``yxcf`` transposed each kernel first).
+  if offset is not None:
+    if any(k.shape[:2] != (kh, kw) for k in ks):
+      raise ValueError("conv_of_resized: one kernel size with `offset`.")
+    lhs = jnp.concatenate([
+        jnp.pad(x.reshape(-1, x.shape[-1]), ((0, 0), (cin[i], ks[0].shape[2] - cin[i + 1])))
+        for i, x in enumerate(xs)])
+    z_all = jnp.einsum("tmc,tcf->tmf", jnp.broadcast_to(lhs, (taps,) + lhs.shape),
+                       ks[0].astype(lhs.dtype).reshape(taps, -1, f))
+    rows_at = np.cumsum([0] + [x.size // x.shape[-1] for x in xs])
+    zs = [z_all[:, a:b] for a, b in zip(rows_at[:-1], rows_at[1:])]
+  else:
+    zs = []
+    for x, k in zip(xs, ks):
+      lhs, t_k = x.reshape(-1, x.shape[-1]), k.shape[0] * k.shape[1]
+      zs.append(jnp.einsum("tmc,tcf->tmf", jnp.broadcast_to(lhs, (t_k,) + lhs.shape),
+                           k.astype(x.dtype).reshape(t_k, -1, k.shape[-1])))
+  hi = jax.lax.Precision.HIGHEST
+  rows, parts = [], []
+  for x, k, z in zip(xs, ks, zs):
+    kh, kw, _, f = k.shape
     h, w = x.shape[1:3]
-    z = jnp.einsum("nhwc,yxcf->nyxhwf", x, k.astype(x.dtype))  # every tap at the small size
+    z = z.reshape(kh, kw, n, h, w, f)
     cols = jnp.asarray(_shifted_interp(w, ow, kw), x.dtype)  # (kw, ow, w)
-    t = jnp.einsum("xWw,nyxhwf->nyhWf", cols, z, precision=hi)
+    t = jnp.einsum("xWw,yxnhwf->nyhWf", cols, z, precision=hi)
     parts.append(t.reshape(n, kh * h, ow, f))
     rows.append(_shifted_interp(h, oh, kh).transpose(1, 0, 2).reshape(oh, kh * h))
   t = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]

@@ -81,9 +81,13 @@ class PyramidConvBNReLU(nn.Module):
                 name="conv", parent=None)
     widths = [x.shape[-1]] + [b.shape[-1] for b in bins]
     fn, (kernel,) = then_conv(conv, sum(widths))
-    k_x, *k_bins = split_channels(kernel, tuple(widths))
-    rest = conv_of_resized([b.astype(self.dtype) for b in bins],
-                           [k.astype(self.dtype) for k in k_bins], x.shape[1:3])
+    bins = [b.astype(self.dtype) for b in bins]
+    if train:
+      k_x, *k_bins = split_channels(kernel, tuple(widths))
+      rest = conv_of_resized(bins, [k.astype(self.dtype) for k in k_bins], x.shape[1:3])
+    else:  # no slices of the kernel for the bins' part (no gradient wanted)
+      k_x = kernel[:, :, : widths[0]]
+      rest = conv_of_resized(bins, kernel.astype(self.dtype), x.shape[1:3], offset=widths[0])
     bn = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                    relu=True, name="bn")
     return bn(x, conv=(fn, (k_x,)), add_before=rest)
