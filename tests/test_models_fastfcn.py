@@ -63,6 +63,37 @@ def test_other_heads(head):
   assert ("ppm" if head == "psp" else "aspp") in v["params"]
 
 
+def test_psp_head_in_parts_equals_the_concatenation(monkeypatch):
+  """The PSP head runs as pspnet.PyramidHead: same variables and logits as FCNHead over the
+  upsampled concatenation (the form before)."""
+  from flax import linen as nn
+
+  from jseg.models import fastfcn
+  from jseg.models.layers import resize_bilinear
+  from jseg.models.pspnet import FCNHead
+
+  class ConcatHead(FCNHead):
+    @nn.compact
+    def __call__(self, x, bins, train):
+      y = jnp.concatenate([x] + [resize_bilinear(b, x.shape[1:3]) for b in bins], -1)
+      return FCNHead.__call__(self, y, train)
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 49, 35, 3)), jnp.float32)
+  m = _model(head="psp")
+  v = m.init(RNGS, x, train=False)
+  rng = np.random.default_rng(1)
+  v = {"params": v["params"], "batch_stats": jax.tree_util.tree_map_with_path(
+      lambda p, t: jnp.asarray(rng.uniform(0.5, 1.5, t.shape) if p[-1].key == "var"
+                               else rng.normal(0, 0.1, t.shape), jnp.float32), v["batch_stats"])}
+  parts = jax.jit(lambda v: m.apply(v, x, train=False)[0])(v)
+  monkeypatch.setattr(fastfcn, "PyramidHead", ConcatHead)
+  v_ref = m.init(RNGS, x, train=False)
+  assert jax.tree.structure(v_ref["params"]) == jax.tree.structure(v["params"])
+  concat = jax.jit(lambda v: m.apply(v, x, train=False)[0])(v)
+  assert float(jnp.abs(concat).std()) > 1e-3
+  np.testing.assert_allclose(parts, concat, rtol=1e-4, atol=1e-5 * float(jnp.abs(concat).max()))
+
+
 def test_aux_head_only_in_training():
   x = jnp.zeros((2, 45, 37, 3))
   v, logits, aux, _ = _shapes(_model(), x, train=True)

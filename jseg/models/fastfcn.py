@@ -36,7 +36,7 @@ from jseg.models.layers import (
     resize_bilinear,
     resize_logits,
 )
-from jseg.models.pspnet import FCNHead, PyramidPooling
+from jseg.models.pspnet import FCNHead, PyramidHead, PyramidPooling
 from jseg.registry import MODELS
 from jseg.models.norm import BatchNorm
 
@@ -130,8 +130,12 @@ class FastFCN(nn.Module):
     if self.head == "fcn":
       y = FCNHead(self.num_classes, self.head_features, self.dropout, dt, name="head")(top, train)
     elif self.head == "psp":
-      y = PyramidPooling((1, 2, 3, 6), top.shape[-1] // 4, dtype=dt, name="ppm")(top, train)
-      y = FCNHead(self.num_classes, self.head_features, self.dropout, dt, name="head")(y, train)
+      # PSPNet's head in parts (pspnet.PyramidHead): same parameters as FCNHead on the
+      # upsampled concatenation, without it.
+      bins = PyramidPooling((1, 2, 3, 6), top.shape[-1] // 4, dtype=dt, concat=False,
+                            name="ppm")(top, train)
+      y = PyramidHead(self.num_classes, self.head_features, self.dropout, dt,
+                      name="head")(top, bins, train)
     else:
       stride = 8 if self.jpu else self.output_stride
       rates = tuple(r * 16 // stride for r in (6, 12, 18))
