@@ -344,6 +344,41 @@ def test_pixel_transpose_conv_matches_numpy_and_nn_conv_transpose(stride):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
 
 
+def test_pixel_transpose_conv_blocked_chain_and_relu_match_depth_to_space():
+  """Two layers with ReLU and a 1x1 conv, blocked (``depth_to_space=False``) then
+  ``unblock_pixels``, against the interleaved layers: values and every gradient."""
+  x = _rand((2, 3, 5, 4))
+  strides = (2, 3)
+  convs = [layers.PixelTransposeConv(6, s, relu=True, name=f"u{i}") for i, s in enumerate(strides)]
+  blocked = [layers.PixelTransposeConv(6, s, relu=True, depth_to_space=False) for s in strides]
+  plain = [layers.PixelTransposeConv(6, s) for s in strides]
+  ks = [_rand((s, s, c, 6), 10 + i) for i, (s, c) in enumerate(zip(strides, (4, 6)))]
+  bs = [_rand((6,), 20 + i) for i in range(2)]
+  w1 = _rand((6, 3), 30)
+
+  def run(mods, relu_after, x, ks, bs, w1, unblock):
+    y = x
+    for m, k, b in zip(mods, ks, bs):
+      y = m.apply({"params": {"kernel": k, "bias": b}}, y)
+      y = jax.nn.relu(y) if relu_after else y
+    y = y @ w1
+    return layers.unblock_pixels(y, x.shape[2], strides) if unblock else y
+
+  f_blocked = lambda *a: run(blocked, False, *a, unblock=True)  # noqa: E731
+  f_relu = lambda *a: run(convs, False, *a, unblock=False)  # noqa: E731
+  f_ref = lambda *a: run(plain, True, *a, unblock=False)  # noqa: E731
+  args = (x, ks, bs, w1)
+  y_ref, g_ref = _value_and_grads(f_ref, args)
+  assert y_ref.shape == (2, 18, 30, 3)
+  for f in (f_blocked, f_relu):
+    y, g = _value_and_grads(f, args)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, e in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+      np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="unblock_pixels"):
+    layers.unblock_pixels(jnp.zeros((1, 3, 5 * 36 + 1, 2)), 5, strides)
+
+
 @pytest.mark.parametrize("kernel,stride,dilation,hw", [
     (3, 1, 1, (9, 8)), (3, 2, 1, (9, 8)), (3, 1, 2, (9, 7)), (3, 2, 2, (10, 7)),
     (5, 2, 3, (13, 12)),

@@ -78,6 +78,36 @@ def test_logits_at_odd_input_sizes():
     assert logits.shape == (2, *hw, K) and aux == {}
 
 
+def test_blocked_upsampling_is_the_same_function():
+  """The blocked upsampling chain (one interleave after the classifier) against the
+  interleaved layers, same parameters: logits and every parameter's gradient."""
+  x = jnp.asarray(_rand((2, 32, 48, 3)))
+  cfgs = [ml_collections.ConfigDict({**TINY, "blocked_upsampling": b}) for b in (True, False)]
+  blocked, plain = (build_model(c) for c in cfgs)
+  v = plain.init(jax.random.key(0), x, train=False)
+  # Bias and classifier weights away from 0 so that ReLU masks and every term matter.
+  v = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(_rand(a.shape, a.size % 97)), v)
+  r = jnp.asarray(_rand((2, 32, 48, K), 5))
+
+  def grads(m):
+    return jax.jit(jax.grad(lambda v: jnp.sum(m.apply(v, x, train=True)[0] * r)))(v)
+
+  for m in (blocked, plain):
+    assert m.apply(v, x)[0].shape == (2, 32, 48, K)
+  np.testing.assert_allclose(blocked.apply(v, x)[0], plain.apply(v, x)[0], rtol=1e-5, atol=1e-4)
+  g_b, g_p = grads(blocked), grads(plain)
+  for path, a in jax.tree_util.tree_leaves_with_path(g_b):
+    e = np.asarray(_at(g_p, path))
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(e).max())),
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _at(tree, path):
+  for p in path:
+    tree = tree[p.key]
+  return tree
+
+
 @pytest.mark.slow
 def test_trains_on_camvid_sample(tfds_cache):
   """A few jitted, data-sharded steps (jseg.trainer.quick_train) at tiny width on the shipped

@@ -64,6 +64,10 @@ Changes (``--change``):
 - ``split_head``: PSPNet's head convolution over the upsampled pyramid concatenated with
   the features (before) vs in parts, the bins' part at their pooled sizes
   (``pspnet.PyramidConvBNReLU``, ``layers.conv_of_resized``; now).
+- ``blocked_up``: CNN+RNN's upsampling chain as transposed convs each interleaved
+  (depth-to-space) with its bias and ReLU as separate ops (before) vs the chain and the
+  classifier on pixel blocks, interleaved once at the end, bias and ReLU in oneDNN's call
+  (now, ``PixelTransposeConv(depth_to_space=False, relu=True)``, ``layers.unblock_pixels``).
 - ``grad_norm`` (with ``--train``): the gradients' global norm (the ``grad_norm`` metric)
   as one reduction over all gradients concatenated (before, ``JSEG_NORM=xla``) vs one
   ``JsegSumSquares`` call reading them where they lie (now).
@@ -261,7 +265,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -356,6 +360,29 @@ def main() -> None:
       y = jnp.concatenate([x] + [layers.resize_bilinear(b, x.shape[1:3]) for b in bins], -1)
       return pspnet.FCNHead.__call__(self, y, train)
 
+  blocked_up = (cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels)
+
+  class InterleavedUp(nn.Module):
+    """PixelTransposeConv before ``relu=``/``depth_to_space=``: same parameters."""
+    features: int
+    stride: int = 2
+    use_bias: bool = True
+    dtype: object = None
+    relu: bool = False
+    depth_to_space: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+      import jax.numpy as jnp
+      s, (n, h, w, c) = self.stride, x.shape
+      kernel = self.param("kernel", nn.initializers.lecun_normal(), (s, s, c, self.features), jnp.float32)
+      k = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(1, 1, c, s * s * self.features)
+      y = conv_mod.conv_general_dilated(x, k, (1, 1), ((0, 0), (0, 0)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = y.reshape(n, h, w, s, s, self.features).transpose(0, 1, 3, 2, 4, 5).reshape(n, h * s, w * s, self.features)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      return nn.relu(y) if self.relu else y
+
   def patch(before: bool) -> None:
     if a.change == "upconv":
       for m in mods:  # the networks look the layer up in their own module at call time
@@ -397,6 +424,9 @@ def main() -> None:
       layers.onednn_depthwise_forward_kernel = (lambda *args: False) if before else dw_fwd_kernel
     elif a.change == "grad_norm":
       os.environ["JSEG_NORM"] = "xla" if before else "auto"
+    elif a.change == "blocked_up":
+      cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels = (
+          (InterleavedUp, lambda y, width, strides: y) if before else blocked_up)
     elif a.change == "split_head":
       pspnet.PyramidHead = ConcatHead if before else split_head
     elif a.change == "scale_reorder":

@@ -28,7 +28,8 @@ from flax import linen as nn
 
 from jseg.models.conv import Conv, conv_relu
 from jseg.models.layers import (
-    PixelTransposeConv, check_min_size, check_nhwc, max_pool_2x2, pad_same, resize_bilinear)
+    PixelTransposeConv, check_min_size, check_nhwc, max_pool_2x2, pad_same, resize_bilinear,
+    unblock_pixels)
 from jseg.registry import MODELS
 
 Dtype = Any
@@ -97,6 +98,11 @@ class CNNRNN(nn.Module):
     hidden: GRU units per direction of each ReNet layer.
     patches: patch size of each ReNet layer.
     up_features: channels of the stride-2 transposed convs.
+    blocked_upsampling: where the input size is a multiple of the network's stride (the
+      final resize is then the identity), run the transposed convs and the 1x1 classifier
+      on pixel blocks and interleave once, on the classifier's output
+      (``layers.unblock_pixels``): the same function without a depth-to-space copy of
+      ``up_features`` channels per layer, and the ReLUs run in the convolutions' calls.
   """
 
   num_classes: int
@@ -105,6 +111,7 @@ class CNNRNN(nn.Module):
   hidden: Sequence[int] = (100, 100)
   patches: Sequence[int] = (2, 1)
   up_features: int = 100
+  blocked_upsampling: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -129,11 +136,17 @@ class CNNRNN(nn.Module):
       y = max_pool_2x2(y)
     for i, (h, p) in enumerate(zip(self.hidden, self.patches)):
       y = ReNetLayer(h, p, self.dtype, name=f"renet{i + 1}")(y)
-    for i in range(int(math.log2(stride))):
-      y = PixelTransposeConv(self.up_features, 2, dtype=self.dtype, name=f"up{i + 1}")(y)
-      y = nn.relu(y)
-    y = resize_bilinear(y, size)
+    ups = int(math.log2(stride))
+    blocked = self.blocked_upsampling and size[0] % stride == 0 and size[1] % stride == 0
+    width = y.shape[2]
+    for i in range(ups):
+      y = PixelTransposeConv(self.up_features, 2, dtype=self.dtype, relu=True,
+                             depth_to_space=not blocked, name=f"up{i + 1}")(y)
+    if not blocked:
+      y = resize_bilinear(y, size)
     y = Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(y)
+    if blocked:
+      y = unblock_pixels(y, width, (2,) * ups)
     return y.astype(jnp.float32), {}
 
 
@@ -149,5 +162,6 @@ def build_cnn_rnn(cfg: ml_collections.ConfigDict) -> CNNRNN:
       hidden=tuple(cfg.get("hidden", (100, 100))),
       patches=patches,
       up_features=cfg.get("up_features", 100),
+      blocked_upsampling=cfg.get("blocked_upsampling", True),
       dtype=jnp.dtype(cfg.get("dtype", "float32")),
   )

@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from jseg import native
 from jseg.inference import interp_matrix
-from jseg.models.conv import (Conv, conv_general_dilated, onednn_active,
+from jseg.models.conv import (Conv, Epilogue, conv_general_dilated, onednn_active,
                               onednn_depthwise_forward_kernel, onednn_depthwise_kernels,
                               onednn_depthwise_without_gemm, then_conv)
 from jseg.models.norm import BatchNorm, conv_bn_chain
@@ -523,12 +523,21 @@ class PixelTransposeConv(nn.Module):
   ``kernel[a, b, c, o] = weight[c, o, a, b]``, written as a matmul followed by
   depth-to-space. On XLA:CPU this avoids the slow rhs-dilated convolution of
   ``nn.ConvTranspose``'s kernel gradient.
+
+  ``relu=True`` applies a ReLU, with the bias, in the convolution's own call on oneDNN
+  (``conv.Epilogue``). ``depth_to_space=False`` leaves each input pixel's ``s x s``
+  outputs side by side along W: the output is ``(N, H, W*s*s, O)`` in the order
+  ``(j, a, b)``. Layers that act pixel by pixel (1x1 convolutions, ReLU) can then follow
+  without the interleaving copy, and one ``unblock_pixels`` at the end restores the map
+  (``cnn_rnn``'s upsampling chain).
   """
 
   features: int
   stride: int = 2
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  relu: bool = False
+  depth_to_space: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -537,19 +546,54 @@ class PixelTransposeConv(nn.Module):
     kernel = self.param(
         "kernel", nn.initializers.lecun_normal(), (s, s, c, self.features), jnp.float32
     )
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
     # A 1x1 convolution to s*s*features channels (NHWC in and out: oneDNN's when it is
     # active), then depth-to-space. As an einsum, XLA:CPU transposed the input to
     # channel-major and the product back (U-Net 512^2 inference: 31 ms of a 544 ms
     # forward in one such copy).
     k = jnp.transpose(kernel.astype(self.dtype), (2, 0, 1, 3)).reshape(1, 1, c, s * s * self.features)
-    y = conv_general_dilated(x, k, (1, 1), ((0, 0), (0, 0)),
-                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dn = ("NHWC", "HWIO", "NHWC")
+    if self.relu or not self.depth_to_space:
+      # Bias (and ReLU) on the s*s*features channels, in the convolution's call on oneDNN.
+      shift = (jnp.zeros((s * s * self.features,), jnp.float32) if bias is None
+               else jnp.tile(bias, s * s))
+      y = conv_general_dilated(x, k, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn,
+                               epilogue=Epilogue(None, shift, relu=self.relu))
+      if not self.depth_to_space:
+        return y.reshape(n, h, w * s * s, self.features)
+      y = y.reshape(n, h, w, s, s, self.features).transpose(0, 1, 3, 2, 4, 5)
+      return y.reshape(n, h * s, w * s, self.features)
+    y = conv_general_dilated(x, k, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn)
     y = y.reshape(n, h, w, s, s, self.features).transpose(0, 1, 3, 2, 4, 5)
     y = y.reshape(n, h * s, w * s, self.features)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    if bias is not None:
       y = y + bias.astype(self.dtype)
     return y
+
+
+def unblock_pixels(y: jax.Array, width: int, strides: Sequence[int]) -> jax.Array:
+  """The map of a chain of ``PixelTransposeConv(depth_to_space=False)`` layers.
+
+  ``y``: ``(N, H, W * prod(s*s), C)`` after layers of ``strides`` (first layer first)
+  applied to an ``(N, H, W, .)`` map (pixel-wise layers between them allowed). Returns
+  ``(N, H * prod(s), W * prod(s), C)``: the output of the same layers with their
+  depth-to-space, by one transpose of the last (smallest) tensor.
+  """
+  n, h, wb, c = y.shape
+  blocks = int(np.prod([s * s for s in strides]))
+  if wb != width * blocks:
+    raise ValueError(f"unblock_pixels: width {wb} is not {width} x {blocks} (strides {tuple(strides)}).")
+  dims = [n, h, width]
+  for s in strides:
+    dims += [s, s]
+  y = y.reshape(*dims, c)
+  levels = len(strides)
+  rows = [3 + 2 * i for i in range(levels)]
+  cols = [4 + 2 * i for i in range(levels)]
+  y = y.transpose(0, 1, *rows, 2, *cols, 3 + 2 * levels)
+  f = int(np.prod(strides))
+  return y.reshape(n, h * f, width * f, c)
 
 
 def _shifted_products(xp: jax.Array, kernel: jax.Array, k: int, d: int, oh: int,
