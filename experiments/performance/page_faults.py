@@ -13,7 +13,9 @@ Variants: ``default`` (jseg's 1 MiB threshold), ``glibc`` (``JSEG_MMAP_THRESHOLD
 glibc's dynamic threshold), ``heap`` (``MALLOC_MMAP_THRESHOLD_`` 4 GiB and
 ``MALLOC_TRIM_THRESHOLD_`` 4 GiB: every block from the heap, kept), ``thp``
 (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: transparent huge pages for malloc's memory,
-the kernel's THP mode being ``madvise`` here), ``heap_thp`` (both).
+the kernel's THP mode being ``madvise`` here), ``heap_thp`` (both), ``heap1`` (``heap`` with
+one malloc arena, ``MALLOC_ARENA_MAX=1``: a thread's own arena maps any block above its
+64 MiB heap size afresh whatever the threshold, so ``heap`` alone still faults there).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ VARIANTS = {
     "thp": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     "heap_thp": {"MALLOC_MMAP_THRESHOLD_": GIB4, "MALLOC_TRIM_THRESHOLD_": GIB4,
                  "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "heap1": {"MALLOC_MMAP_THRESHOLD_": GIB4, "MALLOC_TRIM_THRESHOLD_": GIB4,
+              "MALLOC_ARENA_MAX": "1"},
 }
 
 
@@ -45,7 +49,7 @@ def child(a) -> dict:
   import jax
   import checks
   from jseg import parallel, trainer
-  from jseg.bench.procstats import rss_mb
+  from jseg.bench.procstats import cur_rss_mb, reset_peak_rss, rss_mb
   run, host_batch = checks._setup(a.model, a.batch, a.size, preset=a.preset)
   if a.train:
     state = run.state
@@ -61,17 +65,22 @@ def child(a) -> dict:
     x = jax.device_put(host_batch()["image"])
     f = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
     call = lambda: f(v, x)  # noqa: E731
-  for _ in range(2):
-    jax.block_until_ready(call())
-  times, faults = [], []
+  jax.block_until_ready(call())
+  setup_peak = rss_mb()  # compilation and the first call
+  reset = reset_peak_rss()
+  jax.block_until_ready(call())
+  times, faults, rss = [], [], []
   for _ in range(a.calls):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     times.append(time.perf_counter() - t0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    rss.append(round(cur_rss_mb()))
   return {"ms": round(1e3 * statistics.median(times), 1), "faults": int(statistics.median(faults)),
-          "times_ms": [round(1e3 * t, 1) for t in times], "peak_rss_mb": round(rss_mb(), 1)}
+          "times_ms": [round(1e3 * t, 1) for t in times], "peak_rss_mb": round(rss_mb(), 1),
+          "setup_peak_rss_mb": round(setup_peak, 1),
+          "calls_peak_rss_mb": round(rss_mb(), 1) if reset else None, "rss_after_calls_mb": rss}
 
 
 def main() -> None:
@@ -106,6 +115,9 @@ def main() -> None:
       res = json.loads(line[0][7:])
       print(f"  round {r} {name:9s} median {res['ms']:8.1f} ms/call, {res['faults']:7d} minor faults/call, "
             f"peak RSS {res['peak_rss_mb']:7.1f} MB  ({res['times_ms']})", flush=True)
+      print(f"           peak RSS through compilation and the first call {res['setup_peak_rss_mb']} MB, "
+            f"during the calls {res['calls_peak_rss_mb']} MB; RSS after each call "
+            f"{res['rss_after_calls_mb']}", flush=True)
 
 
 if __name__ == "__main__":
