@@ -15,7 +15,8 @@ glibc's dynamic threshold), ``heap`` (``MALLOC_MMAP_THRESHOLD_`` 4 GiB and
 (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: transparent huge pages for malloc's memory,
 the kernel's THP mode being ``madvise`` here), ``heap_thp`` (both), ``heap1`` (``heap`` with
 one malloc arena, ``MALLOC_ARENA_MAX=1``: a thread's own arena maps any block above its
-64 MiB heap size afresh whatever the threshold, so ``heap`` alone still faults there).
+64 MiB heap size afresh whatever the threshold, so ``heap`` alone still faults there),
+``heap1trim`` (``heap1`` with ``malloc_trim(0)`` after each call, inside the timing).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ VARIANTS = {
                  "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     "heap1": {"MALLOC_MMAP_THRESHOLD_": GIB4, "MALLOC_TRIM_THRESHOLD_": GIB4,
               "MALLOC_ARENA_MAX": "1"},
+    "heap1trim": {"MALLOC_MMAP_THRESHOLD_": GIB4, "MALLOC_TRIM_THRESHOLD_": GIB4,
+                  "MALLOC_ARENA_MAX": "1", "PAGE_FAULTS_TRIM": "1"},
 }
 
 
@@ -74,6 +77,8 @@ def child(a) -> dict:
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     jax.block_until_ready(call())
+    if os.environ.get("PAGE_FAULTS_TRIM"):
+      runtime.release_free_memory()  # malloc_trim(0): the heap's free pages back to the OS
     times.append(time.perf_counter() - t0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     rss.append(round(cur_rss_mb()))
@@ -105,7 +110,8 @@ def main() -> None:
   for r in range(a.rounds):
     for name in a.variants.split(","):
       env = {k: v for k, v in os.environ.items()
-             if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+             if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
+                          "MALLOC_ARENA_MAX", "PAGE_FAULTS_TRIM")}
       env.update(VARIANTS[name])
       out = subprocess.run(args, env=env, capture_output=True, text=True)
       line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
