@@ -779,3 +779,69 @@ def test_scaled_kernel_reorder_cut_over_threads_scales_each_piece_by_its_channel
   np.testing.assert_array_equal(scaled(x, k), xla_scaled(x, k))
   ref = ep.apply(lax.conv_general_dilated(x, k, (1, 1), pads, None, (1, 1), DN, groups))
   np.testing.assert_allclose(scaled(x, k), ref, rtol=1e-5, atol=1e-4)
+
+
+PARTS_EPILOGUES = {
+    "none": None,
+    "bias": "bias",
+    "bn_fold": lambda c, r: conv.Epilogue(jnp.asarray(1.0 + _rand((c,), 11) ** 2),
+                                          jnp.asarray(_rand((c,), 12)), relu=True),
+    "residual": lambda c, r: conv.Epilogue(None, jnp.asarray(_rand((c,), 13)), relu=True,
+                                           residual=r),
+}
+
+
+@pytest.mark.parametrize("widths", [(8, 16, 8), (4, 12), (12,)])
+@pytest.mark.parametrize("epi", list(PARTS_EPILOGUES))
+def test_conv_of_parts_equals_conv_of_their_concatenation(widths, epi):
+  """``parts_function`` (one oneDNN call per part, chained through the residual post-op)
+  against the concatenation then one call: values and every gradient, with a bias, with a
+  folded BatchNorm's scale/shift/ReLU, and with a residual; one call per part in the
+  program."""
+  xs = [jnp.asarray(_rand((2, 9, 11, c), i)) for i, c in enumerate(widths)]
+  k = jnp.asarray(0.3 * _rand((3, 3, sum(widths), 16), 5))
+  spec = PARTS_EPILOGUES[epi]
+  c = conv.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=spec == "bias", parent=None)
+  parts, whole = conv.parts_function(c), conv.as_function(c)
+  r = jnp.asarray(_rand((2, 9, 11, 16), 6))
+  b = jnp.asarray(_rand((16,), 7))
+
+  def call(fn, xs, k, b, r):
+    x = xs if fn is parts else jnp.concatenate(xs, -1)
+    if spec is None:
+      return fn(x, k)
+    if spec == "bias":
+      return fn(x, k, b)
+    e = spec(16, r)
+    return fn(x, k, epilogue=e._replace(residual=None if e.residual is None else r))
+
+  g = jnp.asarray(_rand((2, 9, 11, 16), 8))
+
+  def run(fn):
+    return jax.jit(lambda xs, k, b, r: jax.vjp(lambda *a: call(fn, *a), xs, k, b, r)[1](g)
+                   + (call(fn, xs, k, b, r),))(xs, k, b, r)
+
+  got, want = run(parts), run(whole)
+  np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5)
+  for u, w in zip(jax.tree.leaves(got[:-1]), jax.tree.leaves(want[:-1])):
+    np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-4)
+  text = jax.jit(lambda xs, k, b, r: call(parts, xs, k, b, r)).lower(xs, k, b, r).as_text()
+  assert text.count("@JsegConv") == len(widths) and "concatenate" not in text
+
+
+def test_conv_of_parts_on_xla_concatenates_and_bad_parts_are_clear_errors(monkeypatch):
+  c = conv.Conv(4, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, parent=None)
+  xs = [jnp.asarray(_rand((1, 5, 5, 2), 0)), jnp.asarray(_rand((1, 5, 5, 3), 1))]
+  k = jnp.asarray(_rand((3, 3, 5, 4), 2))
+  fn = conv.parts_function(c)
+  monkeypatch.setenv("JSEG_CONV", "xla")
+  text = jax.jit(fn).lower(xs, k).as_text()
+  assert "concatenate" in text and "JsegConv" not in text
+  np.testing.assert_allclose(fn(xs, k), conv.as_function(c)(jnp.concatenate(xs, -1), k),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="do not add up"):
+    fn(xs, k[:, :, :4])
+  with pytest.raises(ValueError, match="differ outside the channels"):
+    fn([xs[0], xs[1][:, :4]], k)
+  with pytest.raises(ValueError, match="use_bias=False"):
+    fn(xs, k, jnp.zeros((4,)))

@@ -97,6 +97,47 @@ def test_double_conv_equals_the_plain_conv_bn_stack(batch_norm):
   assert_same_variables_and_training_bits(DoubleConv(6, batch_norm=batch_norm), Plain(), x)
 
 
+@pytest.mark.parametrize("batch_norm", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_decoder_convolutions_over_parts_equal_the_concatenation(batch_norm, train, monkeypatch):
+  """The decoder levels read the skip features and the upsampled map as the parts of their
+  concatenation (``conv.parts_function``: one oneDNN call per part): same outputs, batch
+  statistics and gradients as concatenating first, to float32 rounding, and no
+  concatenation in the program on oneDNN."""
+  from jseg.models import conv
+
+  m = UNet(num_classes=3, depth=3, width=8, batch_norm=batch_norm)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 24, 3)), jnp.float32)
+  v = host_init(m, x)
+
+  def run(split: bool):
+    monkeypatch.setitem(conv._apply_parts.__kwdefaults__, "split", split)
+
+    def loss(params):
+      out, upd = m.apply({**v, "params": params}, x, train=train,
+                         mutable=["batch_stats"] if train else False)
+      (y, _), stats = (out, upd) if train else (out, {})
+      return jnp.sum(y * jnp.cos(y)), (y, stats)
+
+    (_, aux), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
+    text = jax.jit(lambda p: loss(p)[0]).lower(v["params"]).as_text()  # the forward
+    return aux, g, (text.count("stablehlo.concatenate"), text.count("@JsegConv"))
+
+  (y, stats), g, (cats, calls) = run(True)
+  (y_ref, stats_ref), g_ref, (cats_ref, calls_ref) = run(False)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  for u, w in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):
+    np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-4)
+  # Gradients as one vector: the parts sum in another order, and where a pre-activation
+  # lies within rounding of a ReLU's kink (one of 6144 here, 1.9e-7 from 0, without
+  # BatchNorm) its mask flips and that pixel's gradient changes by O(1): 1.6e-3 of the
+  # norm; a wrong partial sum or kernel piece is O(1) of it.
+  flat = lambda t: jnp.concatenate([u.ravel() for u in jax.tree.leaves(t)])
+  assert float(jnp.linalg.norm(flat(g) - flat(g_ref)) / jnp.linalg.norm(flat(g_ref))) < 1e-2
+  if conv.onednn_active():  # the two decoder levels: no concatenation, a call per part
+    assert (cats, calls) == (cats_ref - 2, calls_ref + 2)
+
+
 def test_parameter_count_of_the_paper_unet():
   # Fig. 1: 1 input channel, 2 classes, no BN; 3x3 convs with bias, 2x2 up-convs halving
   # the channels, a 1x1 classifier. The paper prints no count; this is its layer list.

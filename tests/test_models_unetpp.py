@@ -112,3 +112,29 @@ def test_trains_on_camvid_sample(tfds_cache):
   losses = quick_train(c, 5)
   assert all(np.isfinite(losses)), losses
   assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_nodes_read_their_inputs_as_parts(train, monkeypatch):
+  """Each node's convolution reads its inputs as the parts of their concatenation
+  (``conv.parts_function``): same outputs (and batch statistics) as concatenating first,
+  one oneDNN call per part instead of a concatenation."""
+  from jseg.models import conv
+
+  m = UNetPlusPlus(num_classes=3, depth=2, width=4)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 12, 3)), jnp.float32)
+  v = host_init(m, x)
+
+  def run(split: bool):
+    monkeypatch.setitem(conv._apply_parts.__kwdefaults__, "split", split)
+    f = jax.jit(lambda v: m.apply(v, x, train=train, mutable=["batch_stats"] if train else False))
+    text = f.lower(v).as_text()
+    out = f(v)
+    return out, text.count("stablehlo.concatenate"), text.count("@JsegConv")
+
+  out, cats, calls = run(True)
+  ref, cats_ref, calls_ref = run(False)
+  for u, w in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-4)
+  if conv.onednn_active():  # nodes X0_1 (2 parts), X1_1 (2), X0_2 (3): 3 fewer, 4 more calls
+    assert (cats, calls) == (cats_ref - 3, calls_ref + 4)

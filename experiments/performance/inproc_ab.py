@@ -68,6 +68,9 @@ Changes (``--change``):
   (depth-to-space) with its bias and ReLU as separate ops (before) vs the chain and the
   classifier on pixel blocks, interleaved once at the end, bias and ReLU in oneDNN's call
   (now, ``PixelTransposeConv(depth_to_space=False, relu=True)``, ``layers.unblock_pixels``).
+- ``concat_parts``: a convolution over a concatenation (U-Net's decoder levels, UNet++'s
+  nodes) as the concatenation then one call (before) vs one oneDNN call per part, each
+  adding the previous partial sum as its residual post-op (now, ``conv.parts_function``).
 - ``grad_norm`` (with ``--train``): the gradients' global norm (the ``grad_norm`` metric)
   as one reduction over all gradients concatenated (before, ``JSEG_NORM=xla``) vs one
   ``JsegSumSquares`` call reading them where they lie (now).
@@ -265,7 +268,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -427,6 +430,8 @@ def main() -> None:
     elif a.change == "blocked_up":
       cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels = (
           (InterleavedUp, lambda y, width, strides: y) if before else blocked_up)
+    elif a.change == "concat_parts":
+      conv_mod._apply_parts.__kwdefaults__["split"] = not before
     elif a.change == "split_head":
       pspnet.PyramidHead = ConcatHead if before else split_head
     elif a.change == "scale_reorder":

@@ -615,10 +615,83 @@ def _apply_with_kernel(conv: nn.Module, x: jax.Array, kernel: jax.Array,
   return conv.apply({"params": params}, x)
 
 
-def conv_relu(conv: nn.Module, x: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_channels(kernel: jax.Array, widths: tuple[int, ...]) -> list[jax.Array]:
+  """``kernel`` (HWIO) cut along its input channels into pieces of ``widths``.
+
+  The gradient is the pieces' gradients concatenated: autodiff of the slices padded each
+  piece's gradient to the whole kernel and added them (paper-sized PSPNet's step: ~200 MB
+  more temporaries for its 3x3x4096x512 head kernel).
+  """
+  cuts = np.cumsum((0,) + tuple(widths))
+  return [kernel[:, :, a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _split_channels_fwd(kernel, widths):
+  return split_channels(kernel, widths), None
+
+
+def _split_channels_bwd(widths, _, gs):
+  return (jnp.concatenate(gs, axis=2),)
+
+
+split_channels.defvjp(_split_channels_fwd, _split_channels_bwd)
+
+
+def parts_function(conv: nn.Module) -> Callable[..., jax.Array]:
+  """``fn(xs, kernel[, bias], epilogue=None)``: ``as_function(conv)`` applied to the
+  concatenation of ``xs`` along channels, without writing it where oneDNN runs.
+
+  There the convolution is one oneDNN call per part with the kernel's matching input
+  channels, each adding the previous partial sum as its residual post-op (the scale of an
+  ``epilogue`` in every part's call, its shift, residual and ReLU in the first or last);
+  elsewhere the concatenation then one convolution. Same function up to float32 rounding
+  (the sum's order). A U-Net decoder level or a UNet++ node reads its skip features and the
+  upsampled map in place: the concatenation was a separate copy, first-touched every call
+  (``experiments/performance/README.md``, twenty-second pass).
+  """
+  return functools.partial(_apply_parts, conv)
+
+
+def _apply_parts(conv: nn.Module, xs: Sequence[jax.Array], kernel: jax.Array,
+                 bias: jax.Array | None = None, epilogue: Epilogue | None = None, *,
+                 split: bool = True) -> jax.Array:
+  xs = list(xs)
+  widths = tuple(int(x.shape[-1]) for x in xs)
+  if sum(widths) != kernel.shape[2]:
+    raise ValueError(f"conv over parts: the parts' channels {widths} do not add up to the "
+                     f"kernel's {kernel.shape[2]} input channels.")
+  if len({x.shape[:-1] for x in xs}) != 1:
+    raise ValueError(f"conv over parts: the parts' shapes {[tuple(x.shape) for x in xs]} "
+                     "differ outside the channels.")
+  if bias is not None and not getattr(conv, "use_bias", True):
+    raise ValueError("conv over parts: a bias was given for a Conv built with use_bias=False.")
+  one = functools.partial(_apply_with_kernel, conv)
+  if not (split and len(xs) > 1 and all(x.dtype == jnp.float32 for x in xs)
+          and getattr(conv, "feature_group_count", 1) == 1 and onednn_active()
+          and folds_epilogue(one)):
+    y = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
+    return one(y, kernel, bias, epilogue)
+  if epilogue is None:
+    zeros = jnp.zeros((kernel.shape[3],), jnp.float32)
+    epilogue = Epilogue(None, zeros if bias is None else bias)
+  elif bias is not None:
+    raise ValueError("an epilogue needs a flax Conv applied without its bias")
+  no_shift = jnp.zeros_like(epilogue.shift)
+  y = None
+  for i, (x, k) in enumerate(zip(xs, split_channels(kernel, widths))):
+    last = i == len(xs) - 1
+    y = one(x, k, epilogue=Epilogue(
+        epilogue.scale, epilogue.shift if last else no_shift, epilogue.relu and last,
+        epilogue.residual if i == 0 else y))
+  return y
+
+
+def conv_relu(conv: nn.Module, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
   """``relu(conv(x))`` for an unbound flax ``Conv(..., parent=None)`` whose parameters are
   created in the calling module under ``conv.name``, as the bound ``Conv`` would create
-  them (checkpoints unchanged).
+  them (checkpoints unchanged). ``x`` may be a list of parts: the conv of their
+  concatenation (``parts_function``).
 
   On oneDNN the bias and the ReLU run in the convolution's own call (bias and ReLU
   post-ops), in training too: the pre-activation output is never written, and the
@@ -628,17 +701,23 @@ def conv_relu(conv: nn.Module, x: jax.Array) -> jax.Array:
   activation per layer; ``experiments/performance/README.md``, thirteenth pass).
   Elsewhere (XLA, non-float32) it is the two ops.
   """
-  fn, params = then_conv(conv, x.shape[-1])
-  if not (folds_epilogue(fn) and onednn_active() and x.dtype == jnp.float32):
+  if isinstance(x, (list, tuple)):  # the concatenation of these parts (``parts_function``)
+    params = then_conv(conv, sum(int(p.shape[-1]) for p in x))[1]
+    fn, f32 = parts_function(conv), all(p.dtype == jnp.float32 for p in x)
+  else:
+    fn, params = then_conv(conv, x.shape[-1])
+    f32 = x.dtype == jnp.float32
+  if not (folds_epilogue(fn) and onednn_active() and f32):
     return nn.relu(fn(x, *params))
   shift = params[1] if len(params) > 1 else jnp.zeros((conv.features,), jnp.float32)
   return fn(x, params[0], epilogue=Epilogue(None, shift, relu=True))
 
 
 def folds_epilogue(fn: Callable[..., jax.Array]) -> bool:
-  """Whether ``fn`` (``as_function`` / ``then_conv``'s) takes an ``epilogue=``: a float32
-  flax ``Conv`` computing with this module's ``conv_general_dilated``."""
-  if not (isinstance(fn, functools.partial) and fn.func is _apply_with_kernel
+  """Whether ``fn`` (``as_function`` / ``then_conv``'s, or ``parts_function``'s) takes an
+  ``epilogue=``: a float32 flax ``Conv`` computing with this module's
+  ``conv_general_dilated``."""
+  if not (isinstance(fn, functools.partial) and fn.func in (_apply_with_kernel, _apply_parts)
           and isinstance(fn.args[0], nn.Conv)):
     return False
   c = fn.args[0]

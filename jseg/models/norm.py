@@ -80,7 +80,8 @@ class BatchNorm(nn.Module):
     it from ``x`` and the batch statistics in one pass, bit for bit (``JsegBnApply``).
 
     ``conv=(fn, params)`` (``conv.then_conv``'s pair): ``x`` is the input of the
-    convolution this layer normalises, ``fn(x, *params)``. At evaluation with oneDNN the
+    convolution this layer normalises, ``fn(x, *params)`` (a list of parts for a
+    ``conv.parts_function``). At evaluation with oneDNN the
     layer is that convolution's epilogue (``conv.Epilogue``: scale applied by the kernel's
     reorder into oneDNN's layout, shift as its bias, residual and ReLU as post-ops), so the activation is written once
     instead of written and re-read by an affine + ReLU pass. Everywhere else it is ``fn``
@@ -89,10 +90,14 @@ class BatchNorm(nn.Module):
     if then is not None and residual is not None:
       raise ValueError("BatchNorm: `then` and `residual` cannot be combined.")
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-    dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+    parts = isinstance(x, (list, tuple))
+    if parts and conv is None:
+      raise ValueError("BatchNorm: a list of inputs (a concatenation's parts) needs conv=.")
+    x_dtype = jnp.result_type(*x) if parts else x.dtype
+    dtype = self.dtype or jnp.result_type(x_dtype, self.param_dtype)
     if conv is not None:
       fn, conv_params = conv
-      fold = (use_ra and x.dtype == jnp.float32 and jnp.dtype(dtype) == jnp.float32
+      fold = (use_ra and x_dtype == jnp.float32 and jnp.dtype(dtype) == jnp.float32
               and self.param_dtype == jnp.float32 and conv_lib.folds_epilogue(fn)
               and conv_lib.onednn_active())
       if not fold:

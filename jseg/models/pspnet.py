@@ -20,7 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from jseg.models.backbones.resnet import ResNet
-from jseg.models.conv import Conv, then_conv
+from jseg.models.conv import Conv, split_channels, then_conv
 from jseg.models.layers import (
     ConvBNReLU,
     adaptive_avg_pools,
@@ -91,29 +91,6 @@ class PyramidConvBNReLU(nn.Module):
     bn = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                    relu=True, name="bn")
     return bn(x, conv=(fn, (k_x,)), add_before=rest)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def split_channels(kernel: jax.Array, widths: tuple[int, ...]) -> list[jax.Array]:
-  """``kernel`` (HWIO) cut along its input channels into pieces of ``widths``.
-
-  The gradient is the pieces' gradients concatenated: autodiff of the slices padded each
-  piece's gradient to the whole kernel and added them (paper-sized PSPNet's step: ~200 MB
-  more temporaries for its 3x3x4096x512 head kernel).
-  """
-  cuts = np.cumsum((0,) + widths)
-  return [kernel[:, :, a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-
-
-def _split_channels_fwd(kernel, widths):
-  return split_channels(kernel, widths), None
-
-
-def _split_channels_bwd(widths, _, gs):
-  return (jnp.concatenate(gs, axis=2),)
-
-
-split_channels.defvjp(_split_channels_fwd, _split_channels_bwd)
 
 
 class PyramidHead(nn.Module):

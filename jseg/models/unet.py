@@ -25,14 +25,14 @@ contracting path as in the paper.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from jseg.models.conv import Conv, conv_relu, then_conv
+from jseg.models.conv import Conv, conv_relu, parts_function, then_conv
 from jseg.models.layers import (
     PixelTransposeConv,
     check_min_size,
@@ -58,7 +58,9 @@ class DoubleConv(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array | Sequence[jax.Array], train: bool) -> jax.Array:
+    """``x``: the input, or a list of parts whose concatenation along channels is the
+    input (read in place on oneDNN, ``conv.parts_function``)."""
     pad = ((1, 1), (1, 1)) if self.padding == "same" else "VALID"
     init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
@@ -75,8 +77,12 @@ class DoubleConv(nn.Module):
     # Training: bn1 feeds conv2 through ``then`` (on CPU its output is recomputed in the
     # backward instead of kept); evaluation: each BatchNorm folded into its convolution
     # (norm.conv_bn_chain). The kernels keep their paths, shapes and inits.
-    convs = [then_conv(conv(1, parent=None), x.shape[-1]),
-             then_conv(conv(2, parent=None), self.features)]
+    if isinstance(x, (list, tuple)):
+      conv1 = conv(1, parent=None)
+      first = (parts_function(conv1), then_conv(conv1, sum(p.shape[-1] for p in x))[1])
+    else:
+      first = then_conv(conv(1, parent=None), x.shape[-1])
+    convs = [first, then_conv(conv(2, parent=None), self.features)]
     return conv_bn_chain(x, convs, [bn(1), bn(2)], train)
 
 
@@ -178,7 +184,7 @@ class UNet(nn.Module):
       up_size = tuple(2 * s for s in x.shape[1:3]) if self.padding == "valid" else skip.shape[1:3]
       x = Up(self.width * 2**level, self.upsampling, self.dtype, name=f"up{level}")(x, up_size)
       x = match_size(x, up_size)
-      x = jnp.concatenate([match_size(skip, x.shape[1:3]), x], axis=-1)
+      x = [match_size(skip, x.shape[1:3]), x]  # concatenated (in place on oneDNN)
       x = DoubleConv(
           self.width * 2**level, self.padding, self.batch_norm, self.dtype, name=f"dec{level}"
       )(x, train)

@@ -79,7 +79,7 @@ class UNetPlusPlus(nn.Module):
     x = x.astype(self.dtype)
     nodes: dict[tuple[int, int], jax.Array] = {}
 
-    def block(i: int, j: int, inp: jax.Array) -> jax.Array:
+    def block(i: int, j: int, inp: jax.Array | list[jax.Array]) -> jax.Array:
       return DoubleConv(
           self.width * 2**i, "same", self.batch_norm, self.dtype, name=f"X{i}_{j}"
       )(inp, train)
@@ -92,7 +92,8 @@ class UNetPlusPlus(nn.Module):
             nodes[i + 1, j - 1]
         )
         up = match_size(up, nodes[i, 0].shape[1:3])
-        nodes[i, j] = block(i, j, jnp.concatenate([nodes[i, k] for k in range(j)] + [up], axis=-1))
+        # The concatenation's parts (read in place on oneDNN: conv.parts_function).
+        nodes[i, j] = block(i, j, [nodes[i, k] for k in range(j)] + [up])
 
     def head(j: int) -> jax.Array:
       return Conv(self.num_classes, (1, 1), dtype=self.dtype, name=f"head{j}")(nodes[0, j])
