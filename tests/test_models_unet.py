@@ -138,6 +138,32 @@ def test_decoder_convolutions_over_parts_equal_the_concatenation(batch_norm, tra
     assert (cats, calls) == (cats_ref - 2, calls_ref + 2)
 
 
+def test_decoder_reads_the_skip_features_first():
+  """U-Net against a hand-written two-level one that concatenates ``[skip, upsampled]``
+  explicitly (the checkpoints' channel order), with the same variables: pins the order of
+  the parts the decoder passes (``conv.parts_function`` takes the list's order)."""
+  from flax import linen as nn
+
+  from jseg.models.conv import Conv
+  from jseg.models.layers import max_pool_2x2
+  from jseg.models.unet import DoubleConv, Up
+
+  class Ref(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      s = DoubleConv(8, batch_norm=False, name="enc0")(x, False)
+      y = DoubleConv(16, batch_norm=False, name="enc1")(max_pool_2x2(s), False)
+      y = Up(8, "transpose", name="up0")(y, s.shape[1:3])
+      y = DoubleConv(8, batch_norm=False, name="dec0")(jnp.concatenate([s, y], -1), False)
+      return Conv(3, (1, 1), name="classifier")(y)
+
+  m = UNet(num_classes=3, depth=2, width=8, batch_norm=False)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 16, 12, 3)), jnp.float32)
+  v = host_init(m, x)
+  assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, jax.eval_shape(Ref().init, jax.random.key(0), x))
+  np.testing.assert_allclose(m.apply(v, x)[0], Ref().apply(v, x), rtol=1e-4, atol=1e-4)
+
+
 def test_parameter_count_of_the_paper_unet():
   # Fig. 1: 1 input channel, 2 classes, no BN; 3x3 convs with bias, 2x2 up-convs halving
   # the channels, a 1x1 classifier. The paper prints no count; this is its layer list.

@@ -138,3 +138,30 @@ def test_nodes_read_their_inputs_as_parts(train, monkeypatch):
     np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-4)
   if conv.onednn_active():  # nodes X0_1 (2 parts), X1_1 (2), X0_2 (3): 3 fewer, 4 more calls
     assert (cats, calls) == (cats_ref - 3, calls_ref + 4)
+
+
+def test_nodes_read_earlier_nodes_first_then_the_upsampled_map():
+  """UNet++ of depth 1 against a hand-written one that concatenates ``[X0_0, up]``
+  explicitly (the checkpoints' channel order), same variables: pins the order of the
+  parts a node passes (``conv.parts_function`` takes the list's order)."""
+  from flax import linen as nn
+
+  from jseg.models.conv import Conv
+  from jseg.models.layers import PixelTransposeConv, max_pool_2x2
+  from jseg.models.unet import DoubleConv
+
+  class Ref(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x00 = DoubleConv(4, name="X0_0")(x, False)
+      x10 = DoubleConv(8, name="X1_0")(max_pool_2x2(x00), False)
+      up = PixelTransposeConv(4, 2, name="up1_0")(x10)
+      x01 = DoubleConv(4, name="X0_1")(jnp.concatenate([x00, up], -1), False)
+      return Conv(3, (1, 1), name="head1")(x01)
+
+  m = UNetPlusPlus(num_classes=3, depth=1, width=4)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 8, 12, 3)), jnp.float32)
+  v = host_init(m, x)
+  assert jax.tree.map(jnp.shape, v) == jax.tree.map(
+      jnp.shape, jax.eval_shape(Ref().init, jax.random.key(0), x))
+  np.testing.assert_allclose(m.apply(v, x)[0], Ref().apply(v, x), rtol=1e-4, atol=1e-4)
