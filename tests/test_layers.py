@@ -560,3 +560,26 @@ def test_shifted_kernel_grad_runs_tap_by_tap_on_large_slices():
   temps = jax.jit(lambda xp, g: layers._shifted_kernel_grad(xp, g, k, d)).lower(
       xp, g).compile().memory_analysis().temp_size_in_bytes
   assert temps < 4 * g.size * 4, temps
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 3), (1, 7, 5, 4)])
+def test_pool_2x2_positions_are_each_windows_first_maximum(shape):
+  """int8 row-major position of each 2x2 window's first maximum (floor mode: a trailing odd
+  row/column ignored), ties (all-zero windows after a ReLU) to the first, NaN wins: the
+  positions ``max_pool_2x2``'s backward routes its gradient to."""
+  from jseg.models.layers import max_pool_2x2, pool_2x2_positions
+
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.integers(-2, 3, size=shape), 0).astype(np.float32)  # many ties
+  x[0, 0, 1, 0] = np.nan
+  n, h, w, c = shape
+  win = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+  win = win.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
+  want = np.where(np.isnan(win).any(-1), np.isnan(win).argmax(-1), win.argmax(-1))
+  got = np.asarray(pool_2x2_positions(jnp.asarray(x)))
+  assert got.dtype == np.int8 and got.shape == (n, h // 2, w // 2, c)
+  np.testing.assert_array_equal(got, want)
+  g = jax.grad(lambda x: jnp.sum(max_pool_2x2(x)))(jnp.asarray(np.nan_to_num(x)))
+  routed = np.asarray(g)[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+  routed = routed.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4).argmax(-1)
+  np.testing.assert_array_equal(routed, pool_2x2_positions(jnp.asarray(np.nan_to_num(x))))

@@ -71,6 +71,9 @@ Changes (``--change``):
 - ``concat_parts``: a convolution over a concatenation (U-Net's decoder levels, UNet++'s
   nodes) as the concatenation then one call (before) vs one oneDNN call per part, each
   adding the previous partial sum as its residual post-op (now, ``conv.parts_function``).
+- ``unpool``: SegNet's unpooling as an argmax over the windows and a float one-hot
+  product (before) vs the pool's own int8 first-max positions
+  (``layers.pool_2x2_positions``) and a select per window position (now).
 - ``grad_norm`` (with ``--train``): the gradients' global norm (the ``grad_norm`` metric)
   as one reduction over all gradients concatenated (before, ``JSEG_NORM=xla``) vs one
   ``JsegSumSquares`` call reading them where they lie (now).
@@ -268,7 +271,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts", "unpool"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -364,6 +367,21 @@ def main() -> None:
       return pspnet.FCNHead.__call__(self, y, train)
 
   blocked_up = (cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels)
+  where_unpool = segnet.max_unpool_2x2
+
+  def onehot_unpool(y, ref):
+    """SegNet's unpooling before: an argmax over the windows and a float one-hot product."""
+    import jax.numpy as jnp
+    n, hh, ww, c = ref.shape
+    h, w = hh // 2, ww // 2
+    win = ref[:, : 2 * h, : 2 * w].reshape(n, h, 2, w, 2, c).transpose(0, 1, 3, 5, 2, 4)
+    idx = jnp.argmax(win.reshape(n, h, w, c, 4), axis=-1)
+    mask = jax.nn.one_hot(jax.lax.stop_gradient(idx), 4, dtype=y.dtype)
+    out = (y[..., None] * mask).reshape(n, h, w, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    out = out.reshape(n, 2 * h, 2 * w, c)
+    if (2 * h, 2 * w) != (hh, ww):
+      out = jnp.pad(out, ((0, 0), (0, hh - 2 * h), (0, ww - 2 * w), (0, 0)))
+    return out
 
   class InterleavedUp(nn.Module):
     """PixelTransposeConv before ``relu=``/``depth_to_space=``: same parameters."""
@@ -430,6 +448,8 @@ def main() -> None:
     elif a.change == "blocked_up":
       cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels = (
           (InterleavedUp, lambda y, width, strides: y) if before else blocked_up)
+    elif a.change == "unpool":
+      segnet.max_unpool_2x2 = onehot_unpool if before else where_unpool
     elif a.change == "concat_parts":
       conv_mod._apply_parts.__kwdefaults__["split"] = not before
     elif a.change == "split_head":

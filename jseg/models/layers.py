@@ -249,6 +249,14 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return _max_pool_2x2(x[:, : h - h % 2, : w - w % 2])
 
 
+def pool_2x2_positions(x: jax.Array) -> jax.Array:
+  """int8 position (0-3, row-major) of each 2x2 window's first maximum, floor mode: the
+  positions ``max_pool_2x2``'s backward routes to (the same reduction, so XLA computes it
+  once where both appear), e.g. for SegNet's unpooling."""
+  n, h, w, c = x.shape
+  return _first_max(_pool_2x2_taps(x[:, : h - h % 2, : w - w % 2]))[1]
+
+
 def _pool_2x2_taps(x: jax.Array) -> list[jax.Array]:
   return [x[:, a::2, b::2] for a in (0, 1) for b in (0, 1)]
 

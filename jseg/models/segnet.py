@@ -27,7 +27,7 @@ from flax import linen as nn
 
 from jseg.models.backbones.vgg import VGG
 from jseg.models.conv import Conv, ConvKernel, as_function, then_conv
-from jseg.models.layers import check_min_size, check_nhwc
+from jseg.models.layers import check_min_size, check_nhwc, pool_2x2_positions
 from jseg.registry import MODELS
 from jseg.models.norm import BatchNorm
 
@@ -52,10 +52,11 @@ def max_unpool_2x2(y: jax.Array, ref: jax.Array) -> jax.Array:
   ``ref``'s shape; ``out[2i+a, 2j+b] = y[i, j]`` where ``(a, b)`` is the first
   maximum of window ``(i, j)`` in row-major order (as PyTorch's ``MaxPool2d``
   indices), zero elsewhere, including a trailing odd row/column that the pool
-  dropped. Written as a reshape, an argmax over the 4 window positions and a
-  one-hot product: elementwise and reshape ops only, so it is differentiable in
-  ``y``, jittable and shards along the batch like any elementwise op. The
-  indices are recomputed from ``ref`` instead of stored.
+  dropped. The positions are recomputed from ``ref`` instead of stored, by the
+  pool's own reduction (``layers.pool_2x2_positions``: in training XLA computes
+  it once for the encoder's pool backward and this), and ``y`` is placed by a
+  select per window position: elementwise and reshape ops only, so it is
+  differentiable in ``y``, jittable and shards along the batch.
   """
   n, hh, ww, c = ref.shape
   h, w = hh // 2, ww // 2
@@ -64,11 +65,10 @@ def max_unpool_2x2(y: jax.Array, ref: jax.Array) -> jax.Array:
         f"max_unpool_2x2: y has shape {tuple(y.shape)} but pooling {tuple(ref.shape)} "
         f"gives {(n, h, w, c)}."
     )
-  win = ref[:, : 2 * h, : 2 * w].reshape(n, h, 2, w, 2, c).transpose(0, 1, 3, 5, 2, 4)
-  idx = jnp.argmax(win.reshape(n, h, w, c, 4), axis=-1)
-  mask = jax.nn.one_hot(jax.lax.stop_gradient(idx), 4, dtype=y.dtype)
-  out = (y[..., None] * mask).reshape(n, h, w, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-  out = out.reshape(n, 2 * h, 2 * w, c)
+  at = pool_2x2_positions(jax.lax.stop_gradient(ref))  # no gradient through positions
+  zero = jnp.zeros((), y.dtype)
+  parts = jnp.stack([jnp.where(at == i, y, zero) for i in range(4)], axis=3)  # (n, h, w, 4, c)
+  out = parts.reshape(n, h, w, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
   if (2 * h, 2 * w) != (hh, ww):
     out = jnp.pad(out, ((0, 0), (0, hh - 2 * h), (0, ww - 2 * w), (0, 0)))
   return out
