@@ -74,6 +74,8 @@ Changes (``--change``):
 - ``unpool``: SegNet's unpooling as an argmax over the windows and a float one-hot
   product (before) vs the pool's own int8 first-max positions
   (``layers.pool_2x2_positions``) and a select per window position (now).
+- ``relu_axis`` (with ``--train``): ``relu_kept``'s forward as a maximum over ``[x, 0]``
+  stacked along a new first axis (before) vs along a new axis next to the channels (now).
 - ``grad_norm`` (with ``--train``): the gradients' global norm (the ``grad_norm`` metric)
   as one reduction over all gradients concatenated (before, ``JSEG_NORM=xla``) vs one
   ``JsegSumSquares`` call reading them where they lie (now).
@@ -271,7 +273,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts", "unpool"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts", "unpool", "relu_axis"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -368,6 +370,13 @@ def main() -> None:
 
   blocked_up = (cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels)
   where_unpool = segnet.max_unpool_2x2
+  relu_reduce_now = layers._relu_reduce
+
+  def stacked_first_relu(x):
+    """relu_kept's forward before: the maximum over [x, 0] stacked along a new first axis."""
+    import jax.numpy as jnp
+    from jax import lax
+    return lax.reduce(jnp.stack([x, jnp.zeros_like(x)]), jnp.array(-jnp.inf, x.dtype), lax.max, (0,))
 
   def onehot_unpool(y, ref):
     """SegNet's unpooling before: an argmax over the windows and a float one-hot product."""
@@ -448,6 +457,8 @@ def main() -> None:
     elif a.change == "blocked_up":
       cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels = (
           (InterleavedUp, lambda y, width, strides: y) if before else blocked_up)
+    elif a.change == "relu_axis":
+      layers._relu_reduce = stacked_first_relu if before else relu_reduce_now
     elif a.change == "unpool":
       segnet.max_unpool_2x2 = onehot_unpool if before else where_unpool
     elif a.change == "concat_parts":

@@ -48,7 +48,12 @@ def relu_kept(x: jax.Array) -> jax.Array:
 
 
 def _relu_reduce(x: jax.Array) -> jax.Array:
-  return lax.reduce(jnp.stack([x, jnp.zeros_like(x)]), jnp.array(-jnp.inf, x.dtype), lax.max, (0,))
+  # The pair stacked next to the channels (the reduction reads adjacent rows): stacked
+  # along a new first axis it ran 3-9x slower (4x64x64x64: 3.5-3.8 vs 0.4-0.6 ms).
+  if x.ndim == 0:
+    return jnp.maximum(x, 0)
+  return lax.reduce(jnp.stack([x, jnp.zeros_like(x)], -2), jnp.array(-jnp.inf, x.dtype),
+                    lax.max, (x.ndim - 1,))
 
 
 def _relu_kept_fwd(x):
