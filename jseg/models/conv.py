@@ -687,6 +687,15 @@ def _apply_parts(conv: nn.Module, xs: Sequence[jax.Array], kernel: jax.Array,
   return y
 
 
+def then_conv_of(conv: nn.Module, x: jax.Array | Sequence[jax.Array]
+                 ) -> tuple[Callable[..., jax.Array], tuple[jax.Array, ...]]:
+  """``then_conv(conv, in_features)`` for the input ``x``: an array, or a list of parts
+  whose concatenation is the input (then the function is ``parts_function(conv)``)."""
+  if isinstance(x, (list, tuple)):
+    return parts_function(conv), then_conv(conv, sum(int(p.shape[-1]) for p in x))[1]
+  return then_conv(conv, x.shape[-1])
+
+
 def conv_relu(conv: nn.Module, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
   """``relu(conv(x))`` for an unbound flax ``Conv(..., parent=None)`` whose parameters are
   created in the calling module under ``conv.name``, as the bound ``Conv`` would create
@@ -701,12 +710,8 @@ def conv_relu(conv: nn.Module, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
   activation per layer; ``experiments/performance/README.md``, thirteenth pass).
   Elsewhere (XLA, non-float32) it is the two ops.
   """
-  if isinstance(x, (list, tuple)):  # the concatenation of these parts (``parts_function``)
-    params = then_conv(conv, sum(int(p.shape[-1]) for p in x))[1]
-    fn, f32 = parts_function(conv), all(p.dtype == jnp.float32 for p in x)
-  else:
-    fn, params = then_conv(conv, x.shape[-1])
-    f32 = x.dtype == jnp.float32
+  fn, params = then_conv_of(conv, x)
+  f32 = all(p.dtype == jnp.float32 for p in (x if isinstance(x, (list, tuple)) else [x]))
   if not (folds_epilogue(fn) and onednn_active() and f32):
     return nn.relu(fn(x, *params))
   shift = params[1] if len(params) > 1 else jnp.zeros((conv.features,), jnp.float32)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from jseg.models.conv import Conv, conv_relu, parts_function, then_conv
+from jseg.models.conv import Conv, conv_relu, then_conv, then_conv_of
 from jseg.models.layers import (
     PixelTransposeConv,
     check_min_size,
@@ -77,12 +77,8 @@ class DoubleConv(nn.Module):
     # Training: bn1 feeds conv2 through ``then`` (on CPU its output is recomputed in the
     # backward instead of kept); evaluation: each BatchNorm folded into its convolution
     # (norm.conv_bn_chain). The kernels keep their paths, shapes and inits.
-    if isinstance(x, (list, tuple)):
-      conv1 = conv(1, parent=None)
-      first = (parts_function(conv1), then_conv(conv1, sum(p.shape[-1] for p in x))[1])
-    else:
-      first = then_conv(conv(1, parent=None), x.shape[-1])
-    convs = [first, then_conv(conv(2, parent=None), self.features)]
+    convs = [then_conv_of(conv(1, parent=None), x),
+             then_conv(conv(2, parent=None), self.features)]
     return conv_bn_chain(x, convs, [bn(1), bn(2)], train)
 
 
