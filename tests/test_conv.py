@@ -70,6 +70,9 @@ CASES = [
     # kernel gradients by output channels: a kernel heavier than the images; an odd batch
     ((2, 4, 5, 32), (3, 3, 32, 16), (1, 1), "SAME", (1, 1), 1),
     ((3, 7, 5, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (0, 2)), (1, 1), 1),
+    # padded beyond the kernel's extent (FCN's conv1_1): the input is padded first
+    ((2, 10, 9, 3), (3, 3, 3, 8), (1, 1), ((5, 5), (4, 6)), (1, 1), 1),
+    ((1, 8, 8, 4), (3, 3, 4, 4), (2, 1), ((6, 3), (2, 7)), (2, 2), 1),
 ]
 
 
@@ -98,6 +101,41 @@ def test_values_and_gradients_match_lax(xs, ks, strides, padding, dilation, grou
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * scale)
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(dx_ref))))
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(dk_ref))))
+
+
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_padding_beyond_the_kernel_is_applied_to_the_input_first(epilogue, monkeypatch):
+  """oneDNN runs a convolution padded by its kernel's extent or more with its GEMM code
+  (several times slower); the native calls get at most the extent less one."""
+  seen = []
+  call = conv._call
+
+  def spy(target, kind, out_shape, x_shape, k_shape, y_shape, strides, dilation, padding,
+          *args, **kw):
+    seen.append((kind, padding))
+    return call(target, kind, out_shape, x_shape, k_shape, y_shape, strides, dilation,
+                padding, *args, **kw)
+
+  monkeypatch.setattr(conv, "_call", spy)
+  x, k = jnp.asarray(_rand((2, 6, 7, 3), 0)), jnp.asarray(_rand((3, 3, 3, 4), 1))
+  b = jnp.asarray(_rand((4,), 2))
+  pads = ((100, 100), (3, 2))
+  epi = conv.Epilogue(None, b, relu=True) if epilogue else None
+  f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=DN,
+                                            epilogue=epi)
+  y, (dx, dk) = _value_and_grads(f, x, k)
+  y_ref, (dx_ref, dk_ref) = _value_and_grads(
+      lambda x, k: (lambda y: jax.nn.relu(y + b) if epilogue else y)(lax.conv_general_dilated(
+          x, k, (1, 1), pads, dimension_numbers=DN, precision=lax.Precision.HIGHEST)), x, k)
+  assert y.shape == (2, 204, 10, 4)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-4, atol=1e-4)
+  assert {kind for kind, _ in seen} >= {"d", "w"}
+  assert all(max(p for pair in padding for p in pair) <= 2 for _, padding in seen), seen
+  # beyond 2 (the extent less one) -> half the extent; 2 itself is left as it is
+  assert (("q" if epilogue else "f"), ((1, 1), (1, 2))) in seen, seen
+  assert conv._pad_beyond_kernel(x, k.shape, (1, 1), ((1, 1), (2, 0)))[1] == ((1, 1), (2, 0))
 
 
 @pytest.mark.parametrize("kind", ["f", "d", "w"])

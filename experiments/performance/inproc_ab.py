@@ -76,6 +76,9 @@ Changes (``--change``):
   (``layers.pool_2x2_positions``) and a select per window position (now).
 - ``relu_axis`` (with ``--train``): ``relu_kept``'s forward as a maximum over ``[x, 0]``
   stacked along a new first axis (before) vs along a new axis next to the channels (now).
+- ``pad_beyond``: a convolution padded by its kernel's extent or more (FCN's conv1_1, padding
+  100) handed to oneDNN as it is (before: oneDNN's GEMM code) vs the input padded
+  explicitly first (now, ``conv._pad_beyond_kernel``).
 - ``grad_norm`` (with ``--train``): the gradients' global norm (the ``grad_norm`` metric)
   as one reduction over all gradients concatenated (before, ``JSEG_NORM=xla``) vs one
   ``JsegSumSquares`` call reading them where they lie (now).
@@ -273,7 +276,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts", "unpool", "relu_axis"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts", "unpool", "relu_axis", "pad_beyond"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -370,6 +373,7 @@ def main() -> None:
 
   blocked_up = (cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels)
   where_unpool = segnet.max_unpool_2x2
+  pad_beyond = conv_mod._pad_beyond_kernel
   relu_reduce_now = layers._relu_reduce
 
   def stacked_first_relu(x):
@@ -457,6 +461,8 @@ def main() -> None:
     elif a.change == "blocked_up":
       cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels = (
           (InterleavedUp, lambda y, width, strides: y) if before else blocked_up)
+    elif a.change == "pad_beyond":
+      conv_mod._pad_beyond_kernel = (lambda x, k_shape, dilation, padding: (x, padding)) if before else pad_beyond
     elif a.change == "relu_axis":
       layers._relu_reduce = stacked_first_relu if before else relu_reduce_now
     elif a.change == "unpool":

@@ -288,6 +288,7 @@ def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
   (``experiments/performance/onednn_strided_1x1.py`` reproduces it).
   """
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  x, padding = _pad_beyond_kernel(x, k.shape, dilation, padding)
   if k.shape[:2] == (1, 1) and max(strides) > 1 and padding == ((0, 0), (0, 0)):
     x, strides = x[:, ::strides[0], ::strides[1]], (1, 1)
   dilation, groups = tuple(dilation), int(groups)
@@ -304,6 +305,26 @@ def onednn_conv(x: jax.Array, k: jax.Array, strides: tuple[int, int],
   return _onednn_conv_epilogue(x, k, f32(epilogue.scale), f32(epilogue.shift),
                                f32(epilogue.residual), strides, dilation, padding, groups,
                                bool(epilogue.relu))
+
+
+def _pad_beyond_kernel(x: jax.Array, k_shape, dilation, padding
+                       ) -> tuple[jax.Array, tuple[tuple[int, int], tuple[int, int]]]:
+  """``x`` padded with zeros where the convolution's padding exceeds its kernel's extent
+  less one, and the padding left to the convolution (half the extent there).
+
+  oneDNN runs a convolution padded by as much as its kernel's extent or more (FCN's
+  conv1_1, padded by 100 as in the Caffe original) with its GEMM code: 3 -> 16 channels
+  at 256^2 batch 1, 4.9 ms; the image padded by 99 first and the convolution padded by 1,
+  0.9-1.3 ms, and forward + kernel gradient at batch 4 62 -> 42 ms, same values
+  (``experiments/performance/fcn_first_conv.py``). Ordinary paddings pass unchanged.
+  """
+  eff = [(k_shape[i] - 1) * dilation[i] + 1 for i in range(2)]
+  if all(p <= eff[i] - 1 for i in range(2) for p in padding[i]):
+    return x, padding
+  keep = [tuple(p if p <= eff[i] - 1 else eff[i] // 2 for p in padding[i]) for i in range(2)]
+  extra = [(0, 0)] + [(padding[i][0] - keep[i][0], padding[i][1] - keep[i][1])
+                      for i in range(2)] + [(0, 0)]
+  return jnp.pad(x, extra), (keep[0], keep[1])
 
 
 def _reorders_kernel(x_shape, k_shape, y_shape, strides, dilation, padding, groups,
