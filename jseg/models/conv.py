@@ -315,8 +315,9 @@ def _pad_beyond_kernel(x: jax.Array, k_shape, dilation, padding
   oneDNN runs a convolution padded by as much as its kernel's extent or more (FCN's
   conv1_1, padded by 100 as in the Caffe original) with its GEMM code: 3 -> 16 channels
   at 256^2 batch 1, 4.9 ms; the image padded by 99 first and the convolution padded by 1,
-  0.9-1.3 ms, and forward + kernel gradient at batch 4 62 -> 42 ms, same values
-  (``experiments/performance/fcn_first_conv.py``). Ordinary paddings pass unchanged.
+  0.8-1.3 ms, and forward + parameter gradient at batch 4 59.6-63.3 -> 38.5-45.7 ms in
+  three runs, same values (``experiments/performance/fcn_first_conv.py``). Ordinary
+  paddings pass unchanged.
   """
   eff = [(k_shape[i] - 1) * dilation[i] + 1 for i in range(2)]
   if all(p <= eff[i] - 1 for i in range(2) for p in padding[i]):
