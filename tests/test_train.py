@@ -38,11 +38,29 @@ def _final_params(workdir: Path) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(run.variables)]
 
 
+RELEASES: list[bool] = []  # the reference run's SplitStep.release calls: was a buffer kept?
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tfds_cache):
   workdir = tmp_path_factory.mktemp("runs") / "reference"
-  summary = trainer.train_and_evaluate(_config(tfds_cache), workdir)
+  release = trainer.SplitStep.release
+
+  def spy(self):
+    RELEASES.append(self._spare is not None)
+    release(self)
+
+  trainer.SplitStep.release = spy
+  try:
+    summary = trainer.train_and_evaluate(_config(tfds_cache), workdir)
+  finally:
+    trainer.SplitStep.release = release
   return workdir, summary, _final_params(workdir)
+
+
+def test_kept_gradients_are_dropped_before_each_evaluation_and_save(trained):
+  # checkpoints every 2 steps (evaluations at 6 and 12 among them): steps 2, 4, ..., 12
+  assert RELEASES == [True] * (TOTAL // 2)
 
 
 def test_run_writes_config_logs_checkpoints(trained):

@@ -99,3 +99,28 @@ def test_initial_state_compiled_for_memory_has_the_default_compile_bits():
   assert len(leaves_a) == len(leaves_b) > 10
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gradient_program_writes_into_the_previous_steps_gradients():
+  """The gradients are kept between calls and donated to the next gradient program, so
+  XLA reuses their (already mapped) buffers; ``release`` drops them."""
+  run = trainer.setup(tiny_pspnet_config())
+  step, state = run.step_fn, run.state
+  batches = [parallel.shard_batch(b, run.mesh) for b in _batches(3)]
+  state, _ = step(state, batches[0], run.step_rng)
+  kept = step._spare
+  assert kept is not None
+  assert (jax.tree.structure(kept) == jax.tree.structure(state.params)
+          and all(g.shape == p.shape for g, p in zip(jax.tree.leaves(kept),
+                                                     jax.tree.leaves(state.params))))
+  state, m = step(state, batches[1], run.step_rng)
+  jax.block_until_ready(state)
+  assert all(g.is_deleted() for g in jax.tree.leaves(kept)), "previous gradients not reused"
+  assert not any(g.is_deleted() for g in jax.tree.leaves(step._spare))
+  assert np.isfinite(float(m["loss"]))
+  step.release()
+  assert step._spare is None
+  state, m = step(state, batches[2], run.step_rng)  # fresh buffers again
+  assert int(state.step) == 3 and np.isfinite(float(m["loss"]))
+  text = step.lower(state, batches[0], run.step_rng).compile().grads_fn.as_text()
+  assert "input_output_alias" in text

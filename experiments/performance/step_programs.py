@@ -51,7 +51,7 @@ def main() -> None:
       with trim():
         parts.append(part.compile())
       runtime.release_free_memory()
-    step = trainer.SplitStep(*parts)
+    step = trainer.SplitStep(*parts, lowered.zeros_fn)
   else:
     with trim():
       step = lowered.compile()
