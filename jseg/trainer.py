@@ -106,6 +106,15 @@ def train_step(
   return update_step(state, grads, batch_stats), out
 
 
+def _recycled(tree: Any) -> list[Any]:
+  """The leaves of ``tree`` whose gradients ``SplitStep`` keeps for the next step: those of
+  ``runtime.MMAP_THRESHOLD`` bytes and more, each a mapping of its own. Smaller ones come
+  from glibc's heap, which reuses freed blocks anyway; kept, they fragmented it (paper
+  DeepLab v3 training peak +35-43 MB with every gradient kept)."""
+  return [x for x in jax.tree.leaves(tree)
+          if x.size * np.dtype(x.dtype).itemsize >= runtime.MMAP_THRESHOLD]
+
+
 class SplitStep:
   """``train_step`` as two jitted programs: ``grad_step``, then ``update_step``.
 
@@ -118,12 +127,14 @@ class SplitStep:
   README there, "Seventh pass"); the step time does not change. ``config.split_update=False``
   gives the single program. Called, lowered and compiled like a ``jax.jit`` function.
 
-  The gradient program (``grad_step_into``) writes each step's gradients into the buffers
-  of the previous step's, which this object keeps between calls (donated to the next call;
+  The gradient program (``grad_step_into``) writes each step's gradients of 1 MiB and more
+  (``_recycled``) into the buffers of the previous step's, which this object keeps between calls (donated to the next call;
   ``release`` drops them, e.g. before an evaluation): fresh gradient buffers are mapped
-  and page-faulted anew every step on CPU. Paper-sized DeepLab v3 (221 MB of parameters),
-  batch 2, 256²: 727 -> 641 ms per step, minor faults 123k -> 66k, same values
-  (``experiments/performance/recycle_grads.py``).
+  and page-faulted anew every step on CPU. Paper-sized, batch 2, 256², same values
+  (``experiments/performance/recycle_grads.py``, alternated, medians): DeepLab v3 679.7 ->
+  631.8 ms per step, minor faults 121k -> 66k; PSPNet 1286.6 -> 1238.1 ms; U-Net 1541.0 ->
+  1503.3 ms. Training peak (``jseg.bench``, paper DeepLab v3) 1362-1364 -> 1377-1378 MB;
+  bench presets unchanged.
   """
 
   def __init__(self, grads_fn: Any, update_fn: Any, zeros_fn: Any):
@@ -133,10 +144,10 @@ class SplitStep:
   def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
     spare, self._spare = self._spare, None
     if spare is None:
-      spare = self.zeros_fn(state.params)
+      spare = self.zeros_fn(_recycled(state.params))
     grads, batch_stats, out = self.grads_fn(state, batch, rng, spare)
     new_state = self.update_fn(state, grads, batch_stats)
-    self._spare = grads
+    self._spare = _recycled(grads)
     return new_state, out
 
   def release(self) -> None:
@@ -144,8 +155,9 @@ class SplitStep:
     self._spare = None
 
   def lower(self, state: Any, batch: Any, rng: Any) -> "SplitStep":
-    grads, batch_stats, _ = jax.eval_shape(self.grads_fn, state, batch, rng, state.params)
-    return SplitStep(self.grads_fn.lower(state, batch, rng, grads),
+    spare = _recycled(state.params)
+    grads, batch_stats, _ = jax.eval_shape(self.grads_fn, state, batch, rng, spare)
+    return SplitStep(self.grads_fn.lower(state, batch, rng, spare),
                      self.update_fn.lower(state, grads, batch_stats), self.zeros_fn)
 
   def compile(self) -> "SplitStep":
@@ -180,7 +192,7 @@ def make_step(config: ml_collections.ConfigDict, loss_fn: Callable, mesh) -> Any
                      out_shardings=(repl, repl, repl), donate_argnums=(3,), keep_unused=True)
   update_fn = jax.jit(update_step, in_shardings=(repl, repl, repl), out_shardings=repl,
                       donate_argnums=(0,))
-  zeros_fn = jax.jit(lambda params: jax.tree.map(jnp.zeros_like, params), out_shardings=repl)
+  zeros_fn = jax.jit(lambda leaves: [jnp.zeros_like(x) for x in leaves], out_shardings=repl)
   return SplitStep(grads_fn, update_fn, zeros_fn)
 
 

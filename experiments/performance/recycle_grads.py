@@ -1,5 +1,6 @@
-"""Page faults of the gradients: a split step whose gradient program writes into the previous
-step's gradient buffers (donated) vs fresh buffers each step (jseg's ``SplitStep``).
+"""Page faults of the gradients: jseg's ``SplitStep``, whose gradient program writes into the
+previous step's gradient buffers of 1 MiB and more (donated), vs the same step given fresh
+buffers every step (``SplitStep.release`` before each call).
 
   python experiments/performance/recycle_grads.py --model=deeplabv3 --preset=paper --batch=2 \
       --size=256 [--steps=8] [--rounds=3]
@@ -12,7 +13,6 @@ alternated; per form, the median step (ms) and the minor page faults per step
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import resource
 import statistics
@@ -34,41 +34,28 @@ def main() -> None:
   import jax
   import numpy as np
   import checks
-  from jseg import losses, parallel, runtime, trainer
-  from jseg.bench.models import bench_config
+  from jseg import parallel, runtime
 
   runtime.fix_mmap_threshold()
   run, host_batch = checks._setup(a.model, a.batch, a.size, preset=a.preset)
-  loss_fn = losses.build_loss(bench_config(a.model, a.size, a.batch, a.preset))
-  fresh = run.step_fn  # the trainer's SplitStep
+  step = run.step_fn  # the trainer's SplitStep: keeps the gradients of 1 MiB and more
 
-  def grad_into(state, batch, rng, old_grads):
-    del old_grads  # donated: XLA writes the new gradients into its buffers
-    return trainer.grad_step(state, batch, rng, loss_fn=loss_fn)
+  def fresh(state, batch, rng):
+    step.release()  # fresh gradient buffers, as before the recycling
+    return step(state, batch, rng)
 
-  grads_fn = jax.jit(grad_into, donate_argnums=(3,), keep_unused=True)
-  update_fn = jax.jit(trainer.update_step, donate_argnums=(0,))
-  holder = {}
-
-  def recycled(state, batch, rng):
-    if "g" not in holder:
-      holder["g"] = jax.tree.map(lambda p: jax.numpy.zeros_like(p), state.params)
-    grads, bs, out = grads_fn(state, batch, rng, holder["g"])
-    new = update_fn(state, grads, bs)
-    holder["g"] = grads
-    return new, out
-
+  recycled = step
   batches = [parallel.shard_batch(host_batch(), run.mesh) for _ in range(a.steps)]
   states = {}
   times = {"fresh": [], "recycled": []}
   faults = {"fresh": [], "recycled": []}
   for r in range(a.rounds):
-    for name, step in (("fresh", fresh), ("recycled", recycled)):
+    for name, fn in (("fresh", fresh), ("recycled", recycled)):
       state = jax.tree.map(lambda x: x.copy(), run.state)
       for i, b in enumerate(batches):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        state, out = step(state, b, run.step_rng)
+        state, out = fn(state, b, run.step_rng)
         jax.block_until_ready((state, out))
         if r > 0 or i > 1:  # the first round's first steps compile
           times[name].append((time.perf_counter() - t0) * 1e3)
