@@ -128,9 +128,9 @@ class SplitStep:
   gives the single program. Called, lowered and compiled like a ``jax.jit`` function.
 
   The gradient program (``grad_step_into``) writes each step's gradients of 1 MiB and more
-  (``_recycled``) into the buffers of the previous step's, which this object keeps between calls (donated to the next call;
-  ``release`` drops them, e.g. before an evaluation): fresh gradient buffers are mapped
-  and page-faulted anew every step on CPU. Paper-sized, batch 2, 256², same values
+  (``_recycled``) into the buffers of the previous step's, which this object keeps between
+  calls (donated to the next call; ``release`` drops them, e.g. before an evaluation):
+  fresh gradient buffers are mapped and page-faulted anew every step on CPU. Paper-sized, batch 2, 256², same values
   (``experiments/performance/recycle_grads.py``, alternated, medians): DeepLab v3 679.7 ->
   631.8 ms per step, minor faults 121k -> 66k; PSPNet 1286.6 -> 1238.1 ms; U-Net 1541.0 ->
   1503.3 ms. Training peak (``jseg.bench``, paper DeepLab v3) 1362-1364 -> 1377-1378 MB;
@@ -511,7 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       is_eval = step % config.eval_every == 0 or step == config.total_steps
       saves = (step % config.checkpoint_every == 0 or is_eval or step in snapshots
                or step == config.total_steps)
-      if (is_eval or saves) and hasattr(step_fn, "release"):
+      if saves and hasattr(step_fn, "release"):
         step_fn.release()  # the kept gradient buffers: not held through evaluation or saving
       eval_metrics = None
       if is_eval:
