@@ -129,6 +129,64 @@ def fix_mmap_threshold(threshold: int | None = None) -> bool:
   return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
+BLOCK_CACHE_MIN_BYTES = 1 << 20
+BLOCK_CACHE_WAIT_US = 20_000
+_BLOCK_CACHE_STATS = ("hits", "misses", "waits_served", "waits_timed_out", "most_kept",
+                      "kept", "kept_bytes")
+
+
+def install_block_cache() -> int:
+  """Keeps jaxlib's freed host blocks of 1 MiB and more for its next allocation of the
+  same size (``jseg/native/block_cache.cc``), so an execution's temporaries block is not
+  mapped, page-faulted and zeroed afresh every call: SegNet's training step (256², batch 4)
+  had 59k minor faults per step, ~20% of its time
+  (``experiments/performance/README.md``, twenty-fourth pass).
+
+  jaxlib's own ``posix_memalign`` / ``free`` table entries are pointed at the cache;
+  nothing else in the process changes. A block is kept only while no other block of its
+  size is live, and every kept block is freed when an allocation of another size misses
+  (another program runs) or at ``release_block_cache``, so the memory held stays what the
+  same allocations would hold without it. ``JSEG_BLOCK_CACHE=0`` turns it off (set before
+  the first call). Returns the number of table entries redirected (0: off, unavailable,
+  or already installed). Process-wide; the entry points call it once at start."""
+  env = os.environ.get("JSEG_BLOCK_CACHE", "1").strip().lower()
+  if env not in ("0", "1", "off", "on", ""):
+    raise ValueError(f"JSEG_BLOCK_CACHE must be 0 or 1; got {env!r}.")
+  if env in ("0", "off"):
+    return 0
+  from jseg import native  # noqa: PLC0415
+
+  lib = native.block_cache()
+  if lib is None:
+    return 0
+  import jaxlib  # noqa: PLC0415
+
+  where = os.path.dirname(os.path.abspath(jaxlib.__file__)) + os.sep
+  return int(lib.jseg_block_cache_install(where.encode(), BLOCK_CACHE_MIN_BYTES,
+                                          BLOCK_CACHE_WAIT_US))
+
+
+def release_block_cache() -> None:
+  """Frees the blocks ``install_block_cache``'s cache keeps (before an evaluation or a
+  save, whose programs allocate other sizes). A no-op when it is not installed."""
+  from jseg import native  # noqa: PLC0415
+
+  if native._load_block_cache.cache_info().currsize and native.block_cache() is not None:
+    native.block_cache().jseg_block_cache_release()
+
+
+def block_cache_stats() -> dict[str, int]:
+  """The cache's counters: hits, misses, waits served / timed out, blocks kept now and at
+  most, bytes kept now (all 0 when it is not loaded)."""
+  from jseg import native  # noqa: PLC0415
+
+  if not native._load_block_cache.cache_info().currsize or native.block_cache() is None:
+    return dict.fromkeys(_BLOCK_CACHE_STATS, 0)
+  out = (ctypes.c_uint64 * 7)()
+  native.block_cache().jseg_block_cache_stats(out)
+  return dict(zip(_BLOCK_CACHE_STATS, (int(v) for v in out)))
+
+
 @contextlib.contextmanager
 def releasing_free_memory(interval_s: float = 0.05) -> Iterator[None]:
   """Calls ``release_free_memory`` on entry, every ``interval_s`` from a thread while

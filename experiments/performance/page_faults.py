@@ -42,12 +42,14 @@ VARIANTS = {
               "MALLOC_ARENA_MAX": "1"},
     "heap1trim": {"MALLOC_MMAP_THRESHOLD_": GIB4, "MALLOC_TRIM_THRESHOLD_": GIB4,
                   "MALLOC_ARENA_MAX": "1", "PAGE_FAULTS_TRIM": "1"},
+    "nocache": {"JSEG_BLOCK_CACHE": "0"},
 }
 
 
 def child(a) -> dict:
   from jseg import runtime
   runtime.fix_mmap_threshold()  # as jseg.train / the bench do (a no-op under some variants)
+  runtime.install_block_cache()  # likewise (off under ``nocache``)
   sys.path.insert(0, HERE)
   import jax
   import checks
@@ -85,7 +87,8 @@ def child(a) -> dict:
   return {"ms": round(1e3 * statistics.median(times), 1), "faults": int(statistics.median(faults)),
           "times_ms": [round(1e3 * t, 1) for t in times], "peak_rss_mb": round(rss_mb(), 1),
           "setup_peak_rss_mb": round(setup_peak, 1),
-          "calls_peak_rss_mb": round(rss_mb(), 1) if reset else None, "rss_after_calls_mb": rss}
+          "calls_peak_rss_mb": round(rss_mb(), 1) if reset else None, "rss_after_calls_mb": rss,
+          "block_cache": runtime.block_cache_stats()}
 
 
 def main() -> None:
@@ -111,7 +114,7 @@ def main() -> None:
     for name in a.variants.split(","):
       env = {k: v for k, v in os.environ.items()
              if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
-                          "MALLOC_ARENA_MAX", "PAGE_FAULTS_TRIM")}
+                          "MALLOC_ARENA_MAX", "PAGE_FAULTS_TRIM", "JSEG_BLOCK_CACHE")}
       env.update(VARIANTS[name])
       out = subprocess.run(args, env=env, capture_output=True, text=True)
       line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -123,7 +126,7 @@ def main() -> None:
             f"peak RSS {res['peak_rss_mb']:7.1f} MB  ({res['times_ms']})", flush=True)
       print(f"           peak RSS through compilation and the first call {res['setup_peak_rss_mb']} MB, "
             f"during the calls {res['calls_peak_rss_mb']} MB; RSS after each call "
-            f"{res['rss_after_calls_mb']}", flush=True)
+            f"{res['rss_after_calls_mb']}; block cache {res['block_cache']}", flush=True)
 
 
 if __name__ == "__main__":

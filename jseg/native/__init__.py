@@ -105,20 +105,49 @@ def _cache_dir() -> Path:
   return Path(os.environ.get("JSEG_NATIVE_CACHE", DEFAULT_CACHE_DIR)).expanduser()
 
 
-def build(out_dir: Path | None = None) -> Path:
-  """Compiles the extension (if not already built for this source and toolchain).
-
-  The library's name carries a hash of the source, the jaxlib and oneDNN versions and
-  the compiler command, so a stale build is never loaded. Written to a temporary file
-  and renamed, so concurrent processes (pytest-xdist workers) cannot see half a file.
-  """
-  import jax  # noqa: PLC0415 - keeps `import jseg.native` cheap
-
-  inc, lib = find_onednn()
+def _compiler() -> str:
   want = os.environ.get("CXX") or "g++"
   cxx = shutil.which(want) or (None if os.environ.get("CXX") else shutil.which("c++"))
   if not cxx:
-    raise NativeBuildError(f"no C++ compiler ({want}) found to build the oneDNN extension")
+    raise NativeBuildError(f"no C++ compiler ({want}) found to build jseg's native code")
+  return cxx
+
+
+def _compile(source: Path, stem: str, flags: list[str], versions: list[str],
+             out_dir: Path | None) -> Path:
+  """``source`` compiled to ``<out_dir>/<stem>-<hash>.so`` unless already there.
+
+  The library's name carries a hash of the source, the versions it was built against and
+  the compiler command, so a stale build is never loaded. Written to a temporary file
+  and renamed, so concurrent processes (pytest-xdist workers) cannot see half a file.
+  """
+  cxx = _compiler()
+  h = hashlib.sha256(source.read_bytes())
+  h.update(" ".join([cxx, *flags, *versions]).encode())
+  out_dir = Path(out_dir) if out_dir else _cache_dir()
+  target = out_dir / f"{stem}-{h.hexdigest()[:16]}.so"
+  if target.is_file():
+    return target
+  out_dir.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+  os.close(fd)
+  cmd = [cxx, str(source), "-o", tmp, *flags]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    raise NativeBuildError(
+        f"compiling {source.name} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}"
+    )
+  os.replace(tmp, target)
+  return target
+
+
+def build(out_dir: Path | None = None) -> Path:
+  """Compiles the oneDNN extension (if not already built for this source, jaxlib and
+  oneDNN version and toolchain)."""
+  import jax  # noqa: PLC0415 - keeps `import jseg.native` cheap
+
+  inc, lib = find_onednn()
   flags = [
       "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd",
       f"-I{inc}", f"-I{jax.ffi.include_dir()}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}",
@@ -129,24 +158,7 @@ def build(out_dir: Path | None = None) -> Path:
       versions.append(f"{dist}={metadata.version(dist)}")
     except metadata.PackageNotFoundError:
       versions.append(f"{dist}=?")
-  h = hashlib.sha256(SOURCE.read_bytes())
-  h.update(" ".join([cxx, *flags, *versions]).encode())
-  out_dir = Path(out_dir) if out_dir else _cache_dir()
-  target = out_dir / f"libjseg_onednn-{h.hexdigest()[:16]}.so"
-  if target.is_file():
-    return target
-  out_dir.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-  os.close(fd)
-  cmd = [cxx, str(SOURCE), "-o", tmp, *flags]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode != 0:
-    os.unlink(tmp)
-    raise NativeBuildError(
-        f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}"
-    )
-  os.replace(tmp, target)
-  return target
+  return _compile(SOURCE, "libjseg_onednn", flags, versions, out_dir)
 
 
 @functools.cache
@@ -165,6 +177,36 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
   except (NativeBuildError, OSError, AttributeError) as e:
     return None, f"{type(e).__name__}: {e}"
+
+
+BLOCK_CACHE_SOURCE = Path(__file__).with_name("block_cache.cc")
+
+
+@functools.cache
+def _load_block_cache() -> tuple[ctypes.CDLL | None, str]:
+  try:
+    path = _compile(BLOCK_CACHE_SOURCE, "libjseg_block_cache",
+                    ["-O2", "-std=c++17", "-shared", "-fPIC", "-ldl", "-lpthread"], [], None)
+    lib = ctypes.CDLL(str(path))
+    lib.jseg_block_cache_install.restype = ctypes.c_int
+    lib.jseg_block_cache_install.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int64]
+    lib.jseg_block_cache_release.restype = None
+    lib.jseg_block_cache_stats.restype = None
+    lib.jseg_block_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
+    return lib, ""
+  except (NativeBuildError, OSError, AttributeError) as e:
+    return None, f"{type(e).__name__}: {e}"
+
+
+def block_cache() -> ctypes.CDLL | None:
+  """``block_cache.cc`` built and loaded (``jseg.runtime.install_block_cache`` uses it), or
+  ``None`` when it cannot be built here (``block_cache_error()`` says why)."""
+  return _load_block_cache()[0]
+
+
+def block_cache_error() -> str:
+  """Why ``block_cache()`` is ``None`` ("" when it loaded)."""
+  return _load_block_cache()[1]
 
 
 def onednn() -> ctypes.CDLL | None:
