@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
   quiet_library_logs()
   runtime.enable_compilation_cache()  # re-evaluating a run skips compilation
   runtime.fix_mmap_threshold()
+  runtime.install_block_cache()
 
   result = evaluation.evaluate_run(
       _WORKDIR.value, split=_SPLIT.value, which=_CHECKPOINT.value, config=_CONFIG.value)

@@ -28,6 +28,7 @@ def main(argv: list[str]) -> None:
   quiet_library_logs()
   runtime.enable_compilation_cache()  # re-running a prediction skips compilation
   runtime.fix_mmap_threshold()
+  runtime.install_block_cache()
 
   written = prediction.predict_files(
       _WORKDIR.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value, _OVERWRITE.value, _MC.value)

@@ -442,6 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir = Path(workdir)
   runtime.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   runtime.fix_mmap_threshold()
+  runtime.install_block_cache()
   parallel.maybe_initialize_distributed(config)
   is_main = jax.process_index() == 0
   run = setup(config)
@@ -511,8 +512,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       is_eval = step % config.eval_every == 0 or step == config.total_steps
       saves = (step % config.checkpoint_every == 0 or is_eval or step in snapshots
                or step == config.total_steps)
-      if saves and hasattr(step_fn, "release"):
-        step_fn.release()  # the kept gradient buffers: not held through evaluation or saving
+      if saves:  # kept buffers are not held through evaluation or saving
+        if hasattr(step_fn, "release"):
+          step_fn.release()  # the gradient buffers
+        runtime.release_block_cache()  # jaxlib's kept blocks
       eval_metrics = None
       if is_eval:
         with runtime.releasing_free_memory() if summary is None else contextlib.nullcontext():

@@ -178,3 +178,71 @@ def test_fix_mmap_threshold_respects_the_user_and_checks_its_input(monkeypatch):
   for bad in (-1, 64 << 20):
     with pytest.raises(ValueError, match="32 MiB"):
       runtime.fix_mmap_threshold(bad)
+
+
+_BLOCK_PROBE = textwrap.dedent("""
+    import json, resource, time
+    import numpy as np
+    import jax, jax.numpy as jnp
+    from jseg import runtime
+    runtime.fix_mmap_threshold()
+    out = {"patched": runtime.install_block_cache()}
+    x = jnp.arange(1 << 20, dtype=jnp.float32)  # 4 MiB, live throughout
+    f = jax.jit(lambda x: jnp.concatenate([x, -x]) * 2)  # an 8 MiB output per call
+    want = np.concatenate([np.arange(1 << 20), -np.arange(1 << 20)]).astype(np.float32) * 2
+
+    def settle(key, value):  # a freed buffer may reach free() a moment later
+      for _ in range(200):
+        if runtime.block_cache_stats()[key] == value:
+          return True
+        time.sleep(0.005)
+      return False
+
+    faults, equal = [], True
+    for i in range(6):
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      y = f(x).block_until_ready()
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+      equal &= bool(np.array_equal(np.asarray(y), want))
+      y.delete()
+      settle("kept", 1)
+    out.update(faults=sorted(faults[1:])[2], equal=equal, stats=runtime.block_cache_stats())
+    y1, y2 = f(x).block_until_ready(), f(x).block_until_ready()  # two live blocks of a size
+    y1.delete()
+    out["kept_with_twin_live"] = runtime.block_cache_stats()["kept"] if not settle("kept", 1) else 1
+    y2.delete()
+    out["kept_after_both"] = int(settle("kept", 1))
+    runtime.release_block_cache()
+    out["after_release"] = runtime.block_cache_stats()["kept_bytes"]
+    print(json.dumps(out))
+""")
+
+
+def _block_probe(cache: str) -> dict:
+  env = dict(os.environ, JSEG_BLOCK_CACHE=cache)
+  p = subprocess.run([sys.executable, "-c", _BLOCK_PROBE], env=env, capture_output=True,
+                     text=True, timeout=180)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="jaxlib's ELF tables (Linux)")
+def test_block_cache_reuses_a_freed_block_for_the_next_call_of_its_size():
+  """With the cache an 8 MiB output comes back to the next call without page faults (the
+  same values); without it (``JSEG_BLOCK_CACHE=0``) each call faults its 2048 pages in
+  again. A block is not kept while another of its size is live, and release frees it."""
+  on, off = _block_probe("1"), _block_probe("0")
+  assert on["patched"] > 0 and off["patched"] == 0
+  assert on["equal"] and off["equal"]
+  assert off["faults"] >= 2000 and on["faults"] < 500, (on, off)
+  assert on["stats"]["hits"] >= 4 and off["stats"]["hits"] == 0, on["stats"]
+  assert on["kept_with_twin_live"] == 0 and on["kept_after_both"] == 1, on
+  assert on["after_release"] == 0, on
+
+
+def test_block_cache_checks_its_switch(monkeypatch):
+  monkeypatch.setenv("JSEG_BLOCK_CACHE", "yes please")
+  with pytest.raises(ValueError, match="JSEG_BLOCK_CACHE"):
+    runtime.install_block_cache()
+  monkeypatch.setenv("JSEG_BLOCK_CACHE", "0")
+  assert runtime.install_block_cache() == 0

@@ -187,6 +187,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
 
   from jseg import parallel, runtime, trainer
   runtime.fix_mmap_threshold()  # as jseg.train does
+  runtime.install_block_cache()
   from jseg.bench.flops import jaxpr_flops
 
   jax.devices()
