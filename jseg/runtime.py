@@ -189,8 +189,8 @@ def block_cache_stats() -> dict[str, int]:
 
 @contextlib.contextmanager
 def releasing_free_memory(interval_s: float = 0.05) -> Iterator[None]:
-  """Calls ``release_free_memory`` on entry, every ``interval_s`` from a thread while
-  the body runs, and on exit.
+  """Calls ``release_free_memory`` on entry (after ``release_block_cache``), every
+  ``interval_s`` from a thread while the body runs, and on exit.
 
   Wrap a compilation in it: XLA's compiler frees memory between its passes while it
   allocates more, and glibc keeps those freed pages resident, so the process's peak
@@ -200,6 +200,7 @@ def releasing_free_memory(interval_s: float = 0.05) -> Iterator[None]:
   """
   if interval_s <= 0:
     raise ValueError(f"interval_s must be > 0; got {interval_s}.")
+  release_block_cache()  # blocks kept for the previous program would sit under the compiler
   if not release_free_memory():
     yield
     return

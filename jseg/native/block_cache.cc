@@ -27,6 +27,7 @@
 #include <malloc.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -44,6 +45,14 @@ PosixMemalign real_posix_memalign = nullptr;
 Free real_free = nullptr;
 size_t threshold = 1 << 20;
 long wait_us = 20000;
+bool trace = false;  // JSEG_BLOCK_CACHE_TRACE=1: one stderr line per large event
+
+void note(const char* what, size_t size) {
+  if (!trace) return;
+  char line[128];
+  int n = snprintf(line, sizeof line, "block_cache %s %zu\n", what, size);
+  if (n > 0) (void)!write(2, line, n);
+}
 
 constexpr int kSlots = 4096;  // live tracked blocks (open addressing; a few hundred at most)
 constexpr int kMaxCached = 64;
@@ -102,7 +111,7 @@ bool waits_for(size_t size) {  // under mu
 }
 
 void release_kept() {  // under mu
-  for (int i = 0; i < kept; i++) real_free(kept_ptr[i]);
+  for (int i = 0; i < kept; i++) note("release", kept_size[i]), real_free(kept_ptr[i]);
   kept = 0;
 }
 
@@ -123,37 +132,28 @@ int take_kept(void** out, size_t align, size_t size) {  // under mu; 1 when serv
 int cached_posix_memalign(void** out, size_t align, size_t size) {
   if (size < threshold) return real_posix_memalign(out, align, size);
   pthread_mutex_lock(&mu);
-  if (take_kept(out, align, size)) {
-    stats[0]++;
-    pthread_mutex_unlock(&mu);
-    return 0;
-  }
-  if (wait_us > 0 && size_live(size) && waits_for(size)) {
+  bool served = take_kept(out, align, size);
+  if (!served && wait_us > 0 && size_live(size) && waits_for(size)) {
     timespec until;
     clock_gettime(CLOCK_REALTIME, &until);
     until.tv_sec += wait_us / 1000000;
     until.tv_nsec += (wait_us % 1000000) * 1000;
     if (until.tv_nsec >= 1000000000) until.tv_sec++, until.tv_nsec -= 1000000000;
-    for (;;) {
-      if (take_kept(out, align, size)) {
-        stats[0]++;
-        stats[2]++;
-        pthread_mutex_unlock(&mu);
-        return 0;
-      }
-      if (!size_live(size) || pthread_cond_timedwait(&freed, &mu, &until) != 0) break;
-    }
-    if (!take_kept(out, align, size)) {
-      stats[3]++;
-      if (no_wait_n < kNoWaitSizes) no_wait[no_wait_n++] = size;
-    } else {
-      stats[0]++;
-      stats[2]++;
-      pthread_mutex_unlock(&mu);
-      return 0;
-    }
+    while (!served && size_live(size) && pthread_cond_timedwait(&freed, &mu, &until) == 0)
+      served = take_kept(out, align, size);
+    served = served || take_kept(out, align, size);
+    stats[served ? 2 : 3]++;
+    note(served ? "wait-served" : "wait-timeout", size);
+    if (!served && no_wait_n < kNoWaitSizes) no_wait[no_wait_n++] = size;
+  }
+  if (served) {
+    note("hit", size);
+    stats[0]++;
+    pthread_mutex_unlock(&mu);
+    return 0;
   }
   stats[1]++;
+  note(size_live(size) ? "miss-twin-live" : "miss", size);
   release_kept();
   int r = real_posix_memalign(out, align, size);
   if (r == 0) track(*out, size);
@@ -184,9 +184,11 @@ void cached_free(void* p) {
     kept++;
     if (static_cast<uint64_t>(kept) > stats[4]) stats[4] = kept;
     pthread_cond_broadcast(&freed);
+    note("keep", size);
     pthread_mutex_unlock(&mu);
     return;
   }
+  note("free", size);
   pthread_mutex_unlock(&mu);
   real_free(p);
 }
@@ -271,12 +273,18 @@ int jseg_block_cache_install(const char* path_part, uint64_t min_bytes, int64_t 
   threshold = min_bytes;
   wait_us = max_wait_us;
   bool first = real_free == nullptr;
+  const char* t = getenv("JSEG_BLOCK_CACHE_TRACE");
+  trace = t != nullptr && t[0] == '1';
   if (first) {
     real_posix_memalign = reinterpret_cast<PosixMemalign>(dlsym(RTLD_DEFAULT, "posix_memalign"));
     real_free = reinterpret_cast<Free>(dlsym(RTLD_DEFAULT, "free"));
   }
   pthread_mutex_unlock(&mu);
   if (!first || real_posix_memalign == nullptr || real_free == nullptr) return 0;
+  // A fork() while another thread holds the lock (a data loader's worker) must not leave
+  // the child's copy locked.
+  pthread_atfork([] { pthread_mutex_lock(&mu); }, [] { pthread_mutex_unlock(&mu); },
+                 [] { pthread_mutex_init(&mu, nullptr); pthread_cond_init(&freed, nullptr); });
   Patch p{path_part, 0};
   dl_iterate_phdr(patch_object, &p);
   return p.patched;
