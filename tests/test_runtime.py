@@ -214,6 +214,12 @@ _BLOCK_PROBE = textwrap.dedent("""
     out["kept_after_both"] = int(settle("kept", 1))
     runtime.release_block_cache()
     out["after_release"] = runtime.block_cache_stats()["kept_bytes"]
+    y = f(x).block_until_ready()
+    runtime.release_block_cache()  # before the block is freed: it is not kept either
+    y.delete()
+    out["kept_freed_after_release"] = int(settle("kept", 1))
+    f(x).block_until_ready().delete()  # the next call keeps again
+    out["kept_after_next_call"] = int(settle("kept", 1))
     print(json.dumps(out))
 """)
 
@@ -230,7 +236,9 @@ def _block_probe(cache: str) -> dict:
 def test_block_cache_reuses_a_freed_block_for_the_next_call_of_its_size():
   """With the cache an 8 MiB output comes back to the next call without page faults (the
   same values); without it (``JSEG_BLOCK_CACHE=0``) each call faults its 2048 pages in
-  again. A block is not kept while another of its size is live, and release frees it."""
+  again. A block is not kept while another of its size is live; release frees it, and a
+  block freed after a release (an execution's temporaries can be freed just after the
+  caller has its outputs) is not kept until the next call."""
   on, off = _block_probe("1"), _block_probe("0")
   assert on["patched"] > 0 and off["patched"] == 0
   assert on["equal"] and off["equal"]
@@ -238,6 +246,7 @@ def test_block_cache_reuses_a_freed_block_for_the_next_call_of_its_size():
   assert on["stats"]["hits"] >= 4 and off["stats"]["hits"] == 0, on["stats"]
   assert on["kept_with_twin_live"] == 0 and on["kept_after_both"] == 1, on
   assert on["after_release"] == 0, on
+  assert on["kept_freed_after_release"] == 0 and on["kept_after_next_call"] == 1, on
 
 
 def test_block_cache_checks_its_switch(monkeypatch):

@@ -19,7 +19,8 @@
 //   wait once timed out is never waited for again (a caller keeping such blocks);
 // - otherwise every kept block is freed first (another program runs now), then glibc's
 //   posix_memalign serves it.
-// `jseg_block_cache_release` frees every kept block (before an evaluation or a save).
+// `jseg_block_cache_release` frees every kept block, and keeps none freed until the next
+// large allocation (before a compilation, an evaluation or a save).
 
 #include <dlfcn.h>
 #include <elf.h>
@@ -65,6 +66,7 @@ std::atomic<int> live_count{0};
 void* kept_ptr[kMaxCached];
 size_t kept_size[kMaxCached];
 int kept = 0;
+bool draining = false;  // after a release, until the next large allocation: keep nothing
 size_t no_wait[kNoWaitSizes];
 int no_wait_n = 0;
 // hits, misses, waits that found their block, waits that timed out, blocks kept at once max
@@ -132,6 +134,7 @@ int take_kept(void** out, size_t align, size_t size) {  // under mu; 1 when serv
 int cached_posix_memalign(void** out, size_t align, size_t size) {
   if (size < threshold) return real_posix_memalign(out, align, size);
   pthread_mutex_lock(&mu);
+  draining = false;
   bool served = take_kept(out, align, size);
   if (!served && wait_us > 0 && size_live(size) && waits_for(size)) {
     timespec until;
@@ -178,7 +181,7 @@ void cached_free(void* p) {
   live_ptr[i] = kTombstone;
   live_count.fetch_sub(1, std::memory_order_relaxed);
   // A block of at least its recorded size (else the address was reused untracked).
-  if (malloc_usable_size(p) >= size && kept < kMaxCached && !size_live(size)) {
+  if (!draining && malloc_usable_size(p) >= size && kept < kMaxCached && !size_live(size)) {
     kept_ptr[kept] = p;
     kept_size[kept] = size;
     kept++;
@@ -290,10 +293,13 @@ int jseg_block_cache_install(const char* path_part, uint64_t min_bytes, int64_t 
   return p.patched;
 }
 
-// Frees every kept block.
+// Frees every kept block, and every tracked block freed before the next large allocation
+// (an execution's temporaries are freed just after its outputs are ready, so a release
+// right after a call can come first).
 void jseg_block_cache_release() {
   pthread_mutex_lock(&mu);
   release_kept();
+  draining = true;
   pthread_mutex_unlock(&mu);
 }
 
