@@ -3,6 +3,7 @@
   python experiments/performance/tables.py experiments/performance/headline_256_b4_ynn_dot_reduce.json
   python experiments/performance/tables.py --scaling experiments/performance/scaling_*.json
   python experiments/performance/tables.py --rounds experiments/performance/s22_zen5_all_256_b4_rounds2_lazy.json
+  python experiments/performance/tables.py --ab BEFORE_1.json,BEFORE_2.json AFTER_1.json,AFTER_2.json
 """
 
 from __future__ import annotations
@@ -100,14 +101,42 @@ def scaling(paths: list[str]) -> str:
   return "\n".join(lines)
 
 
+def ab(before: str, after: str) -> str:
+  """jseg's own figures in runs before and after a change (comma-separated files, e.g.
+  alternated ``--torch=no`` runs): step and inference times, peaks, per run."""
+  def load(paths):
+    return [{r["model"]: r["jseg"] for r in json.load(open(f))["results"] if "jseg" in r}
+            for f in paths.split(",")]
+  b, a = load(before), load(after)
+  join = lambda runs, m, k, spec: " / ".join(format(r[m][k], spec) for r in runs if m in r)
+  mean = lambda runs, m, k: statistics.mean(r[m][k] for r in runs if m in r)
+  lines = ["| model | step s before | step s after | **train after/before** | infer ms before | "
+           "infer ms after | **infer** | train peak MB before | after | peak MB before | after |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for m in b[0]:
+    if not all(m in r for r in a):
+      continue
+    lines.append(
+        f"| {m} | {join(b, m, 'step_s', '.3f')} | {join(a, m, 'step_s', '.3f')} | "
+        f"**{mean(b, m, 'step_s') / mean(a, m, 'step_s'):.2f}x** | "
+        f"{join(b, m, 'infer_ms_per_image', '.1f')} | {join(a, m, 'infer_ms_per_image', '.1f')} | "
+        f"**{mean(b, m, 'infer_ms_per_image') / mean(a, m, 'infer_ms_per_image'):.2f}x** | "
+        f"{join(b, m, 'train_peak_rss_mb', '.0f')} | {join(a, m, 'train_peak_rss_mb', '.0f')} | "
+        f"{join(b, m, 'peak_rss_mb', '.0f')} | {join(a, m, 'peak_rss_mb', '.0f')} |")
+  return "\n".join(lines)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("paths", nargs="+")
   p.add_argument("--scaling", action="store_true")
   p.add_argument("--rounds", action="store_true", help="compact table: median of per-round ratios, rounds in brackets")
+  p.add_argument("--ab", action="store_true", help="two paths: before and after runs (comma-separated)")
   p.add_argument("--peak", type=float, default=None, help="GFLOP/s for MFU (default: the run's measured best)")
   a = p.parse_args()
-  if a.scaling:
+  if a.ab:
+    print(ab(*a.paths))
+  elif a.scaling:
     print(scaling(a.paths))
   elif a.rounds:
     for path in a.paths:
