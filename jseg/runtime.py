@@ -35,6 +35,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -156,7 +157,7 @@ def install_block_cache() -> int:
   env = os.environ.get("JSEG_BLOCK_CACHE", "1").strip().lower()
   if env not in ("0", "1", "off", "on", ""):
     raise ValueError(f"JSEG_BLOCK_CACHE must be 0 or 1; got {env!r}.")
-  if env in ("0", "off"):
+  if env in ("0", "off") or not sys.platform.startswith("linux"):  # ELF tables: Linux only
     return 0
   from jseg import native  # noqa: PLC0415
 
@@ -175,8 +176,9 @@ def release_block_cache() -> None:
   save, whose programs allocate other sizes). A no-op when it is not installed."""
   from jseg import native  # noqa: PLC0415
 
-  if native._load_block_cache.cache_info().currsize and native.block_cache() is not None:
-    native.block_cache().jseg_block_cache_release()
+  lib = native.loaded_block_cache()
+  if lib is not None:
+    lib.jseg_block_cache_release()
 
 
 def block_cache_stats() -> dict[str, int]:
@@ -184,10 +186,11 @@ def block_cache_stats() -> dict[str, int]:
   most, bytes kept now (all 0 when it is not loaded)."""
   from jseg import native  # noqa: PLC0415
 
-  if not native._load_block_cache.cache_info().currsize or native.block_cache() is None:
+  lib = native.loaded_block_cache()
+  if lib is None:
     return dict.fromkeys(_BLOCK_CACHE_STATS, 0)
   out = (ctypes.c_uint64 * 7)()
-  native.block_cache().jseg_block_cache_stats(out)
+  lib.jseg_block_cache_stats(out)
   return dict(zip(_BLOCK_CACHE_STATS, (int(v) for v in out)))
 
 

@@ -204,6 +204,12 @@ def block_cache() -> ctypes.CDLL | None:
   return _load_block_cache()[0]
 
 
+def loaded_block_cache() -> ctypes.CDLL | None:
+  """``block_cache()`` if this process has already loaded it, else ``None`` (builds
+  nothing)."""
+  return block_cache() if _load_block_cache.cache_info().currsize else None
+
+
 def block_cache_error() -> str:
   """Why ``block_cache()`` is ``None`` ("" when it loaded)."""
   return _load_block_cache()[1]
