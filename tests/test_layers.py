@@ -537,6 +537,52 @@ def test_native_depthwise_kernel_grad_is_one_call_and_checks_shapes(monkeypatch)
     layers.depthwise_kernel_grad_native(x, x[:, :8], 3, 2)
 
 
+@needs_native
+@pytest.mark.parametrize("k,shape", [(5, (2, 9, 7, 3)), (3, (1, 6, 11, 20)), (5, (2, 2, 3, 4)),
+                                     (7, (1, 13, 5, 2))])
+def test_native_max_pool_same_backward_has_xlas_bits(monkeypatch, k, shape):
+  """``JSEG_POOL=native`` (the default where the oneDNN convolutions run) routes the stride-1
+  pool's gradient in one custom call with the same bits as XLA's shifted selects
+  (``JSEG_POOL=xla``), ties (ReLU zeros) and maps smaller than the window included."""
+  x = np.maximum(np.round(_rand(shape) * 2) / 2, 0).astype(np.float32)
+  x[0, 0, 0] = -np.inf  # a window corner below everything
+  r = _rand(shape, 1)
+  loss = lambda t: jnp.sum(layers.max_pool_same(t, k) * r)  # noqa: E731
+  grads, texts = {}, {}
+  for mode in ("native", "xla"):
+    monkeypatch.setenv("JSEG_POOL", mode)
+    f = jax.jit(jax.grad(loss))
+    texts[mode] = f.lower(x).as_text()
+    grads[mode] = np.asarray(f(x))
+  assert "JsegPoolSameBwd" in texts["native"] and "JsegPoolSameBwd" not in texts["xla"]
+  assert (x == 0).mean() > 0.3 and np.abs(grads["xla"]).max() > 0
+  np.testing.assert_array_equal(grads["native"], grads["xla"])
+
+
+@needs_native
+def test_native_max_pool_same_backward_keeps_less_and_checks_shapes(monkeypatch):
+  """In a compiled chain of 5x5 pools the native backward needs less than half XLA's
+  temporaries (XLA wrote a full-size copy per shifted tap); mismatched positions are
+  refused by name."""
+  x = _rand((2, 32, 32, 32))
+  r = _rand((2, 32, 32, 32), 1)
+
+  def f(t):
+    for _ in range(4):
+      t = jnp.tanh(layers.max_pool_same(t, 5))
+    return jnp.sum(t * r)
+
+  temps = {}
+  for mode in ("native", "xla"):
+    monkeypatch.setenv("JSEG_POOL", mode)
+    temps[mode] = jax.jit(jax.grad(f)).lower(x).compile().memory_analysis().temp_size_in_bytes
+  assert temps["native"] < 0.5 * temps["xla"], temps
+  g = jnp.asarray(x)
+  at = jnp.zeros(x.shape, jnp.int8)
+  with pytest.raises(ValueError, match="positions of its shape"):
+    layers.pool_same_bwd_native(g, at[:, :8], at, 5)
+
+
 def test_shifted_kernel_grad_runs_tap_by_tap_on_large_slices():
   """At >= 2 MiB per tap slice the kernel gradient loops over taps: equal to the written-out
   sums and to the grouped convolution's kernel gradient, with fewer than four slices of

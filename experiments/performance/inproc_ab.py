@@ -82,6 +82,8 @@ Changes (``--change``):
 - ``grad_norm`` (with ``--train``): the gradients' global norm (the ``grad_norm`` metric)
   as one reduction over all gradients concatenated (before, ``JSEG_NORM=xla``) vs one
   ``JsegSumSquares`` call reading them where they lie (now).
+- ``pool_native`` (with ``--train``): the k x k stride-1 max pool's backward as XLA's
+  shifted selects (before, ``JSEG_POOL=xla``) vs one ``JsegPoolSameBwd`` call (now).
 - ``conv_relu``: a convolution followed by a ReLU as two ops (before: XLA kept the
   pre-activation for the backward) vs bias and ReLU inside the oneDNN call (now,
   ``conv.conv_relu``; VGG without BatchNorm, FCN, DeepLab v1, CNN+RNN, RefineNet's RCUs).
@@ -276,7 +278,7 @@ def einsum_call(self, x):
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts", "unpool", "relu_axis", "pad_beyond"])
+  p.add_argument("--change", default="upconv", choices=["upconv", "dw_routing", "loss_vjp", "bn_affine", "bn_vjp", "resize_eval", "trim_taps", "split_update", "bn_native", "conv_workspace", "loss_native", "bn_then", "pool_position", "conv_threads", "ppm_pools", "kernel_split", "input_channels", "bn_fold", "pool_pad", "pool_same", "pool_reduce", "pool2_positions", "conv_relu", "relu_kept", "dw_vjp", "dk_loop", "gemm_grad", "dw_grad", "scale_reorder", "grad_norm", "split_head", "blocked_up", "concat_parts", "unpool", "relu_axis", "pad_beyond", "pool_native"])
   p.add_argument("--now_first", action="store_true")
   p.add_argument("--model", default="unet")
   p.add_argument("--batch", type=int, default=1)
@@ -458,6 +460,8 @@ def main() -> None:
       layers.onednn_depthwise_forward_kernel = (lambda *args: False) if before else dw_fwd_kernel
     elif a.change == "grad_norm":
       os.environ["JSEG_NORM"] = "xla" if before else "auto"
+    elif a.change == "pool_native":
+      os.environ["JSEG_POOL"] = "xla" if before else "auto"
     elif a.change == "blocked_up":
       cnn_rnn.PixelTransposeConv, cnn_rnn.unblock_pixels = (
           (InterleavedUp, lambda y, width, strides: y) if before else blocked_up)

@@ -272,6 +272,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "conv": _conv_backend(),
       "batchnorm": _bn_backend(),
       "loss_end": _loss_backend(),
+      "pool_backward": _pool_backend(),
   }
   stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
@@ -298,6 +299,13 @@ def _loss_backend() -> str:
   from jseg.losses import loss_native_active  # noqa: PLC0415
 
   return "native" if loss_native_active() else "xla"
+
+
+def _pool_backend() -> str:
+  """Where the stride-1 max pools' backward ran: "native" or "xla" (``jseg.models.layers``)."""
+  from jseg.models.layers import pool_native_active  # noqa: PLC0415
+
+  return "native" if pool_native_active() else "xla"
 
 
 def _best_time(fn, repeats: int, min_s: float) -> float:

@@ -447,7 +447,35 @@ def _max_pool_same_fwd(k, x):
 
 def _max_pool_same_bwd(k, res, g):
   row_at, col_at = res
+  if g.dtype == jnp.float32 and pool_native_active():
+    return (pool_same_bwd_native(g, row_at, col_at, k),)
   return (_unwindow(_unwindow(g, row_at, k, 1), col_at, k, 2),)
+
+
+def pool_native_active() -> bool:
+  """Whether ``max_pool_same``'s backward, traced now, is ``jseg.native``'s kernel
+  (``JSEG_POOL`` = ``auto`` | ``native`` | ``xla``; ``auto``: where the oneDNN convolutions
+  run, as ``JSEG_BN``)."""
+  return native.kernels_active("JSEG_POOL", onednn_active)
+
+
+def pool_same_bwd_native(g: jax.Array, row_at: jax.Array, col_at: jax.Array,
+                         k: int) -> jax.Array:
+  """``max_pool_same``'s input gradient from the output gradient ``g`` (float32 NHWC) and
+  the forward's int8 positions, as one ``jseg.native`` call (``JsegPoolSameBwd``).
+
+  The same sums in the same order as the XLA form (``_unwindow`` over rows, then columns:
+  the same bits), in one pass that writes only the result: XLA:CPU ran each of the 2k
+  shifts as its own kernel with a full-size copy (RefineNet's 5x5 pools, 4.5x their input
+  in temporaries; ``experiments/performance/README.md``, twenty-fifth pass).
+  """
+  if g.ndim != 4 or row_at.shape != g.shape or col_at.shape != g.shape:
+    raise ValueError(f"pool_same_bwd_native needs NHWC g and positions of its shape; got "
+                     f"{g.shape}, {row_at.shape} and {col_at.shape}.")
+  if native.onednn() is None:  # builds and registers the kernels once per process
+    raise RuntimeError(f"The jseg.native extension is unavailable: {native.onednn_error()}")
+  return jax.ffi.ffi_call("JsegPoolSameBwd", jax.ShapeDtypeStruct(g.shape, jnp.float32))(
+      g, row_at.astype(jnp.int8), col_at.astype(jnp.int8), k=np.int64(k))
 
 
 _max_pool_same.defvjp(_max_pool_same_fwd, _max_pool_same_bwd)

@@ -9,7 +9,8 @@ BatchNorm's training forward and backward (``JsegBn*``, used by ``jseg.models.no
 plain C++ on XLA's intra-op thread pool: they replace ~10 XLA kernels per layer, each of
 which costs the compiler memory. Also the loss end's class log-probabilities
 (``JsegLogProb*``), the dilated depthwise kernel gradient (``JsegDwKernelGrad``) and the
-gradients' global norm (``JsegSumSquares``).
+gradients' global norm (``JsegSumSquares``) and the stride-1 max pool's backward
+(``JsegPoolSameBwd``).
 
 ``onednn()`` compiles ``onednn_conv.cc`` with the system C++ compiler against the
 headers and library of the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (both
@@ -40,7 +41,7 @@ TARGETS = ("JsegConvFwd", "JsegConvBias", "JsegConvBiasAdd", "JsegConvScaleBias"
            "JsegConvScaleBiasAdd", "JsegConvBwdData",
            "JsegConvBwdWeights", "JsegBnFwd", "JsegBnBwd", "JsegBnAddFwd", "JsegBnAddBwd",
            "JsegBnApply", "JsegLogProbFwd", "JsegLogProbBwd", "JsegDwKernelGrad",
-           "JsegSumSquares")
+           "JsegSumSquares", "JsegPoolSameBwd")
 
 
 def env_mode(var: str, modes: tuple[str, ...]) -> str:

@@ -1593,6 +1593,88 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegDwKernelGrad, DwKernelGradImpl,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN JSEG_IN JSEG_OUT
                                   .Attr<int64_t>("k").Attr<int64_t>("d"));
 
+// The backward of a stride-1 k x k max pool with same padding (layers.max_pool_same): each
+// output's gradient goes to the one input that held its window's maximum, recorded in the
+// forward as the tap of the row maximum (row_at, at the output) and of the column maximum
+// (col_at, at the column maxima). Per output row y: the column maxima's gradient
+// gc[x] = sum over taps i of [row_at[y + p - i, x] == i] g[y + p - i, x], then
+// dx[y, x] = sum over i of [col_at[y, x + p - i] == i] gc[x + p - i], each sum in tap order
+// with 0 for taps outside the map, as XLA's form (layers._unwindow) adds them: the same
+// bits. XLA ran every tap's shift as its own kernel with a full-size copy (4.5x the input
+// in temporaries); here one pass over the rows writes dx and nothing else.
+namespace {
+// acc[t] (=, for the first tap, else +=) at[t] == i ? g[t] : 0, t < len.
+JSEG_CLONES void RouteTap(const float* __restrict g, const int8_t* __restrict at,
+                          float* __restrict acc, int64_t len, int8_t i, bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) acc[t] = at[t] == i ? g[t] : 0.f;
+  } else {
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) acc[t] += at[t] == i ? g[t] : 0.f;
+  }
+}
+
+// A tap that falls outside the map: XLA adds its zero fill.
+void RouteNone(float* __restrict acc, int64_t len, bool first) {
+  if (first) {
+    std::fill(acc, acc + len, 0.f);
+  } else {
+    for (int64_t t = 0; t < len; ++t) acc[t] += 0.f;  // turns -0 into +0, as XLA's add does
+  }
+}
+}  // namespace
+
+ffi::Error PoolSameBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                           ffi::Buffer<ffi::S8> row_at, ffi::Buffer<ffi::S8> col_at,
+                           ffi::ResultBuffer<ffi::F32> dx, int64_t k) {
+  const auto gd = g.dimensions();
+  if (gd.size() != 4 || row_at.dimensions().size() != 4 || col_at.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("JsegPoolSameBwd: g, row_at and col_at must be NHWC");
+  for (int a = 0; a < 4; ++a)
+    if (row_at.dimensions()[a] != gd[a] || col_at.dimensions()[a] != gd[a])
+      return ffi::Error::InvalidArgument("JsegPoolSameBwd: row_at's or col_at's shape differs from g's");
+  if (k <= 0 || k % 2 == 0 || k > 127)
+    return ffi::Error::InvalidArgument("JsegPoolSameBwd: needs an odd window k < 128");
+  const int64_t n = gd[0], h = gd[1], w = gd[2], c = gd[3], p = (k - 1) / 2;
+  const int64_t row = w * c;
+  return Guard([&] {
+    ParallelFor(pool, n * h, n * h * row * k, [&](int64_t r) {
+      const int64_t i0 = r / h, y = r % h;
+      std::vector<float> gc(row);
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t yy = y + p - i;
+        if (yy < 0 || yy >= h) {
+          RouteNone(gc.data(), row, i == 0);
+          continue;
+        }
+        const int64_t o = (i0 * h + yy) * row;
+        RouteTap(g.typed_data() + o, row_at.typed_data() + o, gc.data(), row,
+                 static_cast<int8_t>(i), i == 0);
+      }
+      float* out = dx->typed_data() + r * row;
+      const int8_t* at = col_at.typed_data() + r * row;
+      for (int64_t x = 0; x < w; ++x) {
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t xx = x + p - i;
+          if (xx < 0 || xx >= w) {
+            RouteNone(out + x * c, c, i == 0);
+            continue;
+          }
+          RouteTap(gc.data() + xx * c, at + xx * c, out + x * c, c, static_cast<int8_t>(i),
+                   i == 0);
+        }
+      }
+    });
+  });
+}
+
+// g, row_at (int8), col_at (int8) -> dx (g's shape).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsegPoolSameBwd, PoolSameBwdImpl,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSEG_IN
+                                  .Arg<ffi::Buffer<ffi::S8>>().Arg<ffi::Buffer<ffi::S8>>()
+                                      JSEG_OUT.Attr<int64_t>("k"));
+
 // Sum of the squares of every element of every operand (float32 buffers of any shapes),
 // for the gradients' global norm (``optim.global_norm``): one pass over the leaves where
 // they lie, instead of XLA's copy of all of them into one array (a model's size again in
