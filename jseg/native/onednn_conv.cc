@@ -1641,15 +1641,15 @@ ffi::Error PoolSameBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   return Guard([&] {
     ParallelFor(pool, n * h, n * h * row * k, [&](int64_t r) {
       const int64_t i0 = r / h, y = r % h;
-      std::vector<float> gc(row);
+      std::unique_ptr<float[]> gc(new float[row]);  // the first tap writes all of it
       for (int64_t i = 0; i < k; ++i) {
         const int64_t yy = y + p - i;
         if (yy < 0 || yy >= h) {
-          RouteNone(gc.data(), row, i == 0);
+          RouteNone(gc.get(), row, i == 0);
           continue;
         }
         const int64_t o = (i0 * h + yy) * row;
-        RouteTap(g.typed_data() + o, row_at.typed_data() + o, gc.data(), row,
+        RouteTap(g.typed_data() + o, row_at.typed_data() + o, gc.get(), row,
                  static_cast<int8_t>(i), i == 0);
       }
       float* out = dx->typed_data() + r * row;
@@ -1661,7 +1661,7 @@ ffi::Error PoolSameBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
             RouteNone(out + x * c, c, i == 0);
             continue;
           }
-          RouteTap(gc.data() + xx * c, at + xx * c, out + x * c, c, static_cast<int8_t>(i),
+          RouteTap(gc.get() + xx * c, at + xx * c, out + x * c, c, static_cast<int8_t>(i),
                    i == 0);
         }
       }
