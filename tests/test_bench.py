@@ -57,6 +57,15 @@ def test_bad_names_are_reported():
     bench_models.bench_config("unet", 32, 2, preset="huge")
   with pytest.raises(ValueError, match="step_programs"):
     bench_models.bench_config("unet", 32, 2, step_programs=3)
+  with pytest.raises(ValueError, match="no field 'nope'"):
+    bench_models.bench_config("unet", 32, 2, overrides={"config.nope": 1})
+
+
+def test_set_reaches_model_and_top_level_fields():
+  c = bench_models.bench_config("unet", 32, 2, overrides={"width": 8,
+                                                          "config.step_fusion_emitters": False})
+  assert c.model.width == 8 and c.step_fusion_emitters is False
+  assert bench_models.bench_config("unet", 32, 2).step_fusion_emitters is True
 
 
 @pytest.mark.slow

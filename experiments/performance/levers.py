@@ -44,6 +44,8 @@ VARIANTS = {
     "single_thread_eigen": {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
     # XLA:CPU's legacy (LLVM IR) fusion emitters instead of the MLIR ones: less compile memory.
     "fusion_emitters_off": {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false"},
+    # glibc's mmap threshold at 128 KiB instead of jseg's 1 MiB (runtime.fix_mmap_threshold).
+    "mmap_128k": {"JSEG_MMAP_THRESHOLD": "131072"},
     # Convolutions by XLA or by oneDNN through jseg's custom call (jseg.models.conv).
     "conv_xla": {"JSEG_CONV": "xla"},
     "conv_onednn": {"JSEG_CONV": "onednn"},

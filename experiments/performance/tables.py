@@ -34,7 +34,8 @@ def side_by_side(path: str, peak: float | None = None) -> str:
       continue
     q = row.get("ratio", {})
     gf = j["train_gflops_per_image"]
-    mfu = lambda m: _f(100 * gf * m["train_images_per_s"] / peak, ".0f") + "%" if m and peak else "-"  # noqa: E731
+    mfu = lambda m: (_f(100 * gf * m["train_images_per_s"] / peak, ".0f") + "%"  # noqa: E731
+                     if m and peak and "train_images_per_s" in m else "-")
     lines.append(
         f"| {row['model']} | {j['params']:,} | {gf:.1f} | {j['train_images_per_s']:.2f} | "
         f"{_f(t.get('train_images_per_s'), '.2f')} | **{_f(q.get('train'), '.2f')}x** | "

@@ -64,7 +64,8 @@ config to a CPU-sized network (``BENCH_PRESETS``); ``paper`` gives the papers'
 widths and depths (``PAPER_PRESETS``: U-Net width 64, UNet++ width 32,
 ResNet-50 PSPNet, ResNet-101 DeepLab v3, Xception-65 DeepLab v3+), for
 accelerators; ``config`` takes ``configs/<name>.py`` as it is. ``--set=field=value`` (repeatable) overrides a
-``config.model`` field for every model, e.g. ``--set=width=64``. Not a test: the
+``config.model`` field for every model, e.g. ``--set=width=64``, or with ``config.`` a top-level
+training field, e.g. ``--set=config.step_fusion_emitters=False``. Not a test: the
 figures depend on the machine and its load (the JSON records ``loadavg``).
 """
 
@@ -135,7 +136,12 @@ def bench_config(name: str, size: int, batch: int, preset: str = "bench",
   for k, v in PRESETS[preset].get(name, {}).items():
     c.model[k] = v
   for k, v in (overrides or {}).items():
-    c.model[k] = v
+    if k.startswith("config."):  # a top-level training field, e.g. config.step_fusion_emitters
+      if k[len("config."):] not in c:
+        raise ValueError(f"--set={k}: the config has no field '{k[len('config.'):]}'.")
+      c[k[len("config."):]] = v
+    else:
+      c.model[k] = v
   c.model.num_classes = NUM_CLASSES
   c.data.name = "camvid"
   c.data.crop_size = (size, size)
@@ -377,7 +383,8 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
   out = {}
   for item in items:
     if "=" not in item:
-      raise ValueError(f"--set expects field=value (a config.model field); got '{item}'.")
+      raise ValueError(f"--set expects field=value (a config.model field, or config.<field>); "
+                       f"got '{item}'.")
     k, v = item.split("=", 1)
     try:
       out[k] = ast.literal_eval(v)
