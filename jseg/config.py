@@ -35,12 +35,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Compile the optimiser update apart from the gradients (jseg.trainer.SplitStep): same
   # values, a lower compile-memory peak; False = one program.
   c.split_update = True
-  # XLA:CPU's MLIR fusion emitters for the training step's programs (CPU only). False = its
-  # older LLVM-IR emitters: same values, about a quarter of the compiler's memory (RefineNet,
-  # batch 1: +202 -> +56 MB while compiling), -10% to +35% time in XLA's own kernels
-  # (experiments/performance/README.md, twenty-sixth pass). For small batches, where the
-  # step's compilation is the run's memory peak.
-  c.step_fusion_emitters = True
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "pspnet"

@@ -178,36 +178,20 @@ class SplitStep:
     return self.grads_fn.as_text() + "\n" + self.update_fn.as_text()
 
 
-def step_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """XLA options the training step's programs compile with: XLA:CPU's older fusion
-  emitters where ``config.step_fusion_emitters`` is False and the backend is the CPU
-  (same values, a quarter of the compiler's memory; other backends ignore the setting),
-  else None (XLA's defaults)."""
-  emitters = config.get("step_fusion_emitters", True)
-  if not isinstance(emitters, bool):
-    raise ValueError(f"config.step_fusion_emitters must be True or False; got {emitters!r}.")
-  if emitters or jax.default_backend() != "cpu":
-    return None
-  return {"xla_cpu_use_fusion_emitters": False}
-
-
 def make_step(config: ml_collections.ConfigDict, loss_fn: Callable, mesh) -> Any:
   """The jitted training step over ``mesh``: a ``SplitStep`` unless ``config.split_update``
   is False (then one ``jax.jit`` program). The state is donated to the update, the previous
-  step's gradients to the gradient program (``SplitStep``). Both programs compile with
-  ``step_compiler_options(config)``."""
+  step's gradients to the gradient program (``SplitStep``)."""
   repl = parallel.replicated(mesh)
-  options = step_compiler_options(config)
   if not config.get("split_update", True):
     return jax.jit(functools.partial(train_step, loss_fn=loss_fn),
                    in_shardings=(repl, parallel.batch_sharded(mesh), repl),
-                   out_shardings=(repl, repl), donate_argnums=(0,), compiler_options=options)
+                   out_shardings=(repl, repl), donate_argnums=(0,))
   grads_fn = jax.jit(functools.partial(grad_step_into, loss_fn=loss_fn),
                      in_shardings=(repl, parallel.batch_sharded(mesh), repl, repl),
-                     out_shardings=(repl, repl, repl), donate_argnums=(3,), keep_unused=True,
-                     compiler_options=options)
+                     out_shardings=(repl, repl, repl), donate_argnums=(3,), keep_unused=True)
   update_fn = jax.jit(update_step, in_shardings=(repl, repl, repl), out_shardings=repl,
-                      donate_argnums=(0,), compiler_options=options)
+                      donate_argnums=(0,))
   zeros_fn = jax.jit(lambda leaves: [jnp.zeros_like(x) for x in leaves], out_shardings=repl)
   return SplitStep(grads_fn, update_fn, zeros_fn)
 

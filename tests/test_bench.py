@@ -62,10 +62,9 @@ def test_bad_names_are_reported():
 
 
 def test_set_reaches_model_and_top_level_fields():
-  c = bench_models.bench_config("unet", 32, 2, overrides={"width": 8,
-                                                          "config.step_fusion_emitters": False})
-  assert c.model.width == 8 and c.step_fusion_emitters is False
-  assert bench_models.bench_config("unet", 32, 2).step_fusion_emitters is True
+  c = bench_models.bench_config("unet", 32, 2, overrides={"width": 8, "config.seed": 7})
+  assert c.model.width == 8 and c.seed == 7
+  assert bench_models.bench_config("unet", 32, 2).seed != 7
 
 
 @pytest.mark.slow

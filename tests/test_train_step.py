@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -129,41 +126,3 @@ def test_gradient_program_writes_into_the_previous_steps_gradients(monkeypatch):
   assert int(state.step) == 3 and np.isfinite(float(m["loss"]))
   text = step.lower(state, batches[0], run.step_rng).compile().grads_fn.as_text()
   assert "input_output_alias" in text
-
-
-def _fusions(hlo: str) -> int:
-  return len(re.findall(r"^\s*\S+ = \S+ fusion\(", hlo, re.M))
-
-
-def test_step_compiled_with_the_older_fusion_emitters():
-  """``config.step_fusion_emitters=False``: both programs of the step carry XLA:CPU's
-  LLVM-IR emitters as a compile option (the tests' processes already compile with them, see
-  conftest.py, so the option is checked on the lowering, and against an explicit MLIR
-  compile of the same program); same values as the default setting."""
-  host = _batches(1)[0]
-  out = {}
-  for emitters in (True, False):
-    run = trainer.setup(tiny_pspnet_config(step_fusion_emitters=emitters))
-    expected = None if emitters else {"xla_cpu_use_fusion_emitters": False}
-    assert trainer.step_compiler_options(run.config) == expected
-    batch = parallel.shard_batch(host, run.mesh)
-    lowered = run.step_fn.lower(run.state, batch, run.step_rng)
-    for program in (lowered.grads_fn, lowered.update_fn):
-      assert dict(program._lowering._compiler_options_kvs) == (expected or {})
-    step = lowered.compile()
-    if not emitters:
-      mlir = lowered.grads_fn.compile(compiler_options={"xla_cpu_use_fusion_emitters": True})
-      assert _fusions(step.grads_fn.as_text()) < _fusions(mlir.as_text())
-    state, m = step(run.state, batch, run.step_rng)
-    out[emitters] = (state.params, float(m["loss"]))
-  _assert_same(out[True][0], out[False][0])
-  assert out[False][1] == pytest.approx(out[True][1], rel=1e-6)
-
-
-def test_step_fusion_emitters_must_be_a_bool():
-  # ml_collections refuses a string for the shipped bool field; a config built elsewhere
-  # (a dict, an old run's file) is checked by the trainer.
-  with pytest.raises(TypeError):
-    tiny_pspnet_config(step_fusion_emitters="no")
-  with pytest.raises(ValueError, match="step_fusion_emitters must be True or False"):
-    trainer.step_compiler_options(ml_collections.ConfigDict({"step_fusion_emitters": "no"}))

@@ -65,7 +65,7 @@ widths and depths (``PAPER_PRESETS``: U-Net width 64, UNet++ width 32,
 ResNet-50 PSPNet, ResNet-101 DeepLab v3, Xception-65 DeepLab v3+), for
 accelerators; ``config`` takes ``configs/<name>.py`` as it is. ``--set=field=value`` (repeatable) overrides a
 ``config.model`` field for every model, e.g. ``--set=width=64``, or with ``config.`` a top-level
-training field, e.g. ``--set=config.step_fusion_emitters=False``. Not a test: the
+training field, e.g. ``--set=config.seed=1``. Not a test: the
 figures depend on the machine and its load (the JSON records ``loadavg``).
 """
 
@@ -136,7 +136,7 @@ def bench_config(name: str, size: int, batch: int, preset: str = "bench",
   for k, v in PRESETS[preset].get(name, {}).items():
     c.model[k] = v
   for k, v in (overrides or {}).items():
-    if k.startswith("config."):  # a top-level training field, e.g. config.step_fusion_emitters
+    if k.startswith("config."):  # a top-level training field, e.g. config.seed
       if k[len("config."):] not in c:
         raise ValueError(f"--set={k}: the config has no field '{k[len('config.'):]}'.")
       c[k[len("config."):]] = v
