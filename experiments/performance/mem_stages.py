@@ -10,12 +10,35 @@ own buffer sizes for the step (``memory_analysis``: temporaries = the activation
 kept for the backward and scratch). Run with ``XLA_FLAGS``/``JSEG_CONV`` set to
 compare settings; ``--cache=DIR`` turns on the persistent compilation cache (run twice:
 the second run loads every executable instead of compiling it). Anonymous memory is the heap; file memory is library code paged in.
+Each stage also reads glibc's heap (``mallinfo2``): in use, free, and mapped apart. The gap
+between ``RssAnon`` and in-use + mapped holds Python's own arenas, compiled code and freed
+heap pages still resident (``malloc_trim`` returns the last; twenty-sixth pass).
+The block cache is on, as in ``jseg.train`` and ``jseg.bench`` (``JSEG_BLOCK_CACHE=0``: off).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+
+
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                              "usmblks", "fsmblks", "uordblks", "fordblks",
+                                              "keepcost")]
+
+
+def _heap() -> dict[str, int]:
+  """glibc's heap (``mallinfo2``, MiB): in use, free (resident or not), and blocks mapped
+  apart (1 MiB and more under jseg's mmap threshold); empty where there is no glibc."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+  except (OSError, AttributeError):
+    return {}
+  m = libc.mallinfo2()
+  return {"heap_in_use": m.uordblks >> 20, "heap_free": m.fordblks >> 20, "mapped": m.hblkhd >> 20}
 
 
 def status() -> dict[str, int]:
@@ -25,6 +48,7 @@ def status() -> dict[str, int]:
       k, v = line.split(":", 1)
       if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
         d[k] = int(v.split()[0]) // 1024
+  d.update(_heap())
   return d
 
 
@@ -52,6 +76,7 @@ def main() -> None:
   if a.cache:
     runtime.enable_compilation_cache(a.cache)
   out["mmap_threshold_fixed"] = runtime.fix_mmap_threshold()  # as jseg.train and jseg.bench
+  out["block_cache"] = runtime.install_block_cache() > 0  # as they do too (JSEG_BLOCK_CACHE=0: off)
   jax.devices()
   out["import"] = status()
   run = trainer.setup(bench_config(a.model, a.size, a.batch, a.preset))
