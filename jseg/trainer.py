@@ -115,6 +115,19 @@ def _recycled(tree: Any) -> list[Any]:
           if x.size * np.dtype(x.dtype).itemsize >= runtime.MMAP_THRESHOLD]
 
 
+def _traced(*trees: Any) -> bool:
+  """Whether any leaf is a tracer (the step called inside another trace)."""
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+
+
+def _signature(*trees: Any) -> tuple:
+  """What a jitted call compiles for: the tree structure and each leaf's shape, dtype and
+  sharding."""
+  leaves, treedef = jax.tree.flatten(trees)
+  return treedef, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x),
+                         getattr(x, "sharding", None)) for x in leaves)
+
+
 class SplitStep:
   """``train_step`` as two jitted programs: ``grad_step``, then ``update_step``.
 
@@ -137,11 +150,23 @@ class SplitStep:
   bench presets unchanged.
   """
 
-  def __init__(self, grads_fn: Any, update_fn: Any, zeros_fn: Any):
+  def __init__(self, grads_fn: Any, update_fn: Any, zeros_fn: Any,
+               compiler_options: dict[str, Any] | None = None):
     self.grads_fn, self.update_fn, self.zeros_fn = grads_fn, update_fn, zeros_fn
+    # XLA options for compiling both programs (``step_compiler_options``). Given at compile
+    # time, not to ``jax.jit``: JAX refuses a jit with ``compiler_options`` inside another
+    # trace (the bench's ``jax.make_jaxpr`` of the step, a user's outer jit).
+    self.compiler_options = compiler_options
+    self._compiled: dict[Any, SplitStep] = {}
     self._spare = None
 
   def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
+    if self.compiler_options and not _traced(state, batch, rng):
+      key = _signature(state, batch, rng)
+      compiled = self._compiled.get(key)
+      if compiled is None:  # as jax.jit would compile on this call, with the options
+        compiled = self._compiled[key] = self.lower(state, batch, rng).compile()
+      return compiled(state, batch, rng)
     spare, self._spare = self._spare, None
     if spare is None:
       spare = self.zeros_fn(_recycled(state.params))
@@ -153,17 +178,21 @@ class SplitStep:
   def release(self) -> None:
     """Drops the gradient buffers kept for the next call (it allocates fresh ones)."""
     self._spare = None
+    for compiled in self._compiled.values():
+      compiled.release()
 
   def lower(self, state: Any, batch: Any, rng: Any) -> "SplitStep":
     spare = _recycled(state.params)
     grads, batch_stats, _ = jax.eval_shape(self.grads_fn, state, batch, rng, spare)
     return SplitStep(self.grads_fn.lower(state, batch, rng, spare),
-                     self.update_fn.lower(state, grads, batch_stats), self.zeros_fn)
+                     self.update_fn.lower(state, grads, batch_stats), self.zeros_fn,
+                     self.compiler_options)
 
   def compile(self) -> "SplitStep":
-    """Both programs compiled (call on a lowered step); wrap it in
+    """Both programs compiled with ``compiler_options`` (call on a lowered step); wrap it in
     ``runtime.releasing_free_memory`` as the trainer wraps its first step."""
-    return SplitStep(self.grads_fn.compile(), self.update_fn.compile(), self.zeros_fn)
+    kw = {"compiler_options": self.compiler_options} if self.compiler_options else {}
+    return SplitStep(self.grads_fn.compile(**kw), self.update_fn.compile(**kw), self.zeros_fn)
 
   def cost_analysis(self) -> dict[str, float]:
     """XLA's cost analysis of both compiled programs, summed."""
@@ -178,12 +207,30 @@ class SplitStep:
     return self.grads_fn.as_text() + "\n" + self.update_fn.as_text()
 
 
+def step_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """XLA options the training step's programs compile with: XLA:CPU's older (LLVM-IR)
+  fusion emitters where ``config.step_fusion_emitters`` is False and the backend is the
+  CPU (same values, about a quarter of the compiler's memory; other backends ignore the
+  setting), else None (XLA's defaults, or a user's ``XLA_FLAGS``)."""
+  emitters = config.get("step_fusion_emitters", True)
+  if not isinstance(emitters, bool):
+    raise ValueError(f"config.step_fusion_emitters must be True or False; got {emitters!r}.")
+  if emitters or jax.default_backend() != "cpu":
+    return None
+  return {"xla_cpu_use_fusion_emitters": False}
+
+
 def make_step(config: ml_collections.ConfigDict, loss_fn: Callable, mesh) -> Any:
   """The jitted training step over ``mesh``: a ``SplitStep`` unless ``config.split_update``
   is False (then one ``jax.jit`` program). The state is donated to the update, the previous
-  step's gradients to the gradient program (``SplitStep``)."""
+  step's gradients to the gradient program (``SplitStep``). The ``SplitStep`` compiles
+  with ``step_compiler_options(config)``."""
   repl = parallel.replicated(mesh)
+  options = step_compiler_options(config)
   if not config.get("split_update", True):
+    if options:
+      raise ValueError("config.step_fusion_emitters=False needs config.split_update=True (the "
+                       "step's two programs compile with it).")
     return jax.jit(functools.partial(train_step, loss_fn=loss_fn),
                    in_shardings=(repl, parallel.batch_sharded(mesh), repl),
                    out_shardings=(repl, repl), donate_argnums=(0,))
@@ -193,7 +240,7 @@ def make_step(config: ml_collections.ConfigDict, loss_fn: Callable, mesh) -> Any
   update_fn = jax.jit(update_step, in_shardings=(repl, repl, repl), out_shardings=repl,
                       donate_argnums=(0,))
   zeros_fn = jax.jit(lambda leaves: [jnp.zeros_like(x) for x in leaves], out_shardings=repl)
-  return SplitStep(grads_fn, update_fn, zeros_fn)
+  return SplitStep(grads_fn, update_fn, zeros_fn, options)
 
 
 def eval_step(
