@@ -2,7 +2,7 @@
 
   python experiments/performance/init_stages.py --model=refinenet [--batch=1 --size=256]
 
-Prints VmRSS / VmHWM / RssAnon / RssFile in MiB (the high-water mark reset before each
+Prints VmRSS / VmHWM / RssAnon / RssFile and glibc's heap in MiB (the high-water mark reset before each
 stage through ``/proc/self/clear_refs``) after: importing jseg; ``trainer.setup``;
 tracing + lowering the initialiser; compiling it (as ``Setup.state``: no fusion emitters,
 inside ``runtime.releasing_free_memory``); running it; dropping its executable;\n``jax.clear_caches()`` (every tracing and compilation cache of the process). Also the
@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import re
+import sys
 
-
-def status() -> dict[str, int]:
-  d = {}
-  with open("/proc/self/status") as f:
-    for line in f:
-      k, v = line.split(":", 1)
-      if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-        d[k] = int(v.split()[0]) // 1024
-  return d
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mem_stages import status  # noqa: E402  (resident MiB and glibc's heap)
 
 
 def reset_hwm() -> None:
