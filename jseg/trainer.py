@@ -124,7 +124,7 @@ def _signature(*trees: Any) -> tuple:
   """What a jitted call compiles for: the tree structure and each leaf's shape, dtype and
   sharding."""
   leaves, treedef = jax.tree.flatten(trees)
-  return treedef, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x),
+  return treedef, tuple((np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
                          getattr(x, "sharding", None)) for x in leaves)
 
 
