@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from jseg.bench.procstats import cur_rss_mb, reset_peak_rss, rss_mb
+from jseg.bench.procstats import cur_rss_mb, reset_peak_rss, rss_mb, rss_parts_mb
 
 
 def pin(threads: int) -> None:
@@ -149,6 +149,7 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
   warmup_s = time.perf_counter() - t0
   step_s, times = median_time(step, repeats, sync)
   train_rss = rss_mb() if reset else None
+  train_parts = rss_parts_mb()
   with FlopCounterMode(display=False) as counter:
     step()
   counted = counter.get_total_flops()
@@ -175,6 +176,7 @@ def run(spec: dict, batch: int, size: int, infer_batch: int, warmup: int, repeat
       "final_loss": round(float(loss), 4),
       "base_rss_mb": round(base, 1), "runtime_rss_mb": round(runtime_rss, 1), "peak_rss_mb": round(max(rss_mb(), build_rss), 1),
       "train_peak_rss_mb": round(train_rss, 1) if train_rss else None,
+      "after_train_rss_mb": train_parts,
       "difference": (f"smp.{SMP_ARCHS[name]} (ResNet-34 encoder): a different network from jseg's"
                      if use_smp else torch_models.difference(name)),
   }

@@ -24,6 +24,9 @@ training step over the device mesh, two programs unless ``split_update`` is off:
   high-water mark is reset after compilation; torch: before its first step),
   ``runtime_rss_mb``, the resident memory once the framework is imported and
   its CPU backend is up (before any model), and ``base_rss_mb`` at start.
+  ``after_train_rss_mb``: the resident memory just after the timed steps, split into
+  ``anon`` (heap and arrays) and ``file`` (library code paged in: a peak can differ
+  between the frameworks by their libraries alone).
   While and after compiling, the freed compiler memory is handed back to the OS
   (``jseg.runtime.releasing_free_memory``, as the trainer does around its first
   step; ``after_release_rss_mb``). Compilation is cold unless
@@ -83,7 +86,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jseg.bench.procstats import cur_rss_mb, reset_peak_rss, rss_mb
+from jseg.bench.procstats import cur_rss_mb, reset_peak_rss, rss_mb, rss_parts_mb
 from jseg.config import REPO_ROOT, load_config
 
 NUM_CLASSES = 11  # the CamVid metadata the training setup checks the model against
@@ -233,6 +236,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
     raise RuntimeError(f"{name}: the training loss is not finite ({loss}).")
   step_s, step_times = _median_time(one_step, repeats)
   train_rss = rss_mb() if reset else None
+  train_parts = rss_parts_mb()
   # One more step before inference, as torch_bench.py runs its FLOP-counted step there; a
   # step after inference would add the inference program's memory to the training peak.
   final_loss = float(one_step())
@@ -272,6 +276,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
       "after_release_rss_mb": round(release_rss, 1),
       "compilation_cache": jax.config.jax_compilation_cache_dir or "",
       "train_peak_rss_mb": round(train_rss, 1) if train_rss else None,
+      "after_train_rss_mb": train_parts,
       "peak_rss_mb": round(max(rss_mb(), compile_rss), 1),
       "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),

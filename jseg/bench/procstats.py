@@ -33,6 +33,24 @@ def cur_rss_mb() -> float:
   return 0.0
 
 
+def rss_parts_mb() -> dict[str, float]:
+  """Current resident memory split by kind, MiB (``/proc/self/status``): ``anon``
+  (heap, arrays, compiled code), ``file`` (library code and data mapped from files,
+  which the kernel can drop and re-read under memory pressure) and ``shmem``. Peaks
+  are not kept per kind; this is a snapshot. Empty where /proc is missing."""
+  keys = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+  out: dict[str, float] = {}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        name = line.split(None, 1)[0] if line.strip() else ""
+        if name in keys:
+          out[keys[name]] = round(int(line.split()[1]) / 1024.0, 1)
+  except OSError:
+    return {}
+  return out
+
+
 def reset_peak_rss() -> bool:
   """Resets this process's ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5)."""
   try:
