@@ -67,7 +67,7 @@ def load_snapshot(workdir: str | Path, snapshot: Path) -> tuple[Any, Any, dict]:
 def load_members() -> tuple[list[str], list[Any], list[Any]]:
   """Names, configs and apply functions of the members named by the flags."""
   from jseg import checkpoint as ckpt_lib
-  from jseg import inference
+  from jseg import compiling, inference
 
   names, configs, fns = [], [], []
   if _SNAPSHOTS.value:
@@ -80,7 +80,8 @@ def load_members() -> tuple[list[str], list[Any], list[Any]]:
       config, model, variables = load_snapshot(_SNAPSHOTS.value, d)
       names.append(f"{Path(_SNAPSHOTS.value).name}@{step}")
       configs.append(config)
-      fns.append(inference.make_apply_fn(model, variables))
+      fns.append(inference.make_apply_fn(
+          model, variables, compiling.fusion_emitter_options(config, "eval_fusion_emitters")))
   else:
     if len(_WORKDIRS.value) < 2:
       raise app.UsageError(f"--workdirs needs at least two runs; got {_WORKDIRS.value}.")
@@ -88,7 +89,9 @@ def load_members() -> tuple[list[str], list[Any], list[Any]]:
       run = ckpt_lib.load_run(w, _CHECKPOINT.value)
       names.append(f"{Path(w).name}@{run.step}")
       configs.append(run.config)
-      fns.append(inference.make_apply_fn(run.model, run.variables))
+      fns.append(inference.make_apply_fn(
+          run.model, run.variables,
+          compiling.fusion_emitter_options(run.config, "eval_fusion_emitters")))
   return names, configs, fns
 
 

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jseg import compiling
+
 ApplyFn = Callable[[jax.Array], jax.Array]
 
 MODES = ("whole", "slide", "multiscale")
@@ -133,10 +135,13 @@ def _pair(v: Any, name: str) -> tuple[int, int]:
   return t
 
 
-def make_apply_fn(model: Any, variables: Any) -> ApplyFn:
+def make_apply_fn(model: Any, variables: Any,
+                  compiler_options: dict[str, Any] | None = None) -> ApplyFn:
   """``batch -> logits`` for a jseg model in eval mode, jitted once; the
-  variables are an argument (not baked into the compiled program as constants)."""
-  fn = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  variables are an argument (not baked into the compiled program as constants).
+  ``compiler_options``: XLA options for each input shape's program
+  (``trainer.eval_compiler_options``); None: XLA's defaults."""
+  fn = compiling.OnCall(jax.jit(lambda v, x: model.apply(v, x, train=False)[0]), compiler_options)
   return lambda x: fn(variables, x)
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from jseg import checkpoint as ckpt_lib
 from jseg import data as data_lib
-from jseg import inference
+from jseg import compiling, inference
 from jseg import visualize
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
@@ -63,7 +63,8 @@ def predict_files(workdir: str | Path, inputs: str | Path, output: str | Path,
   run = ckpt_lib.load_run(workdir, which)
   info = data_lib.get_info(run.config.data)
   infer = run.config.inference
-  apply_fn = inference.make_apply_fn(run.model, run.variables)
+  options = compiling.fusion_emitter_options(run.config, "eval_fusion_emitters")
+  apply_fn = inference.make_apply_fn(run.model, run.variables, options)
   mc = mc_samples if mc_samples is not None else (
       run.config.inference.get("mc_samples", 20) if run.config.model.name == "bayesian_segnet" else 0)
   mc_fn = None
@@ -74,7 +75,8 @@ def predict_files(workdir: str | Path, inputs: str | Path, output: str | Path,
   if mc:
     from jseg.models.segnet import mc_predict
 
-    mc_fn = jax.jit(functools.partial(mc_predict, run.model, num_samples=mc, chunk_size=min(mc, 8)))
+    mc_fn = compiling.OnCall(jax.jit(functools.partial(
+        mc_predict, run.model, num_samples=mc, chunk_size=min(mc, 8))), options)
 
   written = []
   for src, mask_path, overlay_path in targets:

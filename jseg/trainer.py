@@ -26,7 +26,7 @@ from flax.training import train_state
 
 from jseg import checkpoint as ckpt_lib
 from jseg import data as data_lib
-from jseg import inference, losses, metrics, optim, parallel, runtime
+from jseg import compiling, inference, losses, metrics, optim, parallel, runtime
 from jseg.models import build_model
 from jseg.writers import MetricWriter
 
@@ -115,19 +115,6 @@ def _recycled(tree: Any) -> list[Any]:
           if x.size * np.dtype(x.dtype).itemsize >= runtime.MMAP_THRESHOLD]
 
 
-def _traced(*trees: Any) -> bool:
-  """Whether any leaf is a tracer (the step called inside another trace)."""
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
-
-
-def _signature(*trees: Any) -> tuple:
-  """What a jitted call compiles for: the tree structure and each leaf's shape, dtype and
-  sharding."""
-  leaves, treedef = jax.tree.flatten(trees)
-  return treedef, tuple((np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
-                         getattr(x, "sharding", None)) for x in leaves)
-
-
 class SplitStep:
   """``train_step`` as two jitted programs: ``grad_step``, then ``update_step``.
 
@@ -161,8 +148,8 @@ class SplitStep:
     self._spare = None
 
   def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
-    if self.compiler_options and not _traced(state, batch, rng):
-      key = _signature(state, batch, rng)
+    if self.compiler_options and not compiling.traced(state, batch, rng):
+      key = compiling.signature(state, batch, rng)
       compiled = self._compiled.get(key)
       if compiled is None:  # as jax.jit would compile on this call, with the options
         compiled = self._compiled[key] = self.lower(state, batch, rng).compile()
@@ -191,7 +178,7 @@ class SplitStep:
   def compile(self) -> "SplitStep":
     """Both programs compiled with ``compiler_options`` (call on a lowered step); wrap it in
     ``runtime.releasing_free_memory`` as the trainer wraps its first step."""
-    kw = {"compiler_options": self.compiler_options} if self.compiler_options else {}
+    kw = compiling.compile_kwargs(self.compiler_options)
     return SplitStep(self.grads_fn.compile(**kw), self.update_fn.compile(**kw), self.zeros_fn)
 
   def cost_analysis(self) -> dict[str, float]:
@@ -212,12 +199,13 @@ def step_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] |
   fusion emitters where ``config.step_fusion_emitters`` is False and the backend is the
   CPU (same values, about a quarter of the compiler's memory; other backends ignore the
   setting), else None (XLA's defaults, or a user's ``XLA_FLAGS``)."""
-  emitters = config.get("step_fusion_emitters", True)
-  if not isinstance(emitters, bool):
-    raise ValueError(f"config.step_fusion_emitters must be True or False; got {emitters!r}.")
-  if emitters or jax.default_backend() != "cpu":
-    return None
-  return {"xla_cpu_use_fusion_emitters": False}
+  return compiling.fusion_emitter_options(config, "step_fusion_emitters")
+
+
+def eval_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """XLA options of the evaluation and prediction programs (the forward pass): the older
+  fusion emitters where ``config.eval_fusion_emitters`` is False on the CPU, else None."""
+  return compiling.fusion_emitter_options(config, "eval_fusion_emitters")
 
 
 def make_step(config: ml_collections.ConfigDict, loss_fn: Callable, mesh) -> Any:
@@ -266,7 +254,8 @@ class Evaluator:
     n_dev = mesh.devices.size
     # Round up so every device gets the same number of examples.
     self.batch_size = int(math.ceil(self.batch_size / n_dev) * n_dev)
-    self._step = jax.jit(
+    self.compiler_options = eval_compiler_options(config)
+    self._step = compiling.OnCall(jax.jit(
         functools.partial(
             eval_step, apply_fn=apply_fn, num_classes=info.num_classes,
             ignore_index=info.ignore_index,
@@ -274,7 +263,7 @@ class Evaluator:
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh),
                       parallel.batch_sharded(mesh)),
         out_shardings=parallel.replicated(mesh),
-    )
+    ), self.compiler_options)
 
   def _batches(self, source) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """Groups consecutive same-shaped examples of this process's share."""
@@ -320,7 +309,7 @@ class Evaluator:
 
   def _confusion_host(self, variables: dict, source) -> np.ndarray:
     infer = self.config.inference
-    apply_fn = inference.make_apply_fn(self._model, variables)
+    apply_fn = inference.make_apply_fn(self._model, variables, self.compiler_options)
     use_crf = inference.crf_enabled(infer)
     k, ignore = self.info.num_classes, self.info.ignore_index
     total = np.zeros((k, k), np.int64)

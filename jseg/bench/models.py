@@ -194,7 +194,7 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   import jax
   import numpy as np
 
-  from jseg import parallel, runtime, trainer
+  from jseg import compiling, parallel, runtime, trainer
   runtime.fix_mmap_threshold()  # as jseg.train does
   runtime.install_block_cache()
   from jseg.bench.flops import jaxpr_flops
@@ -246,8 +246,9 @@ def run_jseg(name: str, size: int, batch: int, infer_batch: int, warmup: int, re
   variables = trainer.variables(state.params, state.batch_stats)
   x = jax.device_put(host["image"][:1].repeat(infer_batch, 0))
   t0 = time.perf_counter()
-  with runtime.releasing_free_memory():
-    infer = apply.lower(variables, x).compile()
+  with runtime.releasing_free_memory():  # XLA options as jseg.evaluate's forward
+    infer = apply.lower(variables, x).compile(
+        **compiling.compile_kwargs(trainer.eval_compiler_options(config)))
   infer_compile_s = time.perf_counter() - t0
   infer_jaxpr = jax.make_jaxpr(apply)(variables, x).jaxpr
   infer_flops = _flops(infer) + jaxpr_flops(infer_jaxpr, custom_calls_only=True)
