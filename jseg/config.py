@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   # values, a lower compile-memory peak; False = one program.
   c.split_update = True
   # XLA:CPU's MLIR fusion emitters for the training step's two programs (CPU only). False =
-  # its older LLVM-IR emitters for them (evaluation and prediction keep the MLIR ones): the
+  # its older LLVM-IR emitters for them (evaluation and prediction: eval_fusion_emitters): the
   # same values, about a quarter of the compiler's memory (RefineNet, batch 1: +202 -> +56 MB
   # while compiling), up to 35% more time in XLA's own kernels on some networks
   # (experiments/performance/README.md, twenty-sixth pass). For small batches, where
