@@ -1,6 +1,13 @@
-"""Prototype: the initialiser as two programs (model.init, then tx.init) vs one; peaks cold/warm."""
-import functools, gc, sys, time
-sys.path.insert(0, "/tmp/bench2/experiments/performance")
+"""Prototype: the initialiser as two programs (model.init, then tx.init) vs one; peaks cold/warm.
+
+  python experiments/performance/split_init_probe.py one|two MODEL CACHE_DIR   # twice: cold, then warm
+"""
+import gc
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mem_stages import status
 import jax, jax.numpy as jnp
 from jseg import runtime, trainer
