@@ -72,3 +72,21 @@ def pytest_collection_modifyitems(config, items):
 def tfds_cache(tmp_path_factory) -> str:
   """One tfds build cache for the whole test session."""
   return str(tmp_path_factory.mktemp("tfds_cache"))
+
+
+@pytest.fixture
+def compile_options_seen(monkeypatch) -> list:
+  """The ``compiler_options`` of every ``jax.stages.Lowered.compile`` call while the test
+  runs, in order (the tests compile with the older emitters anyway, so options are read
+  where JAX's compile receives them)."""
+  import jax  # noqa: PLC0415
+
+  calls = []
+  compile_ = jax.stages.Lowered.compile
+
+  def spy(self, compiler_options=None, **kw):
+    calls.append(compiler_options)
+    return compile_(self, compiler_options, **kw)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+  return calls

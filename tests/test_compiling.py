@@ -18,17 +18,8 @@ OFF = {"xla_cpu_use_fusion_emitters": False}
 
 
 @pytest.fixture
-def seen(monkeypatch):
-  """The ``compiler_options`` of every ``Lowered.compile`` call, in order."""
-  calls = []
-  compile_ = jax.stages.Lowered.compile
-
-  def spy(self, compiler_options=None, **kw):
-    calls.append(compiler_options)
-    return compile_(self, compiler_options, **kw)
-
-  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
-  return calls
+def seen(compile_options_seen):
+  return compile_options_seen
 
 
 def test_on_call_compiles_once_per_signature_with_the_options(seen):

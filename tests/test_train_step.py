@@ -129,20 +129,13 @@ def test_gradient_program_writes_into_the_previous_steps_gradients(monkeypatch):
   assert "input_output_alias" in text
 
 
-def test_step_compiled_with_the_older_fusion_emitters(monkeypatch):
+def test_step_compiled_with_the_older_fusion_emitters(compile_options_seen):
   """``config.step_fusion_emitters=False``: both programs of the step compile with XLA:CPU's
   LLVM-IR emitters, on the trainer's path (the step called) and on the bench's (lowered,
   compiled); the step can still be traced inside another trace; same values as the default.
   (The tests' processes compile with those emitters anyway, see conftest.py, so the options
   are read where JAX's compile receives them.)"""
-  seen = []
-  compile_ = jax.stages.Lowered.compile
-
-  def spy(self, compiler_options=None, **kw):
-    seen.append(compiler_options)
-    return compile_(self, compiler_options, **kw)
-
-  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+  seen = compile_options_seen
   off = {"xla_cpu_use_fusion_emitters": False}
   hosts = _batches(2)
   out = {}
