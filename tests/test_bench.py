@@ -173,3 +173,18 @@ def test_isa_caps_are_recorded_only_when_set():
                                  "XLA_FLAGS": "--foo=1 --xla_cpu_max_isa=AVX2", "HOME": "/x"})
   assert caps == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                   "xla_cpu_max_isa": "AVX2"}
+
+
+def test_table_shows_the_file_backed_memory_after_training(capsys):
+  base = {"params": 10, "model_gflops_per_image": 1.0, "compile_s": 2.0, "train_images_per_s": 3.0,
+          "infer_ms_per_image": 4.0, "mfu": 0.1, "peak_rss_mb": 500.0, "train_peak_rss_mb": 490.0}
+  rows = [{"model": "refinenet",
+           "jseg": dict(base, after_train_rss_mb={"anon": 356.2, "file": 162.7, "shmem": 0.0}),
+           "torch": dict(base)}]  # a result from before the field: shown as "-"
+  bench_models.print_table(rows)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split()[-2:] == ["code", "MB"]
+  jseg_line = next(x for x in lines if x.split()[:2] == ["refinenet", "jseg"])
+  torch_line = next(x for x in lines if x.split()[:2] == ["refinenet", "torch"])
+  assert jseg_line.split()[-3:] == ["500", "490", "163"]
+  assert torch_line.split()[-1] == "-"

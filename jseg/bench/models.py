@@ -26,7 +26,7 @@ training step over the device mesh, two programs unless ``split_update`` is off:
   its CPU backend is up (before any model), and ``base_rss_mb`` at start.
   ``after_train_rss_mb``: the resident memory just after the timed steps, split into
   ``anon`` (heap and arrays) and ``file`` (library code paged in: a peak can differ
-  between the frameworks by their libraries alone).
+  between the frameworks by their libraries alone; the table's ``code MB``).
   While and after compiling, the freed compiler memory is handed back to the OS
   (``jseg.runtime.releasing_free_memory``, as the trainer does around its first
   step; ``after_release_rss_mb``). Compilation is cold unless
@@ -463,7 +463,7 @@ def _ratio(a: Any, b: Any, higher_better: bool = True) -> float | None:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
   head = (f"{'model':14s} {'fw':5s} {'params':>9s} {'GF/img':>7s} {'compile s':>9s} {'train img/s':>11s} "
-          f"{'infer ms/img':>12s} {'MFU %':>6s} {'peak MB':>8s} {'train MB':>8s}")
+          f"{'infer ms/img':>12s} {'MFU %':>6s} {'peak MB':>8s} {'train MB':>8s} {'code MB':>7s}")
   print(head)
   print("-" * len(head))
   for r in rows:
@@ -482,7 +482,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{_fmt(m['infer_ms_per_image'], '12.1f')} "
             f"{_fmt(100 * (m.get('mfu') or m.get('mfu_own_flops') or 0), '6.1f')} "
             f"{_fmt(m.get('device_peak_mb', m['peak_rss_mb']), '8.0f')} "
-            f"{_fmt(m.get('train_peak_rss_mb'), '8.0f')}")
+            f"{_fmt(m.get('train_peak_rss_mb'), '8.0f')} "
+            f"{_fmt((m.get('after_train_rss_mb') or {}).get('file'), '7.0f')}")
     if r.get("ratio"):
       q = r["ratio"]
       print(f"{r['model']:14s} {'j/t':5s} {'':>9s} {'':>7s} {'':>9s} {_fmt(q['train'], '10.2f')}x "
