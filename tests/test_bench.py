@@ -36,6 +36,9 @@ def test_models_suite_writes_positive_measurements(report):
   # Training does more work than inference per image.
   assert j["train_gflops_per_image"] > j["infer_gflops_per_image"]
   assert rep["results"][0]["model"] == "unet"
+  parts = j["after_train_rss_mb"]  # resident memory after training, by kind
+  assert parts["anon"] > 0 and parts["file"] > 0
+  assert parts["anon"] + parts["file"] <= j["train_peak_rss_mb"] + 1.0
 
 
 def test_torch_twin_matches_parameter_count(report):
@@ -47,6 +50,7 @@ def test_torch_twin_matches_parameter_count(report):
   assert t["params"] == row["jseg"]["params"]
   assert t["train_images_per_s"] > 0 and t["infer_ms_per_image"] > 0
   assert t["infer_calls"] == 3  # as many timed inference calls as jseg's
+  assert t["after_train_rss_mb"]["anon"] > 0 and t["after_train_rss_mb"]["file"] > 0
   assert row["ratio"]["train"] > 0 and row["ratio"]["infer"] > 0
 
 
