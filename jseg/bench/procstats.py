@@ -8,29 +8,31 @@ from __future__ import annotations
 import resource
 
 
-def rss_mb() -> float:
-  """Peak resident memory of this process in MiB: ``VmHWM`` (reset at exec, unlike
-  ``ru_maxrss``, which a child inherits from the process that forked it)."""
+def _status_mb(*fields: str) -> dict[str, float]:
+  """``fields`` of ``/proc/self/status`` (kB lines such as ``VmRSS``) in MiB; those
+  missing, or all where /proc cannot be read, are left out."""
+  out: dict[str, float] = {}
   try:
     with open("/proc/self/status") as f:
       for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
+        name, _, rest = line.partition(":")
+        if name in fields:
+          out[name] = int(rest.split()[0]) / 1024.0
   except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {}
+  return out
+
+
+def rss_mb() -> float:
+  """Peak resident memory of this process in MiB: ``VmHWM`` (reset at exec, unlike
+  ``ru_maxrss``, which a child inherits from the process that forked it)."""
+  peak = _status_mb("VmHWM").get("VmHWM")
+  return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def cur_rss_mb() -> float:
   """Current resident memory (``VmRSS``) in MiB, 0 where /proc is missing."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return 0.0
+  return _status_mb("VmRSS").get("VmRSS", 0.0)
 
 
 def rss_parts_mb() -> dict[str, float]:
@@ -38,17 +40,8 @@ def rss_parts_mb() -> dict[str, float]:
   (heap, arrays, compiled code), ``file`` (library code and data mapped from files,
   which the kernel can drop and re-read under memory pressure) and ``shmem``. Peaks
   are not kept per kind; this is a snapshot. Empty where /proc is missing."""
-  keys = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
-  out: dict[str, float] = {}
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        name = line.split(None, 1)[0] if line.strip() else ""
-        if name in keys:
-          out[keys[name]] = round(int(line.split()[1]) / 1024.0, 1)
-  except OSError:
-    return {}
-  return out
+  names = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+  return {names[k]: round(v, 1) for k, v in _status_mb(*names).items()}
 
 
 def reset_peak_rss() -> bool:
