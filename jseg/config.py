@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.step_fusion_emitters = True
   # The same for the evaluation and prediction programs (the forward pass): False = the
   # older emitters, a lower compile-memory peak, 0-14% slower inference on this CPU
-  # (twenty-sixth pass's table). For large images or small machines.
+  # (twenty-sixth pass's table). Where compiling is the evaluation's memory peak (small
+  # images and batches; at 1024² the forward's own buffers outweigh it).
   c.eval_fusion_emitters = True
 
   c.model = ml_collections.ConfigDict()
