@@ -26,16 +26,21 @@ def test_trainer_import_loads_no_input_or_checkpoint_library():
 def test_each_library_loads_on_first_use(tmp_path):
   # grain imports orbax itself.
   assert _loaded_after("import jseg.data\njseg.data.make_train_iterator") == set(HEAVY)
-  assert _loaded_after("from jseg.data import get_info") == {"tensorflow_datasets"}
+  # A dataset's info (what the model benchmark and prediction on files need) loads none of them;
+  # building or opening its array_record files loads tfds.
+  assert _loaded_after("from jseg.config import load_config\nfrom jseg.data import get_info\n"
+                       "get_info(load_config('configs/pspnet.py').data)") == set()
+  assert _loaded_after("from jseg.data import build") == {"tensorflow_datasets"}
   assert _loaded_after(f"from jseg.checkpoint import Checkpointer\nCheckpointer({str(tmp_path)!r})") == {"orbax"}
 
 
 def test_lazy_names_resolve_and_unknown_names_raise():
   import jseg.data
-  from jseg.data import loader, source
+  from jseg.data import catalog, loader, source
 
   assert jseg.data.make_train_iterator is loader.make_train_iterator
-  assert jseg.data.get_info is source.get_info
+  assert jseg.data.get_info is catalog.get_info is source.get_info
+  assert jseg.data.build is source.build
   assert "make_eval_source" in dir(jseg.data)
   try:
     jseg.data.no_such_name

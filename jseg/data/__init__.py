@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # Each public name and the submodule that defines it. The submodules are imported on
-# first use (PEP 562): the loader pulls in grain and the builders tensorflow_datasets,
+# first use (PEP 562): the loader pulls in grain and ``source`` tensorflow_datasets,
 # which a process that only needs a dataset's info, a transform or a file reader (the
 # model benchmark, prediction on files) should not pay for in memory or start-up time.
 _EXPORTS = {
@@ -31,7 +31,7 @@ _EXPORTS = {
     "make_eval_source": "loader",
     "make_train_iterator": "loader",
     "build": "source",
-    "get_info": "source",
+    "get_info": "catalog",
     "get_source": "source",
     "normalize": "transforms",
 }
@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
   from jseg.data.info import DatasetInfo
   from jseg.data.io import read_image, read_mask
   from jseg.data.loader import EvalSource, TrainIterator, make_eval_source, make_train_iterator
-  from jseg.data.source import build, get_info, get_source
+  from jseg.data.catalog import get_info
+  from jseg.data.source import build, get_source
   from jseg.data.transforms import normalize
 
 

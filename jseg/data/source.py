@@ -22,11 +22,11 @@ from typing import Any, Iterator
 import ml_collections
 import tensorflow_datasets as tfds
 
-import jseg.data.builders  # noqa: F401 - registers the datasets
-from jseg.config import resolve_path
-from jseg.data.builders.base import JsegBuilder
-from jseg.data.info import DatasetInfo
-from jseg.registry import DATASETS
+from jseg.data.builders.base import DatasetSpec
+from jseg.data.builders.tfds_builder import JsegBuilder, builder_class
+from jseg.data.catalog import dataset_root, get_info, spec_class
+
+__all__ = ["build", "cache_root", "dataset_root", "get_info", "get_source"]
 
 log = logging.getLogger("jseg.data")
 
@@ -34,34 +34,11 @@ log = logging.getLogger("jseg.data")
 FORMAT_VERSION = 1
 
 
-def builder_class(data_cfg: ml_collections.ConfigDict) -> type[JsegBuilder]:
-  return DATASETS.get(data_cfg.name)
-
-
-def get_info(data_cfg: ml_collections.ConfigDict) -> DatasetInfo:
-  """Classes, palette, ignore index and statistics of ``data_cfg.name``."""
-  cls = builder_class(data_cfg)
-  root = resolve_path(data_cfg.root) if data_cfg.get("root") else None
-  return cls.dataset_info(data_cfg, root)
-
-
-def dataset_root(data_cfg: ml_collections.ConfigDict) -> Path:
-  """The resolved ``data.root``; raises naming the path and how to get the data when missing."""
-  cls = builder_class(data_cfg)
-  root = resolve_path(data_cfg.root)
-  if not root.is_dir():
-    raise FileNotFoundError(
-        f"Dataset root data.root='{data_cfg.root}' (resolved to {root}) does not exist for dataset "
-        f"'{data_cfg.name}'. {cls.ROOT_HINT}"
-    )
-  return root
-
-
 def cache_root(data_cfg: ml_collections.ConfigDict) -> Path:
   return Path(os.path.expanduser(data_cfg.get("cache_dir") or "~/.cache/jseg/tfds"))
 
 
-def _build_key(cls: type[JsegBuilder], root: Path, data_cfg: ml_collections.ConfigDict) -> str:
+def _build_key(cls: type[DatasetSpec], root: Path, data_cfg: ml_collections.ConfigDict) -> str:
   files = []
   for split in cls.split_names(root, data_cfg):
     for pair in cls.list_pairs(root, split, data_cfg):
@@ -95,11 +72,11 @@ def build(config: ml_collections.ConfigDict) -> JsegBuilder:
   Accepts a full config or its ``data`` block.
   """
   data_cfg = config.data if "data" in config else config
-  cls = builder_class(data_cfg)
+  cls = spec_class(data_cfg)
   root = dataset_root(data_cfg)
   key = _build_key(cls, root, data_cfg)
   data_dir = cache_root(data_cfg) / f"{data_cfg.name}-{root.name}-{key}"
-  builder = cls(data_cfg=data_cfg, root=root, data_dir=str(data_dir))
+  builder = builder_class(cls)(data_cfg=data_cfg, root=root, data_dir=str(data_dir))
   report_file = data_dir / "label_report.json"
   with _file_lock(data_dir.with_suffix(".lock")):
     if not builder.is_prepared():
@@ -118,7 +95,7 @@ def get_source(config: ml_collections.ConfigDict, split: str) -> Any:
   builder = build(config)
   built = tuple(builder.info.splits.keys())
   if split not in built:
-    cls = type(builder)
+    cls = builder.spec_class
     known = cls.split_names(builder.root, data_cfg)
     if split in known:
       raise ValueError(

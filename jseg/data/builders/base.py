@@ -1,19 +1,19 @@
-"""The shared tfds builder behind every jseg dataset.
+"""What a jseg dataset is, without TensorFlow Datasets.
 
-Each dataset module subclasses ``JsegBuilder`` and says three things: its
+Each dataset module subclasses ``DatasetSpec`` and says three things: its
 ``DatasetInfo`` (classes, palette, statistics), how to list the (image, mask)
 file pairs of a split under a root folder, and how raw mask values map to class
-indices. The base class turns that into a tfds ``GeneratorBasedBuilder`` that
-writes array_record files, TensorFlow-free: images and masks are stored as
-``tfds.features.Tensor`` with ZLIB encoding (``tfds.features.Image`` needs
-TensorFlow to encode, see ``/work/shared/DATA_NOTES.md``). Nothing is
-downloaded: files are read from the local root (tfds' "manual" data).
+indices. ``jseg.data.builders.tfds_builder`` turns a spec into the tfds builder
+that writes the array_record files; this module does not import tfds, so a
+process that only needs a dataset's info (the model benchmark, prediction on
+files) does not load it. Nothing is downloaded: files are read from the local
+root (tfds' "manual" data).
 
 Stored masks hold class indices with ``STORED_VOID`` (255) for unlabelled pixels;
 the loader maps that value to ``data.ignore_index``. Mask values outside the
 class set raise an error listing the values and files, or become void when
-``data.invalid_labels == 'ignore'`` (the pixel count is logged and returned in
-``builder.label_report``).
+``data.invalid_labels == 'ignore'`` (the pixel count is logged and kept in
+``label_report``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any, Iterator, NamedTuple
 
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from jseg.data.info import STORED_VOID, DatasetInfo
 from jseg.data.io import read_image, read_mask
@@ -55,31 +54,23 @@ def _describe_values(values: np.ndarray) -> str:
   return ", ".join(str(v) for v in values[:20]) + (" ..." if len(values) > 20 else "")
 
 
-class JsegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """tfds builder over a local folder; subclasses define the dataset specifics."""
+class DatasetSpec:
+  """A dataset over a local folder; subclasses define the dataset specifics.
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First jseg build."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "Files are read from `data.root`; nothing is downloaded."
+  The class methods describe the dataset without an instance (info, splits, file
+  pairs); an instance is one root and config, and generates the checked examples.
+  """
+
+  # The tfds builder's name: its folder inside the build directory.
+  name = ""
   # Says where to get the data; part of the error when `data.root` does not exist.
   ROOT_HINT = ""
 
-  def __init__(self, *, data_cfg: ml_collections.ConfigDict, root: Path, **kwargs: Any):
+  def __init__(self, data_cfg: ml_collections.ConfigDict, root: Path):
     self.data_cfg = data_cfg
     self.root = Path(root)
-    self.jseg_info = self.dataset_info(data_cfg, self.root)
+    self.info = self.dataset_info(data_cfg, self.root)
     self.label_report: dict[str, dict[str, Any]] = {}
-    kwargs.pop("file_format", None)
-    super().__init__(file_format="array_record", **kwargs)
-    # tfds pickles a builder (into grain workers) as its __init__ arguments.
-    self._original_state.update(data_cfg=data_cfg, root=self.root)
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> None:
-    # tfds looks for a checksums file beside the builder's code, via a path check that
-    # needs the `importlib_resources` backport; jseg downloads nothing, so there is none.
-    return None
 
   # ---- what a dataset defines ----
   @classmethod
@@ -111,33 +102,19 @@ class JsegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Config fields that change what the build contains (part of the cache key)."""
     return {"invalid_labels": invalid_label_mode(data_cfg)}
 
-  # ---- tfds plumbing ----
-  def _info(self) -> tfds.core.DatasetInfo:
-    info = self.jseg_info
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"jseg build of '{info.name}' from {self.root}",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(
-                shape=(None, None, info.channels), dtype=np.dtype(info.image_dtype), encoding=tfds.features.Encoding.ZLIB
-            ),
-            "label": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
-            "name": tfds.features.Text(),
-        }),
-        disable_shuffling=True,  # keep the listed order: example i is the i-th file of the split
-    )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-    del dl_manager
-    gens = {}
+  # ---- examples ----
+  def splits(self) -> dict[str, list[Pair]]:
+    """The pairs of each split of this root that has files (empty splits are reported when asked for)."""
+    out = {}
     for split in self.split_names(self.root, self.data_cfg):
       pairs = self.list_pairs(self.root, split, self.data_cfg)
-      if pairs:  # empty splits are reported when someone asks for them
-        gens[split] = self._generate_examples(split, pairs)
-    return gens
+      if pairs:
+        out[split] = pairs
+    return out
 
-  def _generate_examples(self, split: str, pairs: list[Pair]) -> Iterator[tuple[str, dict[str, Any]]]:
-    info = self.jseg_info
+  def generate_examples(self, split: str, pairs: list[Pair]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, example) per pair, checked; bad mask values raise or become void (``data.invalid_labels``)."""
+    info = self.info
     mode = invalid_label_mode(self.data_cfg)
     offenders: dict[str, np.ndarray] = {}
     invalid_pixels = 0

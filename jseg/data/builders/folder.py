@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 
 from jseg.config import resolve_path
-from jseg.data.builders.base import JsegBuilder, Pair, invalid_label_mode
+from jseg.data.builders.base import DatasetSpec, Pair, invalid_label_mode
 from jseg.data.info import STORED_VOID, DatasetInfo, default_palette
 from jseg.data.io import IMAGE_EXTENSIONS, read_image
 from jseg.registry import DATASETS
@@ -101,7 +101,7 @@ def _rgb_key(colours: np.ndarray) -> np.ndarray:
 
 
 @DATASETS.register("folder")
-class Folder(JsegBuilder, skip_registration=True):
+class Folder(DatasetSpec):
   """A user's folder of images and masks; see the module docstring for the fields."""
 
   name = "jseg_folder"
@@ -220,7 +220,7 @@ class Folder(JsegBuilder, skip_registration=True):
           f"Mask has shape {mask.shape} (RGB colours) but data.palette_file is not set; give a palette file "
           "'R G B name' per class, or store masks as class-index images."
       )
-    k = self.jseg_info.num_classes
+    k = self.info.num_classes
     values = _field(data_cfg, "label_values", None)
     void = np.isin(mask, np.array(_field(data_cfg, "void_values", (STORED_VOID,)), np.int64))
     if values is None:

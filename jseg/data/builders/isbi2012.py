@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from jseg.data.builders.base import JsegBuilder, Pair
+from jseg.data.builders.base import DatasetSpec, Pair
 from jseg.data.info import STORED_VOID, DatasetInfo
 from jseg.registry import DATASETS
 
@@ -37,7 +37,7 @@ STD = (43.5605,)
 
 
 @DATASETS.register("isbi2012")
-class Isbi2012(JsegBuilder, skip_registration=True):
+class Isbi2012(DatasetSpec):
   """ISBI 2012 membranes: 2 classes, 1 channel, train 0-23 / val 24-29."""
 
   name = "jseg_isbi2012"
