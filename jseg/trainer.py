@@ -148,12 +148,13 @@ class SplitStep:
     self._spare = None
 
   def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
-    if self.compiler_options and not compiling.traced(state, batch, rng):
+    if (self.compiler_options or self._compiled) and not compiling.traced(state, batch, rng):
       key = compiling.signature(state, batch, rng)
       compiled = self._compiled.get(key)
-      if compiled is None:  # as jax.jit would compile on this call, with the options
+      if compiled is None and self.compiler_options:  # as jax.jit would, with the options
         compiled = self._compiled[key] = self.lower(state, batch, rng).compile()
-      return compiled(state, batch, rng)
+      if compiled is not None:
+        return compiled(state, batch, rng)
     spare, self._spare = self._spare, None
     if spare is None:
       spare = self.zeros_fn(_recycled(state.params))
@@ -161,6 +162,12 @@ class SplitStep:
     new_state = self.update_fn(state, grads, batch_stats)
     self._spare = _recycled(grads)
     return new_state, out
+
+  def precompile(self, state: Any, batch: Any, rng: Any) -> None:
+    """Compiles both programs for calls with arguments like these; ``state`` may be
+    abstract (``Setup.abstract_state()``), so the step can compile before the state exists:
+    the compiler's peak then does not sit on top of the parameters and optimiser state."""
+    self._compiled[compiling.signature(state, batch, rng)] = self.lower(state, batch, rng).compile()
 
   def release(self) -> None:
     """Drops the gradient buffers kept for the next call (it allocates fresh ones)."""
@@ -493,6 +500,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if checkpointer.steps():
     _check_compatible(checkpointer, config)
     restored = checkpointer.restore_latest(run.abstract_state())
+  first_batch = None
+  if restored is None and hasattr(step_fn, "precompile"):
+    # A fresh run compiles its step before the state exists, so the compiler's peak does
+    # not sit on top of the parameters and optimiser state (RefineNet, batch 1: process
+    # peak 552-558 -> 512-538 MB; experiments/performance/README.md, twenty-eighth pass).
+    first_batch = parallel.shard_batch(next(train_iter), mesh)
+    with runtime.releasing_free_memory():
+      step_fn.precompile(run.abstract_state(), first_batch, step_rng)
   state = restored.state if restored is not None else with_pretrained(run.state, config, mesh)
   if restored is not None:
     train_iter.set_state(restored.data)
@@ -530,7 +545,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   try:
     for step in range(start + 1, config.total_steps + 1):
-      batch = parallel.shard_batch(next(train_iter), mesh)
+      if first_batch is not None:
+        batch, first_batch = first_batch, None
+      else:
+        batch = parallel.shard_batch(next(train_iter), mesh)
       # The first call compiles the step: hand the compiler's freed memory back meanwhile.
       with runtime.releasing_free_memory() if step == start + 1 else contextlib.nullcontext():
         state, step_metrics = step_fn(state, batch, step_rng)

@@ -39,23 +39,37 @@ def _final_params(workdir: Path) -> list[np.ndarray]:
 
 
 RELEASES: list[bool] = []  # the reference run's SplitStep.release calls: was a buffer kept?
+PRECOMPILED: list[tuple[trainer.SplitStep, bool]] = []  # (step, was its state abstract?)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tfds_cache):
   workdir = tmp_path_factory.mktemp("runs") / "reference"
-  release = trainer.SplitStep.release
+  release, precompile = trainer.SplitStep.release, trainer.SplitStep.precompile
 
   def spy(self):
-    RELEASES.append(self._spare is not None)
+    if not self._compiled:  # the object that holds the buffers (a precompiled step's executable)
+      RELEASES.append(self._spare is not None)
     release(self)
 
-  trainer.SplitStep.release = spy
+  def precompile_spy(self, state, batch, rng):
+    PRECOMPILED.append((self, all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))))
+    precompile(self, state, batch, rng)
+
+  trainer.SplitStep.release, trainer.SplitStep.precompile = spy, precompile_spy
   try:
     summary = trainer.train_and_evaluate(_config(tfds_cache), workdir)
   finally:
-    trainer.SplitStep.release = release
+    trainer.SplitStep.release, trainer.SplitStep.precompile = release, precompile
   return workdir, summary, _final_params(workdir)
+
+
+def test_a_fresh_run_compiles_its_step_before_the_state_exists(trained):
+  # once, from the abstract state; every step then ran that executable (the jitted
+  # gradient program never compiled on a call)
+  assert [abstract for _, abstract in PRECOMPILED] == [True]
+  step = PRECOMPILED[0][0]
+  assert len(step._compiled) == 1 and step.grads_fn._cache_size() == 0
 
 
 def test_kept_gradients_are_dropped_before_each_evaluation_and_save(trained):
