@@ -31,7 +31,6 @@ class JsegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, data_cfg: ml_collections.ConfigDict, root: Path, **kwargs: Any):
     self.spec = self.spec_class(data_cfg, root)
-    self.data_cfg = data_cfg
     self.root = self.spec.root
     kwargs.pop("file_format", None)
     super().__init__(file_format="array_record", **kwargs)
@@ -78,6 +77,7 @@ class JsegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self.spec.generate_examples(split, pairs) for split, pairs in self.spec.splits().items()}
 
   def _generate_examples(self, split: str, pairs: list) -> Iterator[tuple[str, dict[str, Any]]]:
+    # tfds's abstract hook; `_split_generators` above already hands tfds the generators.
     return self.spec.generate_examples(split, pairs)
 
 
